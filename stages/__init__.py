@@ -1,0 +1,1 @@
+"""DeepCluster stages: one module per batch stage plus the code they share."""

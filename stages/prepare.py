@@ -1,0 +1,211 @@
+"""Stage `prepare`: import a source into the canonical dataset (see stages/data.py for the layout).
+
+Sources:
+  fashion-mnist  gzipped IDX files (the embedded default, Debian package dataset-fashion-mnist)
+  imagefolder    <root>/<class>/<image>, labels from folder names; optional <root>/{train,val,test}/ splits
+  folder         a flat (or nested) folder of unlabelled images: uncurated data, as the paper's YFCC100M
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.common import StageError, atomic_path, load_params, write_json
+from stages.data import IMAGE_EXTENSIONS
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+SPLIT_DIRS = {"train": "train", "val": "test", "test": "test"}
+
+
+# ---------------------------------------------------------------- IDX (Fashion-MNIST / MNIST)
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped): 2 zero bytes, dtype code, ndim, big-endian dims, data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise StageError(f"{path} is not an IDX file (bad magic number): point prepare.path at the Fashion-MNIST IDX files")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    dtype = np.dtype(IDX_DTYPES[raw[2]]).newbyteorder(">")
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise StageError(f"{path} is truncated: header says {tuple(dims)}, file holds {data.size} values")
+    return data.reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def import_idx(root: Path, limits: dict[str, int | None], seed: int) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    frames, arrays = [], []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        img_file = _find(root, f"{prefix}-images-idx3-ubyte")
+        lab_file = _find(root, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(img_file), read_idx(lab_file)
+        if len(images) != len(labels):
+            raise StageError(f"{img_file} has {len(images)} images but {lab_file} has {len(labels)} labels")
+        keep = subset_indices(len(images), limits.get(split), seed)
+        frames.append(pd.DataFrame({
+            "image_id": [f"{split}-{i:05d}" for i in keep],
+            "split": split,
+            "label": pd.array(labels[keep].astype(np.int64), dtype="Int64"),
+            "source": "fashion-mnist",
+            "path": pd.array([None] * len(keep), dtype="string"),
+        }))
+        arrays.append(images[keep][..., None])
+    meta = {"classes": FASHION_CLASSES}
+    return pd.concat(frames, ignore_index=True), np.concatenate(arrays), meta
+
+
+def _find(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise StageError(f"{root} has no {stem}[.gz]: install it with `apt-get install dataset-fashion-mnist` or set prepare.path")
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset of `limit` rows (all rows if limit is None), in original order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+# ---------------------------------------------------------------- image trees
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str]]:
+    """Manifest rows for an image tree. Labels come from the class folder; splits from train/val/test folders."""
+    split_roots = {s: root / d for s, d in (("train", "train"), ("test", "val"), ("test", "test")) if (root / d).is_dir()}
+    if "train" not in split_roots:
+        split_roots = {"train": root}
+    rows, classes = [], set()
+    for split, split_root in split_roots.items():
+        for path in list_images(split_root):
+            rel = path.relative_to(split_root)
+            label_name = rel.parts[0] if labelled and len(rel.parts) > 1 else None
+            if label_name:
+                classes.add(label_name)
+            rows.append((f"{split}/{rel.as_posix()}", split, label_name, str(path.resolve())))
+    classes = sorted(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    df = pd.DataFrame(rows, columns=["image_id", "split", "label_name", "path"])
+    df["label"] = pd.array([index.get(c) if c else None for c in df["label_name"]], dtype="Int64")
+    df["source"] = "imagefolder" if labelled else "folder"
+    df["path"] = df["path"].astype("string")
+    return df.drop(columns="label_name")[["image_id", "split", "label", "source", "path"]], classes
+
+
+def check_image(path: str) -> str | None:
+    """None if PIL can decode the file, else the reason it cannot."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width < 1 or im.height < 1:
+                return "empty image"
+        return None
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"{type(e).__name__}: {e}"
+
+
+def drop_unreadable(df: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with ThreadPoolExecutor(workers) as pool:
+        errors = list(pool.map(check_image, df["path"].tolist()))
+    bad = np.array([e is not None for e in errors], dtype=bool)
+    report = pd.DataFrame({"path": df["path"][bad].tolist(), "error": [e for e in errors if e is not None]})
+    return df[~bad].reset_index(drop=True), report
+
+
+def channel_stats(pixels: np.ndarray, max_rows: int = 20000) -> tuple[list[float], list[float]]:
+    sample = pixels[: max_rows].astype(np.float64) / 255.0
+    axes = tuple(range(sample.ndim - 1))
+    return sample.mean(axis=axes).tolist(), np.maximum(sample.std(axis=axes), 1e-3).tolist()
+
+
+# ---------------------------------------------------------------- the stage
+def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: int = 0) -> dict:
+    path, out = Path(path), Path(out)
+    if not path.exists():
+        raise StageError(f"source path {path} does not exist: set prepare.path in params.yaml or pass --path")
+    limits = {"train": params.get("max_train_images"), "test": params.get("max_test_images")}
+    report = pd.DataFrame(columns=["path", "error"])
+    if source == "fashion-mnist":
+        manifest, pixels, meta = import_idx(path, limits, seed)
+        meta.update(kind="array", image_size=int(pixels.shape[1]), channels=int(pixels.shape[-1]))
+        mean, std = channel_stats(pixels[(manifest["split"] == "train").to_numpy()])
+    elif source in ("imagefolder", "folder"):
+        manifest, classes = scan_image_tree(path, labelled=source == "imagefolder")
+        if manifest.empty:
+            raise StageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: check prepare.path")
+        manifest, report = drop_unreadable(manifest, params.get("num_workers", 8))
+        if manifest.empty:
+            raise StageError(f"none of the images under {path} could be read (see the errors above)")
+        parts = []
+        for split in ("train", "test"):
+            part = manifest[manifest["split"] == split]
+            parts.append(part.iloc[subset_indices(len(part), limits[split], seed)])
+        manifest = pd.concat(parts, ignore_index=True)
+        size, channels = int(params.get("image_size", 224)), 3
+        meta = {"kind": "files", "classes": classes or None, "image_size": size, "channels": channels}
+        from stages.data import decode_image
+
+        sample = manifest["path"].iloc[subset_indices(len(manifest), 500, seed)]
+        mean, std = channel_stats(np.stack([decode_image(p, size, channels).permute(1, 2, 0).numpy() for p in sample]))
+        pixels = None
+    else:
+        raise StageError(f"unknown source {source!r}: use fashion-mnist, imagefolder or folder")
+    if (manifest["split"] == "train").sum() == 0:
+        raise StageError(f"source {path} gave no training images")
+
+    counts = manifest["split"].value_counts().to_dict()
+    meta.update(source=source, source_path=str(path), mean=mean, std=std, counts=counts, unreadable=len(report))
+    # Write into a temp directory and swap it in whole, so a crash never leaves a mixed dataset.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest.to_parquet(tmp / "manifest.parquet", index=False)
+    if pixels is not None:
+        np.save(tmp / "pixels.npy", np.ascontiguousarray(pixels))
+    report.to_csv(tmp / "unreadable.csv", index=False)
+    write_json(tmp / "dataset.json", meta)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `prepare` section")
+    parser.add_argument("--source", help="overrides prepare.source (fashion-mnist | imagefolder | folder)")
+    parser.add_argument("--path", help="overrides prepare.path: where the source lives")
+    parser.add_argument("--out", default="data/dataset", help="canonical dataset directory to write")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    section = params["prepare"]
+    try:
+        meta = prepare(args.source or section["source"], args.path or section["path"], args.out, section, params["run"]["seed"])
+    except StageError as e:
+        sys.exit(f"prepare: {e}")
+    print(f"prepare: {meta['counts']} images from {meta['source']} -> {args.out}"
+          + (f"; {meta['unreadable']} unreadable, listed in {args.out}/unreadable.csv" if meta["unreadable"] else ""))
+
+
+if __name__ == "__main__":
+    main()

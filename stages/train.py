@@ -1,0 +1,178 @@
+"""Stage `train`: one DeepCluster epoch on this epoch's pseudo-labels.
+
+- images are drawn uniformly over the non-empty clusters (paper Sec. 3.4), so a giant cluster cannot
+  dominate; the official sampler's index bug (it sampled images, not clusters) is not repeated;
+- the top layer is new every epoch (cluster ids mean nothing across epochs): N(0, 0.01) weights,
+  sized to the non-empty clusters, trained by its own momentum-free SGD;
+- the body's SGD (momentum 0.9) keeps its state across epochs through the checkpoint;
+- random resized crop + horizontal flip, dropout; channels_last; bf16 autocast on GPU.
+
+`--init` writes the epoch-0 checkpoint (the seeded random network that epoch 1 clusters with).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from stages.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from stages.common import StageError, Timer, load_params, peak_rss_mb, pick_device, seed_for, write_json
+from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
+from stages.extract import autocast
+from stages.labels import read_assignments
+from stages.models import DeepClusterNet, build_model
+
+
+def uniform_cluster_sample(labels: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices into `labels`, about n_samples / n_clusters from each non-empty cluster, shuffled.
+
+    Small clusters are drawn with replacement, large ones without, as the paper's sampler.
+    """
+    clusters = np.unique(labels)
+    if len(clusters) == 0:
+        raise StageError("no cluster has any image: nothing to train on")
+    per_cluster = math.ceil(n_samples / len(clusters))
+    members = np.split(np.argsort(labels, kind="stable"), np.cumsum(np.bincount(labels)[clusters])[:-1])
+    draws = [rng.choice(m, per_cluster, replace=len(m) < per_cluster) for m in members]
+    picked = np.concatenate(draws)
+    rng.shuffle(picked)
+    return picked[:n_samples]
+
+
+def contiguous_targets(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ids -> 0..C-1 over the non-empty clusters (the head's outputs), and the id of each output."""
+    ids, targets = np.unique(clusters, return_inverse=True)
+    return targets.astype(np.int64), ids
+
+
+def body_optimizer(model: DeepClusterNet, p: dict) -> torch.optim.SGD:
+    return torch.optim.SGD(model.body_parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+
+
+def head_optimizer(model: DeepClusterNet, p: dict) -> torch.optim.SGD:
+    # No momentum: the head is new each epoch and momentum from an old head would be meaningless.
+    return torch.optim.SGD(model.top_layer.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+
+
+def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, targets: np.ndarray,
+                    optimizer: torch.optim.Optimizer, top_optimizer: torch.optim.Optimizer, p: dict,
+                    device: torch.device, generator: torch.Generator, progress: bool = True) -> dict:
+    """One pass over `rows` (dataset rows, already sampled) with pseudo-labels `targets` (same length)."""
+    model.train()
+    mean, std = images.meta["mean"], images.meta["std"]
+    criterion = torch.nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(total=len(rows), desc="train", unit="img", disable=not progress or None, leave=False)
+    bs = p["batch_size"]
+    for i, batch in enumerate(iterate_batches(images, rows, bs, p["num_workers"])):
+        y = torch.from_numpy(targets[i * bs : i * bs + len(batch)]).to(device)
+        x = normalize(batch.to(device, non_blocking=True), mean, std)
+        x = random_resized_crop_flip(x, p["crop_size"], tuple(p["crop_scale"]), hflip=p["hflip"], generator=generator)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, p["amp"]):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        top_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        top_optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    bar.close()
+    if not math.isfinite(total_loss):
+        raise StageError("training loss is not finite: the network diverged; lower train.lr")
+    return {"loss": total_loss / seen, "pseudo_label_accuracy": correct / seen, "n_samples": seen}
+
+
+def init_checkpoint(params: dict, dataset: str | Path, path: str | Path) -> None:
+    """Epoch 0: the seeded random network that the first clustering runs on."""
+    images = load_split(dataset, "train")
+    torch.manual_seed(seed_for(params["run"]["seed"], 0, "init"))
+    model = build_model(params["model"], images.channels, params["train"]["crop_size"])
+    save_checkpoint(path, model=model, epoch=0, model_params=params["model"], in_channels=images.channels,
+                    image_size=params["train"]["crop_size"])
+
+
+def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkpoint_in: str | Path,
+              checkpoint_out: str | Path, epoch: int, stats_out: str | Path | None = None) -> dict:
+    p = params["train"]
+    with Timer() as t:
+        device = pick_device(p.get("device", "auto"))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed = seed_for(params["run"]["seed"], epoch, "train")
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        images = load_split(dataset, "train")
+        assign = read_assignments(assignments)
+        rows = pd.Index(images.ids).get_indexer(assign["image_id"])
+        if (rows < 0).any():
+            raise StageError(f"{assignments} names {int((rows < 0).sum())} images that are not in {dataset}: "
+                             "the dataset changed since clustering; rerun the epoch from extract")
+        targets, cluster_ids = contiguous_targets(assign["cluster"].to_numpy())
+
+        ckpt = load_checkpoint(checkpoint_in, device)
+        if ckpt["epoch"] != epoch - 1:
+            raise StageError(f"{checkpoint_in} is from epoch {ckpt['epoch']}, but epoch {epoch} must start from "
+                             f"epoch {epoch - 1}'s checkpoint")
+        model = model_from_checkpoint(ckpt, device)
+        optimizer = body_optimizer(model, p)
+        if ckpt["optimizer"] is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # params.yaml wins over the stored hyper-parameters
+                group.update(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+        model.reset_top_layer(len(cluster_ids))
+        top_optimizer = head_optimizer(model, p)
+        model = model.to(memory_format=torch.channels_last)  # 1.3x faster training on this CPU too
+
+        n_samples = int(p.get("samples_per_epoch") or len(rows))
+        pick = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))
+        stats = train_one_epoch(model, images, rows[pick], targets[pick], optimizer, top_optimizer, p, device, generator)
+        save_checkpoint(checkpoint_out, model=model, epoch=epoch, model_params=ckpt["model_params"],
+                        in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], optimizer=optimizer,
+                        top_optimizer=top_optimizer, cluster_ids=torch.from_numpy(cluster_ids))
+    stats.update(epoch=epoch, n_clusters=len(cluster_ids), device=device.type, seconds=t.seconds,
+                 images_per_second=stats["n_samples"] / t.seconds, peak_rss_mb=peak_rss_mb())
+    if stats_out is not None:
+        write_json(stats_out, stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads `train` and `model`")
+    parser.add_argument("--dataset", default="data/dataset", help="canonical dataset written by prepare")
+    parser.add_argument("--init", action="store_true", help="only write the epoch-0 (random) checkpoint to --checkpoint-out")
+    parser.add_argument("--assignments", help="this epoch's assignments.parquet")
+    parser.add_argument("--checkpoint-in", help="the previous epoch's checkpoint")
+    parser.add_argument("--checkpoint-out", required=True, help="where to write this epoch's checkpoint")
+    parser.add_argument("--epoch", type=int, help="epoch number (seeds sampling and augmentation)")
+    parser.add_argument("--stats-out", help="train.json to write (default: beside --assignments)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    try:
+        if args.init:
+            init_checkpoint(params, args.dataset, args.checkpoint_out)
+            print(f"train: random epoch-0 network -> {args.checkpoint_out}")
+            return
+        if not (args.assignments and args.checkpoint_in and args.epoch):
+            parser.error("--assignments, --checkpoint-in and --epoch are required unless --init")
+        stats_out = args.stats_out or Path(args.assignments).with_name("train.json")
+        s = run_train(params, args.dataset, args.assignments, args.checkpoint_in, args.checkpoint_out, args.epoch, stats_out)
+    except StageError as e:
+        sys.exit(f"train: {e}")
+    print(f"train: epoch {s['epoch']} loss {s['loss']:.3f}, {s['images_per_second']:.0f} img/s, {s['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Shared fixtures: small real data, small params, and real Prefect / MLflow back ends in temp dirs.
+
+The environment is pinned before torch, faiss, Prefect or MLflow are imported: one thread (the suite
+must run on 2 CPU cores), no telemetry, and Prefect/MLflow state in a temp directory so a test run
+never writes into the repository (no .prefect/, no mlflow.db, no data/ or models/).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+_STATE = Path(tempfile.mkdtemp(prefix="deepcluster-tests-"))
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+# A safety net: tests that track runs point MLflow at their own tmp_path; nothing may reach ./mlflow.db.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(1)
+
+from stages.common import apply_overrides  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO_ROOT / "params.yaml"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# A model and data small enough for seconds-long stages on one CPU thread.
+SMALL = {
+    "run.epochs": 2,
+    "prepare.source": "fashion-mnist",
+    "prepare.path": str(FASHION_MNIST),
+    "prepare.max_train_images": 240,
+    "prepare.max_test_images": 40,
+    "prepare.image_size": 32,
+    "prepare.num_workers": 2,
+    "model.width": 4,
+    "model.fc_dim": 32,
+    "extract.batch_size": 256,
+    "extract.device": "cpu",
+    "pca.dim": 16,
+    "cluster.k": 10,
+    "train.batch_size": 64,
+    "train.device": "cpu",
+    "train.samples_per_epoch": None,
+    "extract.keep_features_every": 1,
+    "train.keep_checkpoint_every": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def repo_params() -> dict:
+    with open(REPO_PARAMS) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="session")
+def small_params(repo_params) -> dict:
+    """The repository's params.yaml with the small-model, small-data overrides above."""
+    return apply_overrides(repo_params, SMALL)
+
+
+def _write_params(directory: Path, params: dict, overrides: dict | None = None) -> Path:
+    path = Path(directory) / "params.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides(params, overrides or {}), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def write_params():
+    """write_params(directory, params, overrides=None) -> a params.yaml in `directory` (never the repo's)."""
+    return _write_params
+
+
+@pytest.fixture
+def params_file(tmp_path, small_params) -> Path:
+    return _write_params(tmp_path, small_params)
+
+
+@pytest.fixture(scope="session")
+def fashion_dataset(tmp_path_factory, small_params) -> Path:
+    """240 train + 40 test real Fashion-MNIST images in the canonical layout (read-only for tests)."""
+    from stages.prepare import prepare
+
+    out = tmp_path_factory.mktemp("fashion") / "dataset"
+    prepare("fashion-mnist", FASHION_MNIST, out, small_params["prepare"], seed=small_params["run"]["seed"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1797 real 8x8 digits: 64-d float32 features and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float32), d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real, temporary Prefect server and database for the whole session (started on first use)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """Real MLflow on a SQLite file in tmp_path, picked up by pipeline.tracking through the environment."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "deepcluster-tests")
+    return uri

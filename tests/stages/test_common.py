@@ -1,0 +1,59 @@
+"""stages.common: params overrides, per-epoch seeds, atomic writes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.common import StageError, apply_overrides, atomic_path, load_params, parse_override, seed_for, write_json
+
+
+def test_apply_overrides_sets_dotted_keys_and_leaves_the_input_untouched(repo_params):
+    out = apply_overrides(repo_params, {"cluster.k": 7, "model.sobel": False})
+    assert out["cluster"]["k"] == 7 and out["model"]["sobel"] is False
+    assert repo_params["cluster"]["k"] != 7  # a copy, not an in-place edit
+
+
+@pytest.mark.parametrize("key", ["cluster.kk", "clusterr.k", "cluster.k.x"])
+def test_apply_overrides_refuses_unknown_keys(repo_params, key):
+    with pytest.raises(StageError, match="unknown parameter"):
+        apply_overrides(repo_params, {key: 1})
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("cluster.k=50") == ("cluster.k", 50)
+    assert parse_override("model.sobel=false") == ("model.sobel", False)
+    assert parse_override("train.samples_per_epoch=null") == ("train.samples_per_epoch", None)
+    with pytest.raises(StageError, match="section.key=value"):
+        parse_override("cluster.k")
+
+
+def test_load_params_missing_file_names_it(tmp_path):
+    with pytest.raises(StageError, match=str(tmp_path / "nope.yaml")):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_seed_for_differs_across_epochs_and_streams_and_is_reproducible():
+    seeds = [seed_for(0, epoch, "cluster") for epoch in range(1, 51)]
+    assert len(set(seeds)) == 50  # k-means must start from different centroids every epoch
+    assert seeds == [seed_for(0, epoch, "cluster") for epoch in range(1, 51)]
+    assert seed_for(0, 3, "cluster") != seed_for(0, 3, "train")
+    assert seed_for(0, 3, "cluster") != seed_for(1, 3, "cluster")
+    assert all(0 <= s < 2**31 for s in seeds)  # faiss and torch take 31-bit seeds
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "report.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half written")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"v": 1}  # the old artifact survives
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # and no temp file is left
+
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent
+        tmp.write_text('{"v": 2}')
+    assert json.loads(target.read_text()) == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import StageError, atomic_path, load_params, write_json
+from stages.common import StageError, load_params, write_json
 from stages.data import IMAGE_EXTENSIONS
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}

@@ -1,0 +1,115 @@
+"""stages.labels: NMI between epochs matched by image_id, cluster-size statistics, assignments.parquet."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.cluster import Clustering, save_clustering
+from stages.common import StageError, read_json
+from stages.data import load_split
+from stages.labels import ASSIGNMENTS, cluster_size_stats, nmi, nmi_between, read_assignments, run_labels
+
+
+def h(*p: float) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_nmi_uses_the_geometric_normalisation_of_the_paper():
+    a = [0, 0, 1, 1]
+    b = [0, 0, 0, 1]
+    # By hand: H(A) = ln 2, H(B) = H(3/4, 1/4), H(B|A) = 1/2 * H(1/2, 1/2), I = H(B) - H(B|A).
+    mutual = h(0.75, 0.25) - 0.5 * math.log(2)
+    expected = mutual / math.sqrt(math.log(2) * h(0.75, 0.25))  # 0.3456; arithmetic mean: 0.3437
+    assert nmi(np.array(a), np.array(b)) == pytest.approx(expected, rel=1e-9)
+    assert nmi(np.array([0, 0, 1, 1, 2, 2]), np.array([5, 5, 9, 9, 1, 1])) == pytest.approx(1.0)  # relabelled
+    assert nmi(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)  # independent
+
+
+def frame(ids, clusters) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": list(ids), "cluster": np.asarray(clusters, dtype=np.int64)})
+
+
+def test_nmi_between_epochs_matches_rows_by_image_id():
+    rng = np.random.default_rng(0)
+    ids = [f"img-{i:03d}" for i in range(300)]
+    previous = rng.integers(0, 10, size=300)
+    current = (previous * 7 + 3) % 10  # the same partition under new cluster ids
+    current[:60] = rng.integers(0, 10, size=60)  # with some images moved
+    cur = frame(ids, current)
+    prev = frame(ids, previous)
+    expected = nmi(current, previous)  # aligned rows: the plain NMI is the reference
+    assert 0.3 < expected < 0.95
+    shuffled = prev.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    assert not shuffled["image_id"].equals(prev["image_id"])
+    assert nmi_between(cur, shuffled) == pytest.approx(expected, rel=1e-12)
+    assert nmi_between(cur.sample(frac=1.0, random_state=2), shuffled) == pytest.approx(expected, rel=1e-12)
+    # positional pairing of the shuffled rows would have given an unrelated, much lower value
+    assert nmi(current, shuffled["cluster"].to_numpy()) < 0.2
+
+
+def test_nmi_between_uses_only_the_images_both_epochs_share():
+    ids = [f"i{i}" for i in range(8)]
+    cur = frame(ids, [0, 0, 1, 1, 2, 2, 3, 3])
+    prev = frame(ids[:6] + ["other-1", "other-2"], [4, 4, 5, 5, 6, 6, 0, 1])
+    assert nmi_between(cur, prev) == pytest.approx(1.0)
+    with pytest.raises(StageError, match="share no image_id"):
+        nmi_between(cur, frame(["x", "y"], [0, 1]))
+
+
+def test_cluster_size_stats_on_constructed_labels():
+    labels = np.array([0, 0, 0, 2, 2, 5])  # sizes 3, 0, 2, 0, 0, 1, 0 for k = 7
+    s = cluster_size_stats(labels, 7)
+    assert s["k"] == 7 and s["n_clusters"] == 3 and s["empty_clusters"] == 4
+    assert (s["size_min"], s["size_median"], s["size_max"]) == (1, 2.0, 3)
+    assert s["size_cv"] == pytest.approx(math.sqrt(2 / 3) / 2)  # std(3, 2, 1) / mean(3, 2, 1)
+    assert s["sizes"] == [3, 0, 2, 0, 0, 1, 0]
+    balanced = cluster_size_stats(np.repeat(np.arange(4), 5), 4)
+    assert balanced["size_cv"] == 0.0 and balanced["empty_clusters"] == 0
+
+
+def write_epoch(directory, ids: np.ndarray, labels: np.ndarray, k: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    save_clustering(directory / "kmeans.npz", Clustering(
+        labels=labels.astype(np.int64), distances=rng.random(len(labels)).astype(np.float32),
+        centroids=np.zeros((k, 4), np.float32), objective=np.ones(3), seed=1))
+    np.save(directory / "image_ids.npy", ids)
+
+
+def test_run_labels_writes_assignments_and_statistics(tmp_path, fashion_dataset, small_params):
+    train = load_split(fashion_dataset, "train")
+    k = 12
+    labels = train.labels.copy()  # cluster = true class: NMI with the labels is 1; clusters 10, 11 empty
+    write_epoch(tmp_path / "0001", train.ids, labels, k)
+    s1 = run_labels(small_params, tmp_path / "0001", fashion_dataset, previous=tmp_path / "0000")
+
+    a = pd.read_parquet(tmp_path / "0001" / ASSIGNMENTS)
+    assert list(a.columns) == ["image_id", "cluster", "distance"]
+    assert a["image_id"].tolist() == list(train.ids) and a["cluster"].tolist() == labels.tolist()
+    assert a["cluster"].dtype == np.int64 and a["distance"].dtype == np.float32
+    assert s1["nmi_previous"] is None  # no previous epoch
+    assert s1["nmi_labels"] == pytest.approx(1.0)
+    assert s1["k"] == k and s1["empty_clusters"] == k - len(np.unique(labels))
+    assert read_json(tmp_path / "0001" / "labels.json") == s1
+
+    # Epoch 2: image_ids in another order, clusters renamed: the same partition, NMI 1.
+    perm = np.random.default_rng(1).permutation(len(train))
+    write_epoch(tmp_path / "0002", train.ids[perm], (labels[perm] + 3) % k, k)
+    s2 = run_labels(small_params, tmp_path / "0002", fashion_dataset, previous=tmp_path / "0001")
+    assert s2["nmi_previous"] == pytest.approx(1.0)
+    assert s2["nmi_labels"] == pytest.approx(1.0)  # true labels are matched by image_id too
+
+
+def test_run_labels_refuses_mismatched_ids(tmp_path, fashion_dataset, small_params):
+    train = load_split(fashion_dataset, "train")
+    write_epoch(tmp_path / "e", train.ids[:-1], np.zeros(len(train), np.int64), 2)
+    with pytest.raises(StageError, match="image ids but .* cluster labels"):
+        run_labels(small_params, tmp_path / "e", fashion_dataset)
+
+
+def test_read_assignments_missing_file_is_a_stage_error(tmp_path):
+    with pytest.raises(StageError, match="not found"):
+        read_assignments(tmp_path / ASSIGNMENTS)

@@ -1,0 +1,221 @@
+"""stages.prepare: real Fashion-MNIST IDX files, image trees made of skimage's sample images, bad sources."""
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from conftest import FASHION_MNIST
+from stages.common import StageError, read_json
+from stages.data import iterate_batches, load_split
+from stages.prepare import prepare, read_idx, subset_indices
+
+
+def raw_idx(name: str, header: int) -> np.ndarray:
+    """Independent reader: gunzip and skip the header (16 bytes for images, 8 for labels)."""
+    with gzip.open(FASHION_MNIST / name, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+
+
+# ---------------------------------------------------------------- IDX
+def test_read_idx_real_fashion_mnist():
+    images = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10000,) and labels.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10  # the Fashion-MNIST test set is balanced, labels 0..9
+    np.testing.assert_array_equal(images.ravel(), raw_idx("t10k-images-idx3-ubyte.gz", 16))
+
+
+def test_read_idx_hand_made_files(tmp_path):
+    # IDX: two zero bytes, a type code (0x0C = int32, 0x0D = float32), ndim, big-endian dims and data.
+    values = np.arange(24).reshape(2, 3, 4) - 5
+    path = tmp_path / "ints-idx3"
+    path.write_bytes(bytes([0, 0, 0x0C, 3]) + np.array([2, 3, 4], ">u4").tobytes() + values.astype(">i4").tobytes())
+    out = read_idx(path)
+    assert out.shape == (2, 3, 4) and out.dtype == np.int32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, values)
+    floats = np.array([0.5, -2.25, 1e6])
+    with gzip.open(tmp_path / "floats-idx1.gz", "wb") as f:
+        f.write(bytes([0, 0, 0x0D, 1]) + np.array([3], ">u4").tobytes() + floats.astype(">f4").tobytes())
+    out = read_idx(tmp_path / "floats-idx1.gz")
+    assert out.dtype == np.float32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, floats.astype(np.float32))
+
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01" + bytes(8))
+    with pytest.raises(StageError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 0x08, 1]) + np.array([10], ">u4").tobytes() + bytes(3))
+    with pytest.raises(StageError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_subset_indices_is_seeded_sorted_and_complete_without_a_limit():
+    a = subset_indices(1000, 50, seed=3)
+    assert len(a) == 50 and len(set(a)) == 50 and (np.diff(a) > 0).all() and a.max() < 1000
+    np.testing.assert_array_equal(a, subset_indices(1000, 50, seed=3))
+    assert not np.array_equal(a, subset_indices(1000, 50, seed=4))
+    np.testing.assert_array_equal(subset_indices(7, None, 0), np.arange(7))
+    np.testing.assert_array_equal(subset_indices(7, 100, 0), np.arange(7))
+
+
+def test_prepare_fashion_mnist_subset(fashion_dataset):
+    manifest = pd.read_parquet(fashion_dataset / "manifest.parquet")
+    assert list(manifest.columns) == ["image_id", "split", "label", "source", "path"]
+    assert manifest["split"].value_counts().to_dict() == {"train": 240, "test": 40}
+    assert manifest["image_id"].is_unique
+    pixels = np.load(fashion_dataset / "pixels.npy")
+    assert pixels.shape == (280, 28, 28, 1) and pixels.dtype == np.uint8
+
+    # Every kept row is the original image and label at the index its id names.
+    train_images = raw_idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    train_labels = raw_idx("train-labels-idx1-ubyte.gz", 8)
+    train = manifest[manifest["split"] == "train"]
+    idx = train["image_id"].str.removeprefix("train-").astype(int).to_numpy()
+    np.testing.assert_array_equal(train["label"].to_numpy(dtype=np.int64), train_labels[idx])
+    np.testing.assert_array_equal(pixels[: len(train), :, :, 0], train_images[idx])
+
+    meta = read_json(fashion_dataset / "dataset.json")
+    assert meta["kind"] == "array" and meta["channels"] == 1 and meta["image_size"] == 28
+    assert len(meta["classes"]) == 10
+    assert meta["mean"][0] == pytest.approx(train_images[idx].mean() / 255.0, rel=1e-6)
+    assert meta["unreadable"] == 0
+
+
+def test_prepare_missing_idx_files_name_them(tmp_path, small_params):
+    with pytest.raises(StageError, match="has no train-images-idx3-ubyte"):
+        prepare("fashion-mnist", tmp_path, tmp_path / "out", small_params["prepare"])
+
+
+# ---------------------------------------------------------------- image trees
+def save(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """Real photographs in class folders, one corrupt file, one file that is not an image."""
+    root = tmp_path / "tree"
+    save(root / "animals" / "chelsea.png", skdata.chelsea())
+    save(root / "people" / "astronaut.png", skdata.astronaut())
+    save(root / "people" / "camera.png", skdata.camera())
+    save(root / "things" / "coins.png", skdata.coins())
+    save(root / "things" / "coffee.jpg", skdata.coffee())
+    (root / "things" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (root / "things" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_imagefolder_labels_from_folders_and_corrupt_file_skipped(tmp_path, image_tree, small_params):
+    out = tmp_path / "dataset"
+    meta = prepare("imagefolder", image_tree, out, small_params["prepare"])
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    labels = dict(zip(manifest["image_id"], manifest["label"]))
+    assert labels == {"train/animals/chelsea.png": 0, "train/people/astronaut.png": 1, "train/people/camera.png": 1,
+                      "train/things/coffee.jpg": 2, "train/things/coins.png": 2}
+    assert meta["classes"] == ["animals", "people", "things"]
+    assert meta["kind"] == "files" and meta["channels"] == 3 and meta["image_size"] == 32
+    assert meta["unreadable"] == 1 and meta["counts"] == {"train": 5}
+
+    unreadable = pd.read_csv(out / "unreadable.csv")
+    assert list(unreadable["path"]) == [str((image_tree / "things" / "broken.png").resolve())]
+    assert unreadable["error"].str.len().min() > 0
+    assert not (out / "pixels.npy").exists()
+
+    images = load_split(out, "train")
+    assert images.has_labels and len(images) == 5
+    batches = list(iterate_batches(images, np.arange(len(images)), batch_size=8))
+    assert batches[0].shape == (5, 3, 32, 32) and batches[0].dtype == torch.uint8
+    camera = list(images.ids).index("train/people/camera.png")
+    assert (batches[0][camera, 0] == batches[0][camera, 2]).all()  # grey decoded to 3 equal channels
+
+
+def test_imagefolder_train_and_test_subtrees(tmp_path, small_params):
+    root = tmp_path / "tree"
+    save(root / "train" / "cat" / "a.png", skdata.chelsea())
+    save(root / "train" / "coin" / "b.png", skdata.coins())
+    save(root / "train" / "coin" / "c.png", skdata.camera())
+    save(root / "test" / "cat" / "d.png", skdata.astronaut())
+    prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
+    assert m["split"].to_dict() == {"train/cat/a.png": "train", "train/coin/b.png": "train",
+                                    "train/coin/c.png": "train", "test/cat/d.png": "test"}
+    assert m["label"].to_dict() == {"train/cat/a.png": 0, "train/coin/b.png": 1, "train/coin/c.png": 1,
+                                    "test/cat/d.png": 0}
+
+
+def test_flat_unlabelled_folder_has_null_labels(tmp_path, small_params):
+    root = tmp_path / "flat"
+    save(root / "camera.png", skdata.camera())
+    save(root / "coins.png", skdata.coins())
+    save(root / "sub" / "astronaut.png", skdata.astronaut())
+    meta = prepare("folder", root, tmp_path / "out", small_params["prepare"])
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert len(manifest) == 3 and manifest["label"].isna().all()
+    assert (manifest["source"] == "folder").all()
+    assert meta["classes"] is None and meta["unreadable"] == 0
+    images = load_split(tmp_path / "out", "train")
+    assert not images.has_labels and (images.labels == -1).all()
+
+
+# ---------------------------------------------------------------- bad sources stop with a clear message
+def test_missing_source_names_the_path(tmp_path, small_params):
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(StageError, match=f"source path {missing} does not exist"):
+        prepare("folder", missing, tmp_path / "out", small_params["prepare"])
+
+
+@pytest.mark.parametrize("source", ["folder", "imagefolder"])
+def test_empty_source_names_the_path(tmp_path, small_params, source):
+    empty = tmp_path / "empty"
+    (empty / "some-class").mkdir(parents=True)
+    (empty / "some-class" / "readme.txt").write_text("no images here")
+    with pytest.raises(StageError, match=f"no images .* found under {empty}"):
+        prepare(source, empty, tmp_path / "out", small_params["prepare"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_corrupt_images_is_refused(tmp_path, small_params):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(StageError, match=f"none of the images under {root} could be read"):
+        prepare("folder", root, tmp_path / "out", small_params["prepare"])
+
+
+def test_unknown_source_is_refused(tmp_path, small_params):
+    with pytest.raises(StageError, match="unknown source 'csv'"):
+        prepare("csv", tmp_path, tmp_path / "out", small_params["prepare"])
+
+
+def test_cli_empty_folder_exits_non_zero_naming_the_path(tmp_path, params_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.prepare", "--params", str(params_file), "--source", "folder",
+         "--path", str(empty), "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "prepare:" in result.stderr and str(empty) in result.stderr
+    assert "Traceback" not in result.stderr  # a message for the user, not a crash
+    assert not out.exists()
+
+
+def test_prepare_replaces_an_existing_dataset_whole(tmp_path, image_tree, small_params):
+    out = tmp_path / "dataset"
+    prepare("imagefolder", image_tree, out, small_params["prepare"])
+    flat = tmp_path / "flat"
+    save(flat / "moon.png", skdata.moon())
+    prepare("folder", flat, out, small_params["prepare"])
+    assert pd.read_parquet(out / "manifest.parquet")["image_id"].tolist() == ["train/moon.png"]
+    assert pd.read_csv(out / "unreadable.csv").empty  # nothing left over from the previous dataset
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "flat", "tree"]  # no .tmp / .old left

@@ -1,0 +1,222 @@
+"""stages.train: uniform-over-clusters sampling, head reset, checkpoints and the body's momentum."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.checkpoints import load_checkpoint, save_checkpoint
+from stages.common import StageError, read_json, seed_for
+from stages.data import load_split
+from stages.labels import write_assignments
+from stages.models import build_model
+from stages.train import contiguous_targets, init_checkpoint, run_train, uniform_cluster_sample
+
+# ---------------------------------------------------------------- the sampler
+SKEWED = {0: 5, 2: 50, 5: 500, 7: 5000, 11: 20}  # cluster id -> size; ids 1, 3, 4, 6, 8-10 are empty
+
+
+@pytest.fixture(scope="module")
+def skewed_labels() -> np.ndarray:
+    labels = np.repeat(list(SKEWED), list(SKEWED.values()))
+    return np.random.default_rng(0).permutation(labels)
+
+
+def test_sampler_draws_equally_from_every_cluster_whatever_its_size(skewed_labels):
+    n = 5000  # divisible by the 5 non-empty clusters: exactly 1000 draws each
+    picked = uniform_cluster_sample(skewed_labels, n, np.random.default_rng(1))
+    assert picked.shape == (n,) and picked.min() >= 0 and picked.max() < len(skewed_labels)
+    counts = np.bincount(skewed_labels[picked], minlength=12)
+    assert {c: counts[c] for c in SKEWED} == {c: 1000 for c in SKEWED}
+    # Sampling images instead (the official code's bug) would give cluster 7 about 90% of the draws.
+    assert counts[7] / n == pytest.approx(0.2)
+
+
+def test_sampler_never_draws_an_empty_cluster_id(skewed_labels):
+    picked = uniform_cluster_sample(skewed_labels, 3000, np.random.default_rng(2))
+    assert set(np.unique(skewed_labels[picked])) == set(SKEWED)
+
+
+def test_sampler_counts_stay_within_the_rounding_when_n_is_not_divisible(skewed_labels):
+    # ceil(4998 / 5) = 1000 draws per cluster, then the shuffled 5000 are cut to 4998: every cluster
+    # loses at most the 2 surplus draws, so counts lie in [998, 1000].
+    picked = uniform_cluster_sample(skewed_labels, 4998, np.random.default_rng(3))
+    counts = np.bincount(skewed_labels[picked])[list(SKEWED)]
+    assert len(picked) == 4998 and counts.sum() == 4998
+    assert counts.min() >= 998 and counts.max() <= 1000
+
+
+def test_small_clusters_are_drawn_with_replacement_and_large_ones_without(skewed_labels):
+    picked = uniform_cluster_sample(skewed_labels, 5000, np.random.default_rng(4))
+    from_small = picked[skewed_labels[picked] == 0]  # 5 images, 1000 draws
+    assert len(from_small) == 1000
+    assert set(from_small) == set(np.flatnonzero(skewed_labels == 0))  # all 5 members, each many times
+    from_large = picked[skewed_labels[picked] == 7]  # 5000 images, 1000 draws
+    assert len(np.unique(from_large)) == 1000  # no image drawn twice
+
+
+def test_sampler_is_shuffled_and_reproducible(skewed_labels):
+    a = uniform_cluster_sample(skewed_labels, 5000, np.random.default_rng(5))
+    b = uniform_cluster_sample(skewed_labels, 5000, np.random.default_rng(5))
+    np.testing.assert_array_equal(a, b)
+    # shuffled across clusters, so a batch is not one cluster: the first 50 draws span >= 4 clusters
+    assert len(np.unique(skewed_labels[a[:50]])) >= 4
+
+
+def test_sampler_without_clusters_is_a_stage_error():
+    with pytest.raises(StageError, match="no cluster"):
+        uniform_cluster_sample(np.array([], dtype=np.int64), 10, np.random.default_rng(0))
+
+
+def test_contiguous_targets_maps_non_empty_cluster_ids_to_head_outputs():
+    targets, ids = contiguous_targets(np.array([7, 3, 3, 12, 7]))
+    assert targets.tolist() == [1, 0, 0, 2, 1] and targets.dtype == np.int64
+    assert ids.tolist() == [3, 7, 12]
+
+
+# ---------------------------------------------------------------- run_train on real images
+CLUSTER_IDS = [3, 7, 12]  # k-means with k = 20 that left 17 clusters empty
+
+
+@pytest.fixture(scope="module")
+def train_params(small_params) -> dict:
+    # One step of 64 images per epoch: fast, and the momentum arithmetic below stays exact.
+    p = {**small_params, "train": {**small_params["train"], "samples_per_epoch": 64, "batch_size": 64}}
+    return p
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, fashion_dataset, train_params):
+    """Epoch 0 (random network) and epoch 1 trained on pseudo-labels with gaps in the cluster ids."""
+    root = tmp_path_factory.mktemp("train")
+    train = load_split(fashion_dataset, "train")
+    clusters = np.array(CLUSTER_IDS)[np.arange(len(train)) % 3]
+    write_assignments(root / "assignments.parquet", train.ids[::-1].copy(), clusters,  # any row order
+                      np.zeros(len(train), np.float32))
+    init_checkpoint(train_params, fashion_dataset, root / "epoch_0000.pt")
+    stats = run_train(train_params, fashion_dataset, root / "assignments.parquet", root / "epoch_0000.pt",
+                      root / "epoch_0001.pt", epoch=1, stats_out=root / "train.json")
+    return root, stats
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_every_stateful_object(workspace, train_params):
+    root, _ = workspace
+    ckpt = torch.load(root / "epoch_0001.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "top_optimizer", "top_layer", "cluster_ids", "epoch"} <= set(ckpt)
+    assert ckpt["epoch"] == 1
+    model = build_model(train_params["model"], 1, 28)
+    body_names = [n for n, _ in model.named_parameters() if not n.startswith("top_layer.")]
+    assert set(body_names) <= set(ckpt["model"]) and not any(k.startswith("top_layer.") for k in ckpt["model"])
+    # the body optimizer's momentum buffers, one per body parameter, shaped like it
+    state = ckpt["optimizer"]["state"]
+    assert len(state) == len(body_names)
+    for i, name in enumerate(body_names):
+        assert state[i]["momentum_buffer"].shape == ckpt["model"][name].shape
+    assert ckpt["optimizer"]["param_groups"][0]["momentum"] == train_params["train"]["momentum"]
+    assert ckpt["top_optimizer"]["param_groups"][0]["momentum"] == 0  # the head's SGD has no momentum
+    assert [k.startswith("sobel.") for k in ckpt["model"]].count(True) == 2  # fixed filters travel as buffers
+
+
+def test_head_has_one_output_per_non_empty_cluster(workspace, train_params):
+    root, stats = workspace
+    ckpt = load_checkpoint(root / "epoch_0001.pt")
+    assert ckpt["cluster_ids"].tolist() == CLUSTER_IDS
+    assert ckpt["top_layer"]["weight"].shape == (3, train_params["model"]["fc_dim"])
+    assert ckpt["top_layer"]["bias"].shape == (3,)
+    assert stats["n_clusters"] == 3 and stats["n_samples"] == 64 and np.isfinite(stats["loss"])
+    assert read_json(root / "train.json")["n_clusters"] == 3
+
+
+def test_checkpoint_is_written_atomically(workspace, train_params, tmp_path):
+    root, _ = workspace
+    target = tmp_path / "epoch_0001.pt"
+    target.write_bytes((root / "epoch_0001.pt").read_bytes())
+    before = target.read_bytes()
+    model = build_model(train_params["model"], 1, 28)
+    with pytest.raises(Exception):  # a lambda cannot be pickled: the save fails half-way
+        save_checkpoint(target, model=model, epoch=9, model_params={"broken": lambda: 0}, in_channels=1, image_size=28)
+    assert target.read_bytes() == before  # the previous checkpoint is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_0001.pt"]  # and no temp file is left
+    assert sorted(p.name for p in root.iterdir()) == ["assignments.parquet", "epoch_0000.pt", "epoch_0001.pt",
+                                                      "train.json"]
+
+
+def test_body_momentum_carries_across_epochs(workspace, fashion_dataset, train_params, tmp_path):
+    """Epoch 2 from epoch 1's checkpoint vs from the same checkpoint without optimizer state.
+
+    Same seed, same weights, same batch: both take the same gradient g on their single SGD step.
+    With the momentum buffer m1 carried over: m2 = 0.9 m1 + g and w2 = w1 - lr m2; without: m2 = g.
+    So the two runs differ by exactly -lr * 0.9 * m1 in the weights and 0.9 * m1 in the buffers.
+    """
+    root, _ = workspace
+    ckpt1 = torch.load(root / "epoch_0001.pt", weights_only=True)
+    stripped = dict(ckpt1, optimizer=None)
+    torch.save(stripped, tmp_path / "stripped.pt")
+    run_train(train_params, fashion_dataset, root / "assignments.parquet", root / "epoch_0001.pt",
+              tmp_path / "carried.pt", epoch=2)
+    run_train(train_params, fashion_dataset, root / "assignments.parquet", tmp_path / "stripped.pt",
+              tmp_path / "fresh.pt", epoch=2)
+    carried = torch.load(tmp_path / "carried.pt", weights_only=True)
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
+
+    lr, mom = train_params["train"]["lr"], train_params["train"]["momentum"]
+    model = build_model(train_params["model"], 1, 28)
+    body_names = [n for n, _ in model.named_parameters() if not n.startswith("top_layer.")]
+    moved = 0
+    for i, name in enumerate(body_names):
+        m1 = ckpt1["optimizer"]["state"][i]["momentum_buffer"]
+        torch.testing.assert_close(carried["model"][name] - fresh["model"][name], -lr * mom * m1,
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(carried["optimizer"]["state"][i]["momentum_buffer"]
+                                   - fresh["optimizer"]["state"][i]["momentum_buffer"], mom * m1,
+                                   rtol=1e-4, atol=1e-6)
+        moved += int(m1.abs().max() > 1e-4)
+    assert moved > len(body_names) // 2  # the buffers are real, not zeros that would make this vacuous
+
+
+def test_epoch_two_gets_a_new_head_and_its_own_seed(workspace, fashion_dataset, train_params, tmp_path):
+    root, _ = workspace
+    run_train(train_params, fashion_dataset, root / "assignments.parquet", root / "epoch_0001.pt",
+              tmp_path / "epoch_0002.pt", epoch=2)
+    c1, c2 = load_checkpoint(root / "epoch_0001.pt"), load_checkpoint(tmp_path / "epoch_0002.pt")
+    assert c2["epoch"] == 2 and c2["cluster_ids"].tolist() == CLUSTER_IDS
+    # Reset, then one small step: the epoch-2 head is near N(0, 0.01), not epoch 1's head.
+    assert not torch.allclose(c1["top_layer"]["weight"], c2["top_layer"]["weight"], atol=1e-3)
+    assert seed_for(0, 1, "train") != seed_for(0, 2, "train")
+
+
+def test_mismatched_checkpoint_epoch_is_refused(workspace, fashion_dataset, train_params, tmp_path):
+    root, _ = workspace
+    with pytest.raises(StageError, match="is from epoch 1, but epoch 3 must start from epoch 2's checkpoint"):
+        run_train(train_params, fashion_dataset, root / "assignments.parquet", root / "epoch_0001.pt",
+                  tmp_path / "epoch_0003.pt", epoch=3)
+    assert not (tmp_path / "epoch_0003.pt").exists()
+
+
+def test_assignments_for_unknown_images_are_refused(workspace, fashion_dataset, train_params, tmp_path):
+    root, _ = workspace
+    write_assignments(tmp_path / "a.parquet", np.array(["train-00000", "not-in-dataset"]), np.array([0, 1]),
+                      np.zeros(2, np.float32))
+    with pytest.raises(StageError, match="names 1 images that are not in"):
+        run_train(train_params, fashion_dataset, tmp_path / "a.parquet", root / "epoch_0000.pt",
+                  tmp_path / "epoch_0001.pt", epoch=1)
+
+
+def test_missing_or_corrupt_checkpoint_is_a_stage_error(tmp_path):
+    with pytest.raises(StageError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StageError, match="unreadable"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_init_checkpoint_is_seeded_by_the_run_seed(fashion_dataset, train_params, tmp_path):
+    init_checkpoint(train_params, fashion_dataset, tmp_path / "a.pt")
+    init_checkpoint(train_params, fashion_dataset, tmp_path / "b.pt")
+    other = {**train_params, "run": {**train_params["run"], "seed": 1}}
+    init_checkpoint(other, fashion_dataset, tmp_path / "c.pt")
+    a, b, c = (load_checkpoint(tmp_path / f"{x}.pt") for x in "abc")
+    assert a["epoch"] == 0 and a["optimizer"] is None
+    w = "features.0.weight"
+    assert torch.equal(a["model"][w], b["model"][w])
+    assert not torch.equal(a["model"][w], c["model"][w])

@@ -162,16 +162,18 @@ def test_body_momentum_carries_across_epochs(workspace, fashion_dataset, train_p
     lr, mom = train_params["train"]["lr"], train_params["train"]["momentum"]
     model = build_model(train_params["model"], 1, 28)
     body_names = [n for n, _ in model.named_parameters() if not n.startswith("top_layer.")]
-    moved = 0
+    largest_step = 0.0
     for i, name in enumerate(body_names):
         m1 = ckpt1["optimizer"]["state"][i]["momentum_buffer"]
-        torch.testing.assert_close(carried["model"][name] - fresh["model"][name], -lr * mom * m1,
-                                   rtol=1e-4, atol=1e-6)
+        # buffers are ~1e-5..1e-3 here (the fresh head is N(0, 0.01)), so the tolerances are absolute
+        # and tight: 1 float32 ulp of the weights (|w| <= ~2) is 2.4e-7.
         torch.testing.assert_close(carried["optimizer"]["state"][i]["momentum_buffer"]
                                    - fresh["optimizer"]["state"][i]["momentum_buffer"], mom * m1,
-                                   rtol=1e-4, atol=1e-6)
-        moved += int(m1.abs().max() > 1e-4)
-    assert moved > len(body_names) // 2  # the buffers are real, not zeros that would make this vacuous
+                                   rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(carried["model"][name] - fresh["model"][name], -lr * mom * m1,
+                                   rtol=0, atol=5e-7)
+        largest_step = max(largest_step, float((lr * mom * m1).abs().max()))
+    assert largest_step > 2e-5  # > 40x the tolerance: dropping the momentum would fail the check above
 
 
 def test_epoch_two_gets_a_new_head_and_its_own_seed(workspace, fashion_dataset, train_params, tmp_path):
@@ -180,8 +182,10 @@ def test_epoch_two_gets_a_new_head_and_its_own_seed(workspace, fashion_dataset, 
               tmp_path / "epoch_0002.pt", epoch=2)
     c1, c2 = load_checkpoint(root / "epoch_0001.pt"), load_checkpoint(tmp_path / "epoch_0002.pt")
     assert c2["epoch"] == 2 and c2["cluster_ids"].tolist() == CLUSTER_IDS
-    # Reset, then one small step: the epoch-2 head is near N(0, 0.01), not epoch 1's head.
-    assert not torch.allclose(c1["top_layer"]["weight"], c2["top_layer"]["weight"], atol=1e-3)
+    # Reset, then one step: the epoch-2 head is a fresh draw, unrelated to epoch 1's head. Kept, it
+    # would correlate ~1 after one small step; independent draws of 96 weights: |r| ~ 0.1.
+    w1, w2 = c1["top_layer"]["weight"].flatten(), c2["top_layer"]["weight"].flatten()
+    assert abs(torch.corrcoef(torch.stack([w1, w2]))[0, 1].item()) < 0.5
     assert seed_for(0, 1, "train") != seed_for(0, 2, "train")
 
 
@@ -195,7 +199,8 @@ def test_mismatched_checkpoint_epoch_is_refused(workspace, fashion_dataset, trai
 
 def test_assignments_for_unknown_images_are_refused(workspace, fashion_dataset, train_params, tmp_path):
     root, _ = workspace
-    write_assignments(tmp_path / "a.parquet", np.array(["train-00000", "not-in-dataset"]), np.array([0, 1]),
+    known = load_split(fashion_dataset, "train").ids[0]
+    write_assignments(tmp_path / "a.parquet", np.array([known, "not-in-dataset"]), np.array([0, 1]),
                       np.zeros(2, np.float32))
     with pytest.raises(StageError, match="names 1 images that are not in"):
         run_train(train_params, fashion_dataset, tmp_path / "a.parquet", root / "epoch_0000.pt",

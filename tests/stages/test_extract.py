@@ -1,0 +1,54 @@
+"""stages.extract: pre-ReLU fc features of every training image, eval mode, dataset order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.checkpoints import load_checkpoint, model_from_checkpoint
+from stages.common import StageError, read_json
+from stages.data import center_crop, load_split, normalize
+from stages.extract import run_extract
+from stages.train import init_checkpoint
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, fashion_dataset, small_params):
+    root = tmp_path_factory.mktemp("extract")
+    init_checkpoint(small_params, fashion_dataset, root / "epoch_0000.pt")
+    stats = run_extract(small_params, fashion_dataset, root / "epoch_0000.pt", root / "0001")
+    return root, stats
+
+
+def test_features_cover_every_training_image_in_dataset_order(extracted, fashion_dataset, small_params):
+    root, stats = extracted
+    feats = np.load(root / "0001" / "features.npy")
+    ids = np.load(root / "0001" / "image_ids.npy")
+    train = load_split(fashion_dataset, "train")
+    assert feats.shape == (len(train), small_params["model"]["fc_dim"]) and feats.dtype == np.float32
+    np.testing.assert_array_equal(ids, train.ids)
+    assert np.isfinite(feats).all()
+    assert (feats < 0).any()  # taken before the ReLU
+    assert stats["checkpoint_epoch"] == 0 and stats["n_images"] == len(train)
+    assert read_json(root / "0001" / "extract.json")["feature_dim"] == small_params["model"]["fc_dim"]
+
+
+def test_features_are_the_eval_mode_centre_crop_fc_output(extracted, fashion_dataset):
+    root, _ = extracted
+    feats = np.load(root / "0001" / "features.npy")
+    train = load_split(fashion_dataset, "train")
+    model = model_from_checkpoint(load_checkpoint(root / "epoch_0000.pt")).eval()
+    x = torch.from_numpy(np.array(train.pixels[:10])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = model.fc_features(normalize(center_crop(x, 28), train.meta["mean"], train.meta["std"]))
+    np.testing.assert_allclose(feats[:10], expected.numpy(), rtol=1e-4, atol=1e-5)
+    # In train() mode dropout (p = 0.5) would make the features random; eval() features are fixed.
+    model.train()
+    with torch.no_grad():
+        noisy = model.fc_features(normalize(center_crop(x, 28), train.meta["mean"], train.meta["std"]))
+    assert not np.allclose(feats[:10], noisy.numpy(), atol=1e-3)
+
+
+def test_missing_checkpoint_is_a_stage_error(tmp_path, fashion_dataset, small_params):
+    with pytest.raises(StageError, match="epoch_0000.pt not found"):
+        run_extract(small_params, fashion_dataset, tmp_path / "epoch_0000.pt", tmp_path / "0001")

@@ -68,6 +68,12 @@ def repo_params() -> dict:
 
 
 @pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The Debian package dataset-fashion-mnist's gzipped IDX files (`make test` installs it)."""
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
 def small_params(repo_params) -> dict:
     """The repository's params.yaml with the small-model, small-data overrides above."""
     return apply_overrides(repo_params, SMALL)
@@ -79,7 +85,7 @@ def _write_params(directory: Path, params: dict, overrides: dict | None = None) 
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_params():
     """write_params(directory, params, overrides=None) -> a params.yaml in `directory` (never the repo's)."""
     return _write_params

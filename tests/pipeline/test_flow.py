@@ -1,0 +1,259 @@
+"""pipeline.flow end to end: the real Prefect flow (test harness server), real MLflow on SQLite, real
+faiss, on 240 real Fashion-MNIST images with a tiny network. One 2-epoch run is shared by the tests.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import normalized_mutual_info_score
+
+from pipeline.flow import Layout, apply_retention, deepcluster, run_fingerprint
+from stages.common import StageError, apply_overrides, read_json
+from stages.evaluate import run_final_evaluation
+
+pytestmark = pytest.mark.slow
+
+EPOCH_FILES = ["features.npy", "image_ids.npy", "extract.json", "pca.npz", "pca_features.npy", "pca.json",
+               "kmeans.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
+
+
+class Workspace:
+    def __init__(self, root: Path, params_file: Path, dataset: Path, mlflow_uri: str):
+        self.root, self.params_file, self.dataset, self.mlflow_uri = root, params_file, dataset, mlflow_uri
+        self.epochs = root / "data" / "epochs"
+        self.checkpoints = root / "models" / "checkpoints"
+
+    def run(self, **kwargs) -> dict:
+        return deepcluster(params_file=str(self.params_file), dataset=str(self.dataset),
+                           epochs_root=str(self.epochs), checkpoints=str(self.checkpoints), **kwargs)
+
+    def copy(self, dest: Path) -> "Workspace":
+        for sub in ("data", "models"):
+            shutil.copytree(self.root / sub, dest / sub)
+        return Workspace(dest, self.params_file, self.dataset, self.mlflow_uri)
+
+    def mtimes(self) -> dict[str, int]:
+        return {str(p.relative_to(self.root)): p.stat().st_mtime_ns
+                for d in (self.epochs, self.checkpoints) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, prefect_harness, fashion_dataset, small_params, write_params):
+    """A finished 2-epoch run, its MLflow store in the same temp dir."""
+    root = tmp_path_factory.mktemp("flow")
+    params_file = write_params(root, small_params)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "deepcluster-tests")
+        ws = Workspace(root, params_file, fashion_dataset, uri)
+        ws.result = ws.run()
+        yield ws
+
+
+@pytest.fixture
+def tracked(workspace, monkeypatch):
+    """Reruns log to the same MLflow store as the first run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", workspace.mlflow_uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "deepcluster-tests")
+    return workspace
+
+
+def test_every_epoch_writes_every_artifact(workspace):
+    for epoch in (1, 2):
+        d = workspace.epochs / f"{epoch:04d}"
+        missing = [name for name in EPOCH_FILES if not (d / name).is_file()]
+        assert not missing, f"epoch {epoch} lacks {missing}"
+    assert sorted(p.name for p in workspace.epochs.iterdir()) == ["0001", "0002", "run.json"]
+
+
+def test_assignments_are_a_plain_parquet_table(workspace, fashion_dataset):
+    ids = set(pd.read_parquet(fashion_dataset / "manifest.parquet").query("split == 'train'")["image_id"])
+    for epoch in (1, 2):
+        a = pd.read_parquet(workspace.epochs / f"{epoch:04d}" / "assignments.parquet")
+        assert list(a.columns) == ["image_id", "cluster", "distance"]
+        assert len(a) == 240 and set(a["image_id"]) == ids
+        assert a["cluster"].between(0, 9).all()  # cluster.k = 10
+        assert (a["distance"] >= 0).all()
+
+
+def test_checkpoints_for_every_epoch_and_last(workspace):
+    names = sorted(p.name for p in workspace.checkpoints.iterdir())
+    assert names == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    last = torch.load(workspace.checkpoints / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    assert (workspace.checkpoints / "last.pt").read_bytes() == (workspace.checkpoints / "epoch_0002.pt").read_bytes()
+    labels = read_json(workspace.epochs / "0002" / "labels.json")
+    assert len(last["cluster_ids"]) == labels["n_clusters"]  # the head covers the non-empty clusters only
+
+
+def test_nmi_with_the_previous_epoch(workspace, fashion_dataset):
+    m1 = read_json(workspace.epochs / "0001" / "metrics.json")
+    m2 = read_json(workspace.epochs / "0002" / "metrics.json")
+    assert m1["nmi_previous"] is None  # epoch 1 has no predecessor
+    assert isinstance(m2["nmi_previous"], float) and 0.0 <= m2["nmi_previous"] <= 1.0
+    # recomputed independently from the two assignment files, matched by image_id
+    a1 = pd.read_parquet(workspace.epochs / "0001" / "assignments.parquet").set_index("image_id")["cluster"]
+    a2 = pd.read_parquet(workspace.epochs / "0002" / "assignments.parquet").set_index("image_id")["cluster"]
+    expected = normalized_mutual_info_score(a2, a1.reindex(a2.index), average_method="geometric")
+    assert m2["nmi_previous"] == pytest.approx(expected, rel=1e-9)
+    # and with the true Fashion-MNIST labels
+    truth = pd.read_parquet(fashion_dataset / "manifest.parquet").set_index("image_id")["label"]
+    expected_labels = normalized_mutual_info_score(truth.reindex(a2.index).astype(int), a2,
+                                                   average_method="geometric")
+    assert m2["nmi_labels"] == pytest.approx(expected_labels, rel=1e-9)
+    assert workspace.result == m2  # the flow returns the last epoch's metrics
+
+
+def test_epoch_metrics_gather_the_stage_reports(workspace):
+    d = workspace.epochs / "0002"
+    m, lab, tr = (read_json(d / f"{s}.json") for s in ("metrics", "labels", "train"))
+    assert m["epoch"] == 2 and m["train_loss"] == tr["loss"]
+    assert m["n_clusters"] + m["empty_clusters"] == 10 == lab["k"]
+    assert m["seconds_stages"] <= m["seconds_epoch"]
+    assert read_json(d / "cluster.json")["seed"] != read_json(workspace.epochs / "0001" / "cluster.json")["seed"]
+
+
+def test_mlflow_holds_the_per_epoch_figures(workspace):
+    client = MlflowClient(tracking_uri=workspace.mlflow_uri)
+    run_id = read_json(workspace.epochs / "run.json")["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "nmi_previous")
+    m2 = read_json(workspace.epochs / "0002" / "metrics.json")
+    assert [(h.step, h.value) for h in history] == [(2, pytest.approx(m2["nmi_previous"]))]
+    assert sorted(h.step for h in client.get_metric_history(run_id, "train_loss")) == [1, 2]
+    run = client.get_run(run_id)
+    assert run.data.params["cluster.k"] == "10" and run.data.params["model.fc_dim"] == "32"
+    assert run.info.status == "FINISHED"
+
+
+def test_prefect_recorded_the_flow_and_its_stage_tasks(workspace):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_runs = [r for r in client.read_flow_runs() if r.name and r.state_name == "Completed"]
+        task_runs = client.read_task_runs()
+    assert flow_runs
+    names = {t.name for t in task_runs if t.state_name == "Completed"}
+    expected = {f"{stage}-epoch-{epoch:04d}" for stage in ("extract", "pca", "cluster", "labels", "train")
+                for epoch in (1, 2)}
+    assert expected <= names
+
+
+def test_rerun_does_not_recompute_finished_epochs(tracked):
+    before = tracked.mtimes()
+    run_json = read_json(tracked.epochs / "run.json")
+    metrics = tracked.run()
+    assert tracked.mtimes() == before
+    assert metrics == read_json(tracked.epochs / "0002" / "metrics.json")
+    assert read_json(tracked.epochs / "run.json") == run_json  # same run, same MLflow run id
+    client = MlflowClient(tracking_uri=tracked.mlflow_uri)
+    assert len(client.get_metric_history(run_json["mlflow_run_id"], "nmi_previous")) == 1  # nothing relogged
+
+
+def test_rerun_with_other_params_is_refused(tracked):
+    before = tracked.mtimes()
+    with pytest.raises(StageError, match="holds a run made with other parameters.*--fresh"):
+        tracked.run(overrides={"cluster.k": 5})
+    assert tracked.mtimes() == before
+
+
+def test_resume_continues_after_the_last_finished_stage(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    e2 = ws.epochs / "0002"
+    for name in ("train.json", "metrics.json"):  # as if killed during epoch 2's training
+        (e2 / name).unlink()
+    (ws.checkpoints / "epoch_0002.pt").unlink()
+    before = ws.mtimes()
+    ws.run(epochs=3)  # run.epochs is not part of the fingerprint: a run can be extended
+    after = ws.mtimes()
+    for name in ("features.npy", "pca_features.npy", "kmeans.npz", "assignments.parquet", "labels.json"):
+        key = f"data/epochs/0002/{name}"
+        assert after[key] == before[key], f"{key} was recomputed"
+    assert all(after[k] == v for k, v in before.items() if "/0001/" in k)
+    assert (e2 / "train.json").exists() and (e2 / "metrics.json").exists()
+    assert read_json(ws.epochs / "0003" / "metrics.json")["epoch"] == 3
+    assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_fresh_discards_the_old_run(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    old = read_json(ws.epochs / "run.json")
+    ws.run(overrides={"cluster.k": 5}, epochs=1, fresh=True)
+    assert sorted(p.name for p in ws.epochs.iterdir()) == ["0001", "run.json"]
+    new = read_json(ws.epochs / "run.json")
+    assert new["fingerprint"] != old["fingerprint"] and new["mlflow_run_id"] != old["mlflow_run_id"]
+    assert new["params"]["cluster"]["k"] == 5
+    assert read_json(ws.epochs / "0001" / "labels.json")["k"] == 5
+    assert not (ws.checkpoints / "epoch_0002.pt").exists()
+
+
+def test_fingerprint_ignores_the_epoch_count_only(small_params):
+    longer = {**small_params, "run": {**small_params["run"], "epochs": 50}}
+    reseeded = {**small_params, "run": {**small_params["run"], "seed": 1}}
+    other_k = {**small_params, "cluster": {**small_params["cluster"], "k": 11}}
+    assert run_fingerprint(longer) == run_fingerprint(small_params)
+    assert run_fingerprint(reseeded) != run_fingerprint(small_params)
+    assert run_fingerprint(other_k) != run_fingerprint(small_params)
+
+
+def test_final_evaluation_of_the_run(workspace, small_params, tmp_path):
+    summary = run_final_evaluation(small_params, workspace.dataset, workspace.epochs,
+                                   workspace.checkpoints / "last.pt", tmp_path / "eval")
+    curves = pd.read_csv(tmp_path / "eval" / "epochs.csv")
+    assert curves["epoch"].tolist() == [1, 2]
+    assert curves["nmi_previous"].iloc[1] == pytest.approx(read_json(workspace.epochs / "0002" / "metrics.json")
+                                                           ["nmi_previous"])
+    assert summary["epochs"] == 2 and summary["checkpoint_epoch"] == 2
+    assert 0.0 <= summary["test_nmi_k_classes"] <= 1.0
+    assert read_json(tmp_path / "eval" / "metrics.json") == summary
+
+
+def test_bad_k_stops_the_flow_with_the_stage_message(prefect_harness, mlflow_uri, fashion_dataset, small_params,
+                                                     write_params, tmp_path):
+    params_file = write_params(tmp_path, small_params, {"cluster.k": 1000})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    with pytest.raises(StageError, match=r"cluster.k=1000 is larger than the number of images \(240\)"):
+        ws.run()
+    e1 = ws.epochs / "0001"
+    assert (e1 / "pca.json").exists() and not (e1 / "cluster.json").exists() and not (e1 / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("keep_features, keep_checkpoints, features_kept, checkpoints_kept", [
+    (0, 5, [], [0, 5, 6]),  # the defaults: no features, every 5th checkpoint (and the newest)
+    (2, 0, [2, 4, 6], [0, 6]),
+])
+def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoints, features_kept, checkpoints_kept):
+    params = apply_overrides(small_params, {"extract.keep_features_every": keep_features,
+                                            "train.keep_checkpoint_every": keep_checkpoints})
+    layout = Layout(tmp_path / "dataset", tmp_path / "epochs", tmp_path / "checkpoints")
+    layout.checkpoints.mkdir()
+    layout.checkpoint(0).write_bytes(b"0")
+    for epoch in range(1, 7):  # what each finished epoch leaves before retention
+        layout.epoch(epoch).mkdir(parents=True)
+        for name in ("features.npy", "pca_features.npy", "assignments.parquet", "metrics.json"):
+            (layout.epoch(epoch) / name).write_bytes(b"x")
+        layout.checkpoint(epoch).write_bytes(b"x")
+        apply_retention(params, layout, epoch)
+    assert [e for e in range(1, 7) if (layout.epoch(e) / "features.npy").exists()] == features_kept
+    assert [e for e in range(1, 7) if (layout.epoch(e) / "pca_features.npy").exists()] == features_kept
+    assert [e for e in range(0, 7) if layout.checkpoint(e).exists()] == checkpoints_kept
+    assert all((layout.epoch(e) / "assignments.parquet").exists() and (layout.epoch(e) / "metrics.json").exists()
+               for e in range(1, 7))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the flow writes metrics.json (its 'epoch done' marker) before "
+                                       "publishing last.pt and logging to MLflow; a run killed in between "
+                                       "resumes with a stale last.pt that is never republished")
+def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    # The state a kill right after `write_json(metrics_file, ...)` of epoch 2 leaves behind:
+    (ws.checkpoints / "last.pt").unlink()
+    shutil.copy(ws.checkpoints / "epoch_0001.pt", ws.checkpoints / "last.pt")
+    ws.run()
+    assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2

@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from pipeline import tracking
 from stages.common import StageError, epoch_dir, load_params, parse_override, read_json, write_json
 from stages.cluster import run_cluster
-from stages.evaluate import run_epoch_evaluation
+from stages.evaluate import epoch_metrics
 from stages.extract import run_extract
 from stages.labels import run_labels
 from stages.pca import run_pca
@@ -173,16 +173,20 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                     continue
                 stats = stage_task.with_options(task_run_name=f"{name}-epoch-{epoch:04d}")(params, layout, epoch)
                 logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s")
-            metrics = run_epoch_evaluation(layout.epoch(epoch), epoch)
+            metrics = epoch_metrics(layout.epoch(epoch), epoch)
             metrics["seconds_epoch"] = time.perf_counter() - start
             metrics["seconds_overhead"] = metrics["seconds_epoch"] - metrics["seconds_stages"]
-            write_json(metrics_file, metrics)
             tracking.log_epoch(metrics, epoch)
             publish_last_checkpoint(layout, epoch)
+            # metrics.json marks the epoch done, so it is written after everything else the epoch does;
+            # retention only deletes what a finished epoch no longer needs.
+            write_json(metrics_file, metrics)
             apply_retention(params, layout, epoch)
             logger.info(
                 f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {metrics['nmi_previous']}, "
                 f"NMI labels {metrics['nmi_labels']}, {metrics['empty_clusters']} empty, {metrics['seconds_epoch']:.0f}s")
+        # Idempotent: repairs last.pt if a previous run was killed between an epoch's end and its publication.
+        publish_last_checkpoint(layout, n_epochs)
     return metrics
 
 

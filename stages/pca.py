@@ -97,7 +97,7 @@ def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int 
             apply_in_chunks(pca, x, out)
             out.flush()
             del out
-    total = float(np.sum(np.var(np.asarray(x[rows], dtype=np.float64), axis=0)))
+    total = float(np.sum(np.var(np.asarray(x[rows], dtype=np.float64), axis=0, ddof=1)))  # same ddof as the eigenvalues
     stats = {"dim": int(pca.components.shape[1]), "fit_rows": len(rows), "seconds": t.seconds,
              "explained_variance": float(pca.eigenvalues.sum() / total) if total > 0 else 0.0,
              "peak_rss_mb": peak_rss_mb()}

@@ -22,7 +22,6 @@ from stages.data import IMAGE_EXTENSIONS
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-SPLIT_DIRS = {"train": "train", "val": "test", "test": "test"}
 
 
 # ---------------------------------------------------------------- IDX (Fashion-MNIST / MNIST)
@@ -85,11 +84,11 @@ def list_images(root: Path) -> list[Path]:
 
 def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str]]:
     """Manifest rows for an image tree. Labels come from the class folder; splits from train/val/test folders."""
-    split_roots = {s: root / d for s, d in (("train", "train"), ("test", "val"), ("test", "test")) if (root / d).is_dir()}
-    if "train" not in split_roots:
-        split_roots = {"train": root}
+    split_roots = [(s, root / d) for s, d in (("train", "train"), ("test", "val"), ("test", "test")) if (root / d).is_dir()]
+    if not any(s == "train" for s, _ in split_roots):
+        split_roots = [("train", root)]
     rows, classes = [], set()
-    for split, split_root in split_roots.items():
+    for split, split_root in split_roots:
         for path in list_images(split_root):
             rel = path.relative_to(split_root)
             label_name = rel.parts[0] if labelled and len(rel.parts) > 1 else None

@@ -247,9 +247,6 @@ def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoint
                for e in range(1, 7))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the flow writes metrics.json (its 'epoch done' marker) before "
-                                       "publishing last.pt and logging to MLflow; a run killed in between "
-                                       "resumes with a stale last.pt that is never republished")
 def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_path):
     ws = tracked.copy(tmp_path)
     # The state a kill right after `write_json(metrics_file, ...)` of epoch 2 leaves behind:

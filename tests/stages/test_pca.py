@@ -118,11 +118,20 @@ def test_run_pca_missing_features_names_the_file(tmp_path, small_params):
         run_pca(small_params, tmp_path / "features.npy", tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: run_pca divides ddof=1 eigenvalues by a ddof=0 total variance, "
-                                       "so explained_variance is n/(n-1) > 1 when pca.dim keeps every direction")
 def test_explained_variance_is_at_most_one(tmp_path, small_params):
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     np.save(tmp_path / "features.npy", x)
     params = {**small_params, "pca": {**small_params["pca"], "dim": 4}}
     stats = run_pca(params, tmp_path / "features.npy", tmp_path / "out")
     assert stats["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cli_nan_features_exit_non_zero_with_the_message(tmp_path, digits, params_file, run_stage):
+    x = digits[0].copy()
+    x[[1, 2, 3]] = np.nan
+    np.save(tmp_path / "features.npy", x)
+    result = run_stage("pca", "--params", params_file, "--features", tmp_path / "features.npy",
+                       "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("pca: ") and "3 rows hold NaN or infinite features" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,6 +9,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -113,6 +115,17 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     return d.data.astype(np.float32), d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def run_stage():
+    """run_stage("pca", "--features", ..., cwd=dir) runs `python -m stages.pca ...` as a user would."""
+
+    def run(stage: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=cwd,
+                              capture_output=True, text=True, timeout=120)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -84,13 +84,22 @@ def test_assignments_are_a_plain_parquet_table(workspace, fashion_dataset):
 
 
 def test_checkpoints_for_every_epoch_and_last(workspace):
-    names = sorted(p.name for p in workspace.checkpoints.iterdir())
-    assert names == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    names = {p.name for p in workspace.checkpoints.iterdir()}
+    assert {"epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"} <= names
     last = torch.load(workspace.checkpoints / "last.pt", weights_only=True)
     assert last["epoch"] == 2
     assert (workspace.checkpoints / "last.pt").read_bytes() == (workspace.checkpoints / "epoch_0002.pt").read_bytes()
     labels = read_json(workspace.epochs / "0002" / "labels.json")
     assert len(last["cluster_ids"]) == labels["n_clusters"]  # the head covers the non-empty clusters only
+
+
+@pytest.mark.xfail(strict=True, reason="bug: publish_last_checkpoint(layout, n_epochs) at the end of the flow "
+                                       "re-publishes a checkpoint last.pt already links to; rename(2) of two links "
+                                       "to one inode is a no-op, so models/checkpoints/last.pt.tmp stays behind")
+def test_no_temporary_files_are_left_behind(workspace):
+    leftovers = [str(p.relative_to(workspace.root)) for d in (workspace.epochs, workspace.checkpoints)
+                 for p in d.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert leftovers == []
 
 
 def test_nmi_with_the_previous_epoch(workspace, fashion_dataset):
@@ -154,6 +163,17 @@ def test_rerun_does_not_recompute_finished_epochs(tracked):
     assert read_json(tracked.epochs / "run.json") == run_json  # same run, same MLflow run id
     client = MlflowClient(tracking_uri=tracked.mlflow_uri)
     assert len(client.get_metric_history(run_json["mlflow_run_id"], "nmi_previous")) == 1  # nothing relogged
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the flow ends with publish_last_checkpoint(layout, n_epochs), so a "
+                                       "rerun asking for fewer epochs than are finished points last.pt back at an "
+                                       "older network (or crashes with FileNotFoundError when retention deleted it)")
+def test_rerun_asking_for_fewer_epochs_keeps_the_newest_network(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    before = ws.mtimes()
+    ws.run(epochs=1)
+    assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+    assert ws.mtimes() == before
 
 
 def test_rerun_with_other_params_is_refused(tracked):

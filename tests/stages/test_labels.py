@@ -103,6 +103,23 @@ def test_run_labels_writes_assignments_and_statistics(tmp_path, fashion_dataset,
     assert s2["nmi_labels"] == pytest.approx(1.0)  # true labels are matched by image_id too
 
 
+def test_run_labels_on_unlabelled_images_reports_no_label_nmi(tmp_path, small_params):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from stages.prepare import prepare
+
+    (tmp_path / "flat").mkdir()
+    for name in ("camera", "coins", "moon"):
+        Image.fromarray(getattr(skdata, name)()).save(tmp_path / "flat" / f"{name}.png")
+    prepare("folder", tmp_path / "flat", tmp_path / "dataset", small_params["prepare"])
+    ids = load_split(tmp_path / "dataset", "train").ids
+    write_epoch(tmp_path / "0001", ids, np.array([0, 2, 2]), 3)
+    s = run_labels(small_params, tmp_path / "0001", tmp_path / "dataset")
+    assert s["nmi_labels"] is None and s["nmi_previous"] is None
+    assert (s["n_clusters"], s["empty_clusters"], s["sizes"]) == (2, 1, [1, 0, 2])
+
+
 def test_run_labels_refuses_mismatched_ids(tmp_path, fashion_dataset, small_params):
     train = load_split(fashion_dataset, "train")
     write_epoch(tmp_path / "e", train.ids[:-1], np.zeros(len(train), np.int64), 2)

@@ -56,10 +56,16 @@ class Layout:
         return self.epochs_root / "run.json"
 
 
+# Settings that change speed or disk use but not results: a run may resume with other values.
+NOT_IN_FINGERPRINT = {"run": {"epochs"}, "extract": {"batch_size", "num_workers", "device", "keep_features_every"},
+                      "train": {"num_workers", "device", "keep_checkpoint_every"}, "prepare": {"num_workers"}}
+
+
 def run_fingerprint(params: dict) -> str:
     """Hash of everything that changes results; run.epochs is left out so a run can be extended."""
-    relevant = {k: v for k, v in params.items() if k != "run"}
-    relevant["seed"] = params["run"]["seed"]
+    relevant = {section: ({k: v for k, v in values.items() if k not in NOT_IN_FINGERPRINT.get(section, ())}
+                          if isinstance(values, dict) else values)
+                for section, values in params.items()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,6 +122,8 @@ def apply_retention(params: dict, layout: Layout, epoch: int) -> None:
 
 
 def publish_last_checkpoint(layout: Layout, epoch: int) -> None:
+    if layout.last_checkpoint.exists() and os.path.samefile(layout.last_checkpoint, layout.checkpoint(epoch)):
+        return  # already published (renaming a hard link onto itself would leave the temp link behind)
     tmp = layout.last_checkpoint.with_suffix(".pt.tmp")
     tmp.unlink(missing_ok=True)
     os.link(layout.checkpoint(epoch), tmp)  # a hard link: no copy, and the rename is atomic
@@ -186,7 +194,10 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {metrics['nmi_previous']}, "
                 f"NMI labels {metrics['nmi_labels']}, {metrics['empty_clusters']} empty, {metrics['seconds_epoch']:.0f}s")
         # Idempotent: repairs last.pt if a previous run was killed between an epoch's end and its publication.
-        publish_last_checkpoint(layout, n_epochs)
+        # The newest finished epoch, not n_epochs: a rerun may ask for fewer epochs than are done.
+        done = sorted(int(f.parent.name) for f in layout.epochs_root.glob("[0-9][0-9][0-9][0-9]/metrics.json"))
+        if done:
+            publish_last_checkpoint(layout, done[-1])
     return metrics
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import yaml
 
 PARAMS_FILE = "params.yaml"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StageError(RuntimeError):
@@ -78,6 +80,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or (path.suffix + ".tmp"))
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:

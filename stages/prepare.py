@@ -94,7 +94,8 @@ def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str]
             label_name = rel.parts[0] if labelled and len(rel.parts) > 1 else None
             if label_name:
                 classes.add(label_name)
-            rows.append((f"{split}/{rel.as_posix()}", split, label_name, str(path.resolve())))
+            # relative to the root, so val/ and test/ (both the "test" split) can't collide
+            rows.append((path.relative_to(root).as_posix(), split, label_name, str(path.resolve())))
     classes = sorted(classes)
     index = {c: i for i, c in enumerate(classes)}
     df = pd.DataFrame(rows, columns=["image_id", "split", "label_name", "path"])
@@ -149,7 +150,10 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
             raise StageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: check prepare.path")
         manifest, report = drop_unreadable(manifest, params.get("num_workers", 8))
         if manifest.empty:
-            raise StageError(f"none of the images under {path} could be read (see the errors above)")
+            examples = "; ".join(f"{p}: {e}" for p, e in report.head(3).itertuples(index=False))
+            raise StageError(f"none of the {len(report)} images under {path} could be read, e.g. {examples}")
+        for p, e in report.itertuples(index=False):
+            print(f"prepare: skipping unreadable image {p} ({e})", file=sys.stderr)
         parts = []
         for split in ("train", "test"):
             part = manifest[manifest["split"] == split]

@@ -93,9 +93,6 @@ def test_checkpoints_for_every_epoch_and_last(workspace):
     assert len(last["cluster_ids"]) == labels["n_clusters"]  # the head covers the non-empty clusters only
 
 
-@pytest.mark.xfail(strict=True, reason="bug: publish_last_checkpoint(layout, n_epochs) at the end of the flow "
-                                       "re-publishes a checkpoint last.pt already links to; rename(2) of two links "
-                                       "to one inode is a no-op, so models/checkpoints/last.pt.tmp stays behind")
 def test_no_temporary_files_are_left_behind(workspace):
     leftovers = [str(p.relative_to(workspace.root)) for d in (workspace.epochs, workspace.checkpoints)
                  for p in d.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
@@ -165,9 +162,6 @@ def test_rerun_does_not_recompute_finished_epochs(tracked):
     assert len(client.get_metric_history(run_json["mlflow_run_id"], "nmi_previous")) == 1  # nothing relogged
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the flow ends with publish_last_checkpoint(layout, n_epochs), so a "
-                                       "rerun asking for fewer epochs than are finished points last.pt back at an "
-                                       "older network (or crashes with FileNotFoundError when retention deleted it)")
 def test_rerun_asking_for_fewer_epochs_keeps_the_newest_network(tracked, tmp_path):
     ws = tracked.copy(tmp_path)
     before = ws.mtimes()

@@ -7,8 +7,10 @@ counts and sizes, seconds per stage.
 `final`: judges the run's last network on the held-out labelled split, side by side with the same
 network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
 weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the paper's pictures.
-Writes data/eval/metrics.json (DVC metrics, flat keys such as probe.trained.conv3), epochs.csv (the
-per-epoch curves, DVC plots), report.md and pictures/*.png, and logs them all into the run's MLflow run.
+Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3), scores/*.json
+(the DVC metrics: one row per feature source, so `dvc metrics show` prints the probe table),
+epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png, and logs them all into
+the run's MLflow run.
 """
 from __future__ import annotations
 
@@ -387,8 +389,34 @@ def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str |
         step = int(metrics.get("epochs") or 0)
         mlflow.log_metrics({f"final/{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
         tracking.log_artifacts([out_dir / "metrics.json", out_dir / "report.md", out_dir / "epochs.csv"], "evaluation")
+        tracking.log_artifacts([out_dir / "scores"], "evaluation/scores")
         tracking.log_artifacts([out_dir / "pictures"], "evaluation/pictures")
         return run.info.run_id
+
+
+def score_tables(summary: dict) -> dict[str, dict]:
+    """One small JSON per feature source (trained, random, pixels) for `dvc metrics show`.
+
+    DVC prints one row per metrics file and one column per key, so these three files make the
+    probe table itself: rows trained / random init / raw pixels, columns acc, ari, knn, nmi,
+    probe_best, probe_conv1.. probe_fc, probe_input (the raw-pixel probe). The complete flat record is
+    metrics.json.
+    """
+    tables = {}
+    for name in (*NETWORKS, "pixels"):
+        row = {}
+        for key, value in summary.items():
+            parts = key.split(".")
+            if value is None or len(parts) < 2 or parts[1] != name:
+                continue
+            if parts[0] == "probe":
+                row["probe_input" if name == "pixels" else f"probe_{parts[2]}"] = value
+            elif parts[0] == "knn":
+                row["knn"] = value
+            elif parts[0] == "cluster":
+                row[parts[2]] = value
+        tables[name] = row
+    return tables
 
 
 def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
@@ -450,6 +478,8 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / "metrics.json", summary)
+    for name, row in score_tables(summary).items():
+        write_json(out_dir / "scores" / f"{name}.json", row)
     layers = probe_layers(cfg, nets["trained"])
     info = {"checkpoint": str(checkpoint), "random_source": random_source, "n_train": len(data["train_rows"]),
             "n_test": len(data["test_rows"]), "labelled": data["labelled"],

@@ -449,6 +449,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
         seed = seed_for(params["run"]["seed"], trained["epoch"], "evaluate")
         nets = {"trained": model_from_checkpoint(trained, device)}
         nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
+        nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
         data = evaluation_data(params, cfg, dataset, seed)
         summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data["train_rows"]),
                        n_test=len(data["test_rows"]))

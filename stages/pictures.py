@@ -31,6 +31,14 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
+def _grid_title(fig: plt.Figure, title: str, wspace: float = 0.08, hspace: float = 0.12) -> None:
+    """Title just above a grid of small images. A fixed gap in inches, as the figure height varies;
+    matplotlib's constrained layout does this too but takes seconds on grids of ~100 axes."""
+    height = fig.get_size_inches()[1]
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.4 / height, wspace=wspace, hspace=hspace)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+
+
 def to_display(images: np.ndarray) -> np.ndarray:
     """N x H x W x C uint8 (or floats in [0, 1]) -> what imshow takes: grey images lose the channel axis."""
     images = np.asarray(images)
@@ -99,25 +107,27 @@ def plot_conv1_filters(models: dict[str, DeepClusterNet], path: str | Path, max_
 
 
 # ---------------------------------------------------------------- filters: top images and gradient ascent
-def pick_filters(channel_max: np.ndarray, n: int, max_shared: int = 3) -> np.ndarray:
-    """n selective filters with different top images.
+def pick_filters(channel_max: np.ndarray, n: int, max_correlation: float = 0.5) -> np.ndarray:
+    """n selective filters that respond to different things.
 
     The paper hand-picks filters. Here filters are ranked by selectivity (their top-9 mean response
     over their mean response: firing on a few specific images rather than on everything, and never
-    dead), then taken greedily while their top 9 share at most `max_shared` images with a filter
-    already taken, so the panel is not eight copies of one pattern; the rest fill up if needed.
+    dead), then taken greedily while their responses over all images correlate at most
+    `max_correlation` with every filter already taken, so the panel does not show eight detectors
+    of one pattern; the most selective of the rest fill up if needed.
     """
     n_top = min(9, len(channel_max))
-    order = np.argsort(-channel_max, axis=0, kind="stable")[:n_top]  # n_top x C
-    top = np.take_along_axis(channel_max, order, axis=0).mean(axis=0)
+    top = -np.sort(-channel_max, axis=0)[:n_top].mean(axis=0)
     selectivity = top / (np.abs(channel_max).mean(axis=0) + 1e-6)
     selectivity[top <= 0] = -np.inf
     ranked = np.argsort(-selectivity, kind="stable")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.corrcoef(channel_max, rowvar=False), nan=0.0)
     chosen: list[int] = []
     for f in ranked:
         if len(chosen) == n or not np.isfinite(selectivity[f]):
             break
-        if all(len(np.intersect1d(order[:, f], order[:, g])) <= max_shared for g in chosen):
+        if all(corr[f, g] <= max_correlation for g in chosen):
             chosen.append(int(f))
     chosen += [int(f) for f in ranked if f not in chosen][: n - len(chosen)]
     return np.asarray(chosen[:n], dtype=np.int64)
@@ -154,7 +164,7 @@ def gradient_ascent(model: DeepClusterNet, layer: str, filters: np.ndarray, *, s
     blur = blur.expand(channels, 1, 3, 3)
     try:
         for step in range(steps):
-            acts = model.conv_activations(x)[conv_index]
+            acts = model.conv_activations(x, upto=conv_index + 1)[conv_index]
             loss = F.cross_entropy(acts.mean(dim=(2, 3)), target) + weight_decay * x.pow(2).sum() / len(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -183,7 +193,7 @@ def plot_filter_panel(synthetic: np.ndarray | None, top: np.ndarray, filters: np
     n_rows, n_top = top.shape[:2]
     offset = 0 if synthetic is None else 1
     fig, axes = plt.subplots(n_rows, n_top + offset, figsize=(1.1 * (n_top + offset), 1.15 * n_rows + 0.4),
-                             squeeze=False, layout="constrained")
+                             squeeze=False)
     for r in range(n_rows):
         if synthetic is not None:
             _show(axes[r, 0], to_display(synthetic[r : r + 1])[0], frame="tab:orange")
@@ -192,7 +202,7 @@ def plot_filter_panel(synthetic: np.ndarray | None, top: np.ndarray, filters: np
         axes[r, 0].set_ylabel(f"#{filters[r]}", fontsize=9)
     title = f"{layer}: " + ("synthetic image (orange frame) and " if synthetic is not None else "") + \
         f"the {n_top} images that activate the filter most"
-    fig.suptitle(title, fontsize=10)
+    _grid_title(fig, title)
     return save_figure(fig, path)
 
 
@@ -208,8 +218,7 @@ def plot_neighbours(queries: np.ndarray, query_labels: np.ndarray | None,
     n_q = len(queries)
     ks = [imgs.shape[1] for imgs, _ in panels.values()]
     n_cols = 1 + sum(k + 1 for k in ks)
-    fig, axes = plt.subplots(n_q, n_cols, figsize=(0.95 * n_cols, 1.05 * n_q + 0.5), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(n_q, n_cols, figsize=(0.95 * n_cols, 1.05 * n_q + 0.5), squeeze=False)
     for r in range(n_q):
         _show(axes[r, 0], to_display(queries[r : r + 1])[0], frame="black")
         known = query_labels is not None and query_labels[r] >= 0
@@ -230,7 +239,7 @@ def plot_neighbours(queries: np.ndarray, query_labels: np.ndarray | None,
     for name, k in zip(panels, ks):
         axes[0, col + k // 2].set_title(name, fontsize=10)
         col += k + 1
-    fig.suptitle("nearest neighbours (cosine similarity of fc features)", fontsize=10)
+    _grid_title(fig, "nearest neighbours (cosine similarity of fc features)")
     return save_figure(fig, path)
 
 
@@ -240,7 +249,7 @@ def plot_cluster_sizes(sizes: np.ndarray, path: str | Path, epoch: int | None = 
     sizes = np.asarray(sizes)
     if len(sizes) == 0:
         raise StageError("no clusters to plot")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
     ordered = np.sort(sizes)[::-1]
     a1.bar(np.arange(len(ordered)), ordered, width=1.0, color="tab:blue")
     a1.axhline(sizes.sum() / max((sizes > 0).sum(), 1), color="tab:red", lw=1, ls="--", label="mean (non-empty)")
@@ -253,12 +262,13 @@ def plot_cluster_sizes(sizes: np.ndarray, path: str | Path, epoch: int | None = 
     when = f"epoch {epoch}: " if epoch is not None else ""
     fig.suptitle(f"{when}{len(sizes)} clusters, {int((sizes == 0).sum())} empty, "
                  f"sizes {int(sizes[sizes > 0].min())}..{int(sizes.max())}", fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def plot_epoch_curves(curves: pd.DataFrame, path: str | Path) -> Path:
     """NMI with the previous epoch and with the labels (paper Fig. 2a/b), and the losses, over epochs."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
     e = curves["epoch"]
     for column, label in (("nmi_previous", "NMI(t-1, t)"), ("nmi_labels", "NMI(labels, t)")):
         if column in curves and curves[column].notna().any():
@@ -279,6 +289,7 @@ def plot_epoch_curves(curves: pd.DataFrame, path: str | Path) -> Path:
         twin.set_ylim(0, 1)
     for ax in (a1, a2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -312,7 +323,7 @@ def plot_cluster_samples(rows: list[tuple[str, np.ndarray]], path: str | Path) -
     """One row of images per cluster: rows = (title, n x H x W x C images)."""
     per_cluster = max(len(imgs) for _, imgs in rows)
     fig, axes = plt.subplots(len(rows), per_cluster, figsize=(1.0 * per_cluster + 1.6, 1.05 * len(rows) + 0.4),
-                             squeeze=False, layout="constrained")
+                             squeeze=False)
     for r, (title, imgs) in enumerate(rows):
         for c in range(per_cluster):
             if c < len(imgs):
@@ -320,5 +331,5 @@ def plot_cluster_samples(rows: list[tuple[str, np.ndarray]], path: str | Path) -
             else:
                 axes[r, c].axis("off")
         axes[r, 0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("random members of random clusters (last epoch)", fontsize=10)
+    _grid_title(fig, "random members of random clusters (last epoch)")
     return save_figure(fig, path)

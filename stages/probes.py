@@ -122,39 +122,62 @@ def pixel_features(images: ImageSet, rows: np.ndarray, *, crop_size: int, max_di
 # Scale of the cross-entropy's curvature per unit feature variance near the start (softmax over ~10
 # classes at uniform probabilities: p(1 - p) ~ 0.1); only the preconditioner's quality depends on it.
 CURVATURE = 0.1
+# Rows used to estimate the preconditioner's principal axes: any orthonormal basis keeps the problem
+# exact, so an estimate from a sample is enough, at a fraction of the d^2 x N covariance cost.
+BASIS_ROWS = 4096
+
+
+def principal_basis(x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal principal axes (d x d, columns) of the rows of x and the variance along each."""
+    if len(x) > BASIS_ROWS:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:BASIS_ROWS]]
+    x = x - x.mean(dim=0)
+    variances, axes = torch.linalg.eigh(x.T @ x / len(x))
+    return axes, variances.clamp(min=0)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int, *,
-                 variances: torch.Tensor | None = None,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression by full-batch L-BFGS: argmin mean CE(x W^T + b, y) + wd/2 ||W||^2.
 
-    Deterministic (full batch, zero or given start). `variances`: the variance of each column of x
-    when x is expressed in its principal axes; each column is then rescaled by
-    1 / sqrt(CURVATURE * variance + wd), with the penalty rescaled to match, which leaves the
-    optimum unchanged but makes the problem about equally curved in every direction, so L-BFGS
-    converges in tens of iterations even on strongly correlated features (trained fc layers stay
-    far from the optimum after hundreds of plain iterations).
-    Returns (W, b) in x's coordinates.
+    Deterministic (full batch, zero or given start). With `basis` (principal axes and variances of
+    x) the weights are optimised as W^T = axes diag(s) U with s = 1 / sqrt(CURVATURE * variance + wd)
+    and the penalty written in U: the optimum is the same, but the problem is about equally curved
+    in every direction, so L-BFGS gets there in tens of iterations even on strongly correlated
+    features, where it otherwise crawls for hundreds (trained fc layers). x itself is never rotated.
+    Returns (W, b), W n_classes x d.
     """
     d = x.shape[1]
-    scale = torch.ones(d) if variances is None else torch.rsqrt(CURVATURE * variances.clamp(min=0) + weight_decay)
-    xs = x * scale
-    clf = torch.nn.Linear(d, n_classes)
-    with torch.no_grad():
-        clf.weight.copy_(init[0] / scale if init is not None else torch.zeros(n_classes, d))
-        clf.bias.copy_(init[1] if init is not None else torch.zeros(n_classes))
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+    if basis is None:
+        axes, scale = None, torch.ones(d)
+    else:
+        axes, scale = basis[0], torch.rsqrt(CURVATURE * basis[1] + weight_decay)
+
+    def weights(u: torch.Tensor) -> torch.Tensor:  # d x C, in x's coordinates
+        w = u * scale[:, None]
+        return w if axes is None else axes @ w
+
+    u = torch.zeros(d, n_classes)
+    b = torch.zeros(n_classes)
+    if init is not None:
+        w0 = init[0].T if axes is None else axes.T @ init[0].T
+        u, b = w0 / scale[:, None], init[1].clone()
+    u.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([u, b], lr=1.0, max_iter=max_iter, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(clf(xs), y) + 0.5 * weight_decay * (clf.weight * scale).pow(2).sum()
+        # ||W||^2 = ||diag(s) U||^2: axes is orthonormal
+        loss = F.cross_entropy(x @ weights(u) + b, y) + 0.5 * weight_decay * (u * scale[:, None]).pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return (clf.weight * scale).detach(), clf.bias.detach().clone()
+    with torch.no_grad():
+        return weights(u).T.contiguous(), b.detach().clone()
 
 
 def _accuracy(w: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
@@ -181,13 +204,10 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = x_train.std(axis=0, dtype=np.float64).astype(np.float32) + 1e-6
     xtr = torch.from_numpy((x_train - mean) / std)
-    # Principal axes of the training features: a rotation, so ||W||^2 and the optimum's predictions
-    # are unchanged; it only gives fit_logistic the variances its preconditioner needs.
-    variances, axes = torch.linalg.eigh(xtr.T @ xtr / len(xtr))
-    xtr = xtr @ axes
-    xte = torch.from_numpy((x_test - mean) / std) @ axes
+    xte = torch.from_numpy((x_test - mean) / std)
     ytr = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
     yte = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
+    basis = principal_basis(xtr, seed)
     decays = sorted(set(weight_decays), reverse=True)
     chosen, init, val_acc = decays[0], None, None
     n_val = int(len(xtr) * val_fraction)
@@ -196,12 +216,12 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
         x_fit, y_fit, x_val, y_val = xtr[perm[n_val:]], ytr[perm[n_val:]], xtr[perm[:n_val]], ytr[perm[:n_val]]
         fits = {}
         for wd in decays:
-            init = fits[wd] = fit_logistic(x_fit, y_fit, n_classes, wd, max_iter, variances=variances, init=init)
+            init = fits[wd] = fit_logistic(x_fit, y_fit, n_classes, wd, max_iter, basis=basis, init=init)
             acc = _accuracy(init, x_val, y_val)
             if val_acc is None or acc > val_acc:  # ties keep the stronger decay
                 chosen, val_acc = wd, acc
         init = fits[chosen]
-    w = fit_logistic(xtr, ytr, n_classes, chosen, max_iter, variances=variances, init=init)
+    w = fit_logistic(xtr, ytr, n_classes, chosen, max_iter, basis=basis, init=init)
     return {"accuracy": _accuracy(w, xte, yte), "train_accuracy": _accuracy(w, xtr, ytr),
             "val_accuracy": val_acc, "weight_decay": chosen, "dim": int(xtr.shape[1])}
 

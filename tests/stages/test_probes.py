@@ -13,7 +13,8 @@ from stages.data import load_split, normalize
 from stages.prepare import prepare
 from stages.models import build_model
 from stages.probes import (clustering_scores, conv_layer_names, extract_layer_features, fit_logistic,
-                           hungarian_accuracy, kmeans_quality, knn_accuracy, linear_probe, pixel_features, pool_grid)
+                           hungarian_accuracy, kmeans_quality, knn_accuracy, linear_probe, pixel_features, pool_grid,
+                           principal_basis)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -71,16 +72,15 @@ def test_preconditioning_leaves_the_logistic_optimum_unchanged_and_reaches_it_fa
     ytr[flip] = rng.integers(0, 10, flip.sum())
     q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
     mixed = (xtr - xtr.mean(0)) @ (q * np.logspace(0, -3, 64)) @ q.T
-    x = torch.from_numpy(((mixed - mixed.mean(0)) / (mixed.std(0) + 1e-6)).astype(np.float32))
-    variances, axes = torch.linalg.eigh(x.T @ x / len(x))
-    xr = x @ axes
+    xr = torch.from_numpy(((mixed - mixed.mean(0)) / (mixed.std(0) + 1e-6)).astype(np.float32))
+    basis = principal_basis(xr)
     y = torch.from_numpy(ytr)
     wd = 1e-4
 
     def objective(w, b):
         return float(torch.nn.functional.cross_entropy(xr @ w.T + b, y) + 0.5 * wd * w.pow(2).sum())
 
-    pre = objective(*fit_logistic(xr, y, 10, wd, 20, variances=variances))
+    pre = objective(*fit_logistic(xr, y, 10, wd, 20, basis=basis))
     plain_long = objective(*fit_logistic(xr, y, 10, wd, 1000))
     plain_short = objective(*fit_logistic(xr, y, 10, wd, 20))
     assert pre == pytest.approx(plain_long, abs=1e-4)  # the same optimum, in 20 iterations instead of ~1000

@@ -169,3 +169,19 @@ def test_score_tables_are_one_row_per_feature_source():
 def test_missing_epochs_give_a_clear_error(tmp_path, tiny_params):
     with pytest.raises(StageError, match="no finished epoch"):
         run_final_evaluation(tiny_params, tmp_path, tmp_path / "epochs", tmp_path / "last.pt", tmp_path / "eval")
+
+
+def test_artifacts_of_a_sqlite_store_land_beside_its_database(tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "artifact-location")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.md").write_text("hello")
+    with tracking.start_run({"a": 1}):
+        tracking.log_artifacts([tmp_path / "report.md"], "evaluation")
+    assert (tmp_path / "store" / "mlartifacts").is_dir()
+    assert list((tmp_path / "store" / "mlartifacts").rglob("report.md"))
+    assert not (tmp_path / "mlruns").exists()

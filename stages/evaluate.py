@@ -135,12 +135,11 @@ def load_images(images: ImageSet, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in iterate_batches(images, rows, 256)])
 
 
-def _labelled_split(dataset: str | Path, split: str) -> ImageSet | None:
+def _split_or_none(dataset: str | Path, split: str) -> ImageSet | None:
     try:
-        images = load_split(dataset, split)
-    except StageError:
+        return load_split(dataset, split)
+    except StageError:  # the dataset has no such split (an unlabelled folder has only train)
         return None
-    return images
 
 
 def probe_layers(cfg: dict, model: torch.nn.Module) -> list[str]:
@@ -209,7 +208,7 @@ def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> 
     still work on unlabelled image folders.
     """
     train = load_split(dataset, "train")
-    test = _labelled_split(dataset, "test")
+    test = _split_or_none(dataset, "test")
     train_rows = subset_indices(len(train), cfg["train_images"], seed)
     if test is None:
         rest = np.setdiff1d(np.arange(len(train)), train_rows)
@@ -281,13 +280,14 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
         assign = read_assignments(assign_file)
         train = data["train"]
         rows = pd.Index(train.ids).get_indexer(assign["image_id"])
-        keep = rows >= 0
-        rows, clusters = rows[keep], assign["cluster"].to_numpy()[keep]
-        chosen = pictures.sample_clusters(clusters, n_clusters=cfg["picture_clusters"],
-                                          per_cluster=cfg["picture_cluster_images"], seed=seed,
-                                          labels=train.labels[rows], class_names=data["class_names"])
-        written.append(pictures.plot_cluster_samples([(t, load_images(train, rows[m])) for t, m in chosen],
-                                                     out / "cluster_samples.png"))
+        if (rows >= 0).any():  # none would mean the epochs clustered another dataset: nothing to show
+            clusters = assign["cluster"].to_numpy()[rows >= 0]
+            rows = rows[rows >= 0]
+            chosen = pictures.sample_clusters(clusters, n_clusters=cfg["picture_clusters"],
+                                              per_cluster=cfg["picture_cluster_images"], seed=seed,
+                                              labels=train.labels[rows], class_names=data["class_names"])
+            written.append(pictures.plot_cluster_samples([(t, load_images(train, rows[m])) for t, m in chosen],
+                                                         out / "cluster_samples.png"))
     return written
 
 

@@ -185,3 +185,41 @@ def test_artifacts_of_a_sqlite_store_land_beside_its_database(tmp_path, monkeypa
     assert (tmp_path / "store" / "mlartifacts").is_dir()
     assert list((tmp_path / "store" / "mlartifacts").rglob("report.md"))
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory, tiny_params, tiny_run) -> tuple[Path, dict]:
+    """One epoch on an unlabelled folder of 120 PNG files (prepare.source: folder)."""
+    from PIL import Image
+
+    from stages.data import load_split
+
+    root = tmp_path_factory.mktemp("folder")
+    pixels = load_split(tiny_run / "data/dataset", "train").pixels[:120]
+    for i, img in enumerate(pixels):
+        Image.fromarray(np.asarray(img)[..., 0]).save(root / f"img_{i:03d}.png")
+    params = apply_overrides(tiny_params, {"prepare.source": "folder", "prepare.image_size": 32, "cluster.k": 5,
+                                           "evaluate.train_images": 80})
+    dataset, ckpts, epochs = root / "dataset", root / "ckpt", root / "epochs"
+    prepare("folder", root, dataset, params["prepare"], seed=0)
+    init_checkpoint(params, dataset, ckpts / "epoch_0000.pt")
+    d = epoch_dir(epochs, 1)
+    run_extract(params, dataset, ckpts / "epoch_0000.pt", d)
+    run_pca(params, d / "features.npy", d, 1)
+    run_cluster(params, d / "pca_features.npy", d, 1)
+    run_labels(params, d, dataset)
+    run_train(params, dataset, d / "assignments.parquet", ckpts / "epoch_0000.pt", ckpts / "last.pt", 1, d / "train.json")
+    write_json(d / "metrics.json", epoch_metrics(d, 1))
+    return root, params
+
+
+def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path):
+    root, params = unlabelled_run
+    out = tmp_path / "eval"
+    m = run_final_evaluation(params, root / "dataset", root / "epochs", root / "ckpt" / "last.pt", out, log_mlflow=False)
+    assert not any(k.startswith(("probe.", "knn.", "cluster.")) for k in m)
+    assert m["n_probe_train"] == 80 and m["n_test"] == 40  # held out: the train images outside the subset
+    assert {n: json.loads((out / "scores" / f"{n}.json").read_text()) for n in ("trained", "random", "pixels")} == \
+        {"trained": {}, "random": {}, "pixels": {}}
+    assert {p.name for p in (out / "pictures").glob("*.png")} == PICTURES
+    assert "No labelled held-out split" in (out / "report.md").read_text()

@@ -270,14 +270,19 @@ def plot_epoch_curves(curves: pd.DataFrame, path: str | Path) -> Path:
     """NMI with the previous epoch and with the labels (paper Fig. 2a/b), and the losses, over epochs."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
     e = curves["epoch"]
+    plotted = 0
     for column, label in (("nmi_previous", "NMI(t-1, t)"), ("nmi_labels", "NMI(labels, t)")):
         if column in curves and curves[column].notna().any():
             a1.plot(e, curves[column], marker="o", ms=3, label=label)
+            plotted += 1
     a1.set_xlabel("epoch")
     a1.set_ylabel("NMI")
     a1.set_ylim(0, 1)
     a1.grid(alpha=0.3)
-    a1.legend(fontsize=8)
+    if plotted:
+        a1.legend(fontsize=8)
+    else:  # one epoch of unlabelled images: no previous epoch, no labels
+        a1.text(0.5, 0.5, "no NMI yet: needs two epochs or labels", ha="center", va="center", transform=a1.transAxes)
     a2.plot(e, curves["train_loss"], marker="o", ms=3, color="tab:red")
     a2.set_xlabel("epoch")
     a2.set_ylabel("training loss (cross-entropy on pseudo-labels)", color="tab:red")

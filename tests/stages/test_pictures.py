@@ -146,3 +146,8 @@ def test_cluster_samples_are_members_and_the_picture_is_written(tmp_path, images
         assert (clusters[members] == cluster_id).all() and len(set(members)) == len(members) == 6
         assert "n=" in title and "class" in title
     assert_png(pictures.plot_cluster_samples([(t, images[m]) for t, m in rows], tmp_path / "samples.png"))
+
+
+def test_epoch_curves_picture_of_a_single_unlabelled_epoch(tmp_path):
+    curves = pd.DataFrame({"epoch": [1], "nmi_previous": [None], "nmi_labels": [None], "train_loss": [4.6]})
+    assert_png(pictures.plot_epoch_curves(curves, tmp_path / "curves.png"))

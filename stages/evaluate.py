@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     ep.add_argument("--epoch-dir", required=True)
     ep.add_argument("--epoch", type=int, required=True)
     fin = sub.add_parser("final", help="evaluate the run's last network and write the per-epoch curves")
-    fin.add_argument("--params", default="params.yaml", help="params file (reads extract, pca, cluster, run)")
+    fin.add_argument("--params", default="params.yaml", help="params file (reads evaluate, extract, pca, cluster, run)")
     fin.add_argument("--dataset", default="data/dataset")
     fin.add_argument("--epochs-root", default="data/epochs")
     fin.add_argument("--checkpoint", default="models/checkpoints/last.pt")

@@ -18,9 +18,25 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}")
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file (mlartifacts/).
+
+    MLflow's default for a database store is ./mlruns under whatever directory the process happens
+    to run in; beside the database, artifacts follow it (a test's temp store keeps its own).
+    Other stores (a tracking server) decide for themselves.
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def start_run(params: dict, run_name: str | None = None, run_id: str | None = None) -> mlflow.ActiveRun:
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    mlflow.set_experiment(name)
     run = mlflow.start_run(run_id=run_id, run_name=run_name)
     if run_id is None:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})

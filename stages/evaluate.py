@@ -4,26 +4,36 @@
 data/epochs/<epoch>/metrics.json: losses, NMI with the previous epoch and with the labels, cluster
 counts and sizes, seconds per stage.
 
-`final`: evaluates the run's last network on the held-out labelled split and writes the run's
-per-epoch curves: data/eval/metrics.json (DVC metrics) and data/eval/epochs.csv (DVC plots).
+`final`: judges the run's last network on the held-out labelled split, side by side with the same
+network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
+weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the paper's pictures.
+Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3), scores/*.json
+(the DVC metrics: one row per feature source, so `dvc metrics show` prints the probe table),
+epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png, and logs them all into
+the run's MLflow run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from stages import pictures
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.cluster import run_kmeans
-from stages.common import StageError, Timer, atomic_path, load_params, pick_device, read_json, seed_for, write_json
-from stages.data import load_split
+from stages.common import (StageError, Timer, atomic_path, epoch_dir, load_params, pick_device, read_json, seed_for,
+                           write_json)
+from stages.data import ImageSet, center_crop, iterate_batches, load_split
 from stages.extract import extract_features
-from stages.labels import nmi
-from stages.pca import fit_pca_whitening
+from stages.labels import read_assignments
+from stages.prepare import subset_indices
+from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
+                           linear_probe, pixel_features)
+from stages.train import init_checkpoint
 
 STAGE_FILES = ("extract", "pca", "cluster", "labels", "train")
 
@@ -73,6 +83,218 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
     return pd.DataFrame([read_json(f) for f in files]).sort_values("epoch").reset_index(drop=True)
 
 
+# ---------------------------------------------------------------- final evaluation
+# Used when params.yaml has no `evaluate` section (params files from before it existed); the
+# documented defaults live in params.yaml.
+EVALUATE_DEFAULTS = {
+    "train_images": 10000, "test_images": None, "probe_layers": "all", "probe_dim": 2048,
+    "probe_weight_decays": [0.0001, 0.001, 0.01], "probe_iters": 20, "probe_val_fraction": 0.2, "knn_k": 20,
+    "knn_temperature": 0.07, "pictures": True, "picture_layers": ["conv1", "conv3", "conv5"], "picture_filters": 8,
+    "ascent_steps": 200, "ascent_lr": 0.1, "picture_queries": 8, "picture_neighbours": 8, "picture_clusters": 8,
+    "picture_cluster_images": 10,
+}
+NETWORKS = ("trained", "random")
+
+
+def evaluate_settings(params: dict) -> dict:
+    section = params.get("evaluate") or {}
+    unknown = sorted(set(section) - set(EVALUATE_DEFAULTS))
+    if unknown:
+        raise StageError(f"unknown evaluate parameter(s) {unknown} in params.yaml (known: {sorted(EVALUATE_DEFAULTS)})")
+    return {**EVALUATE_DEFAULTS, **section}
+
+
+def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Path, trained: dict,
+                        device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The run's epoch-0 network: the same architecture and weights DeepCluster started from.
+
+    Read from epoch_0000.pt beside the checkpoint when it is there; otherwise rebuilt by the train
+    stage's own init with the run's seed (seeded, so the same weights).
+    """
+    path = Path(checkpoint).parent / "epoch_0000.pt"
+    if path.exists():
+        ckpt = load_checkpoint(path, device)
+        source = str(path)
+    else:
+        p = {**params, "model": dict(trained["model_params"]), "train": {**params["train"], "crop_size": trained["image_size"]}}
+        with tempfile.TemporaryDirectory() as tmp:
+            init_checkpoint(p, dataset, Path(tmp) / "epoch_0000.pt")
+            ckpt = load_checkpoint(Path(tmp) / "epoch_0000.pt", device)
+        source = f"rebuilt with run.seed={params['run']['seed']}"
+    if ckpt["model_params"] != trained["model_params"] or ckpt["epoch"] != 0:
+        raise StageError(f"{path} is not this run's epoch-0 network (epoch {ckpt['epoch']}, model {ckpt['model_params']} "
+                         f"vs {trained['model_params']}): rerun the flow with --fresh")
+    return model_from_checkpoint(ckpt, device), source
+
+
+def load_images(images: ImageSet, rows: np.ndarray) -> np.ndarray:
+    """uint8 N x H x W x C pixels of the images at `rows` (decoded for image trees), for pictures."""
+    rows = np.asarray(rows).ravel()
+    if len(rows) == 0:
+        return np.zeros((0, images.image_size, images.image_size, images.channels), dtype=np.uint8)
+    return np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in iterate_batches(images, rows, 256)])
+
+
+def _split_or_none(dataset: str | Path, split: str) -> ImageSet | None:
+    try:
+        return load_split(dataset, split)
+    except StageError:  # the dataset has no such split (an unlabelled folder has only train)
+        return None
+
+
+def probe_layers(cfg: dict, model: torch.nn.Module) -> list[str]:
+    """The layers to probe: evaluate.probe_layers, where `all` = every conv block and fc."""
+    layers = cfg["probe_layers"]
+    return conv_layer_names(model) + ["fc"] if layers == "all" else list(layers)
+
+
+def probe_options(cfg: dict) -> dict:
+    return {"weight_decays": tuple(cfg["probe_weight_decays"]), "max_iter": cfg["probe_iters"],
+            "val_fraction": cfg["probe_val_fraction"]}
+
+
+def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict, cfg: dict, device: torch.device,
+                     seed: int, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Probes on every layer, kNN and k-means on fc for one network.
+
+    Returns the flat metrics and what the pictures need (fc features, filter maxima on the test split).
+    """
+    ex = params["extract"]
+    layers = probe_layers(cfg, model)
+    needed = layers if "fc" in layers else layers + ["fc"]  # kNN and clustering use fc
+    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device, max_dim=cfg["probe_dim"],
+              amp=ex["amp"])
+    train, test = data["train"], data["test"]
+    ftr = extract_layer_features(model, train, data["train_rows"], needed, **kw)
+    fte = extract_layer_features(model, test, data["test_rows"], needed, channel_max_layers=channel_max_layers, **kw)
+    metrics, details = {}, {}
+    if data["labelled"]:
+        ytr, yte = data["y_train"], data["y_test"]
+        for layer in layers:
+            r = linear_probe(ftr.pooled[layer], ytr, fte.pooled[layer], yte, n_classes=data["n_classes"], seed=seed,
+                             **probe_options(cfg))
+            metrics[f"probe.{name}.{layer}"] = r["accuracy"]
+            details[layer] = r
+        conv = {k: v for k, v in metrics.items() if k.split(".")[-1].startswith("conv")}
+        if conv:
+            metrics[f"probe.{name}.best"] = max(conv.values())
+        metrics[f"knn.{name}"] = knn_accuracy(ftr.pooled["fc"], ytr, fte.pooled["fc"], yte, k=cfg["knn_k"],
+                                              temperature=cfg["knn_temperature"], n_classes=data["n_classes"])
+        q = kmeans_quality(fte.pooled["fc"], yte, k=data["n_classes"], niter=params["cluster"]["niter"], seed=seed,
+                           pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+        metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
+    extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
+    return metrics, extras
+
+
+def evaluate_pixels(data: dict, params: dict, cfg: dict, seed: int) -> tuple[dict, int]:
+    crop = params["extract"]["crop_size"]
+    xtr = pixel_features(data["train"], data["train_rows"], crop_size=crop, max_dim=cfg["probe_dim"])
+    xte = pixel_features(data["test"], data["test_rows"], crop_size=crop, max_dim=cfg["probe_dim"])
+    ytr, yte, n = data["y_train"], data["y_test"], data["n_classes"]
+    r = linear_probe(xtr, ytr, xte, yte, n_classes=n, seed=seed, **probe_options(cfg))
+    metrics = {"probe.pixels": r["accuracy"],
+               "knn.pixels": knn_accuracy(xtr, ytr, xte, yte, k=cfg["knn_k"], temperature=cfg["knn_temperature"], n_classes=n)}
+    # the usual raw-pixel baseline: plain k-means on the pixel vectors, no PCA-whitening
+    q = kmeans_quality(xte, yte, k=n, niter=params["cluster"]["niter"], seed=seed, pca_dim=None)
+    metrics.update({f"cluster.pixels.{k}": v for k, v in q.items()})
+    return metrics, r
+
+
+def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> dict:
+    """The train subset the probes learn on and the held-out images they are tested on.
+
+    Without a test split the held-out images are the train images outside the subset, so the pictures
+    still work on unlabelled image folders.
+    """
+    train = load_split(dataset, "train")
+    test = _split_or_none(dataset, "test")
+    train_rows = subset_indices(len(train), cfg["train_images"], seed)
+    if test is None:
+        rest = np.setdiff1d(np.arange(len(train)), train_rows)
+        if len(rest) == 0:  # all train images are in the subset: hold out a seeded fifth of them
+            rest = np.sort(np.random.default_rng(seed).choice(len(train), size=max(len(train) // 5, 1), replace=False))
+            train_rows = np.setdiff1d(train_rows, rest)
+        test, test_rows = train, rest
+    else:
+        test_rows = np.arange(len(test))
+    test_rows = test_rows[subset_indices(len(test_rows), cfg["test_images"], seed + 1)]
+    y_train, y_test = train.labels[train_rows], test.labels[test_rows]
+    labelled = bool(len(y_train) and len(y_test) and (y_train >= 0).all() and (y_test >= 0).all())
+    n_classes = int(max(y_train.max(), y_test.max()) + 1) if labelled else 0
+    if labelled and len(train.meta.get("classes") or []) > n_classes:
+        n_classes = len(train.meta["classes"])
+    return {"train": train, "test": test, "train_rows": train_rows, "test_rows": test_rows, "y_train": y_train,
+            "y_test": y_test, "labelled": labelled, "n_classes": n_classes,
+            "class_names": train.meta.get("classes")}
+
+
+def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, extras: dict, curves: pd.DataFrame,
+                  epochs_root: str | Path, seed: int) -> list[Path]:
+    """Every picture of the evaluation into out/ (PNG)."""
+    written = [pictures.plot_conv1_filters({"random init": nets["random"], "trained": nets["trained"]},
+                                           out / "conv1_filters.png")]
+    test, test_rows = data["test"], data["test_rows"]
+    model = nets["trained"]
+    crop = params["extract"]["crop_size"]
+    for layer in cfg["picture_layers"]:
+        cmax = extras["trained"]["channel_max"][layer]
+        filters = pictures.pick_filters(cmax, cfg["picture_filters"])
+        top = pictures.top_images(cmax, filters, min(9, len(cmax)))
+        top_imgs = load_images(test, test_rows[top.ravel()])
+        top_imgs = center_crop(torch.from_numpy(top_imgs).permute(0, 3, 1, 2), crop).permute(0, 2, 3, 1).numpy()
+        top_imgs = top_imgs.reshape(*top.shape, *top_imgs.shape[1:])
+        synthetic = None
+        if cfg["ascent_steps"] > 0:
+            synthetic = pictures.gradient_ascent(model, layer, filters, size=crop, channels=test.channels,
+                                                 mean=test.meta["mean"], std=test.meta["std"], steps=cfg["ascent_steps"],
+                                                 lr=cfg["ascent_lr"], seed=seed)
+        written.append(pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png"))
+
+    n_q = min(cfg["picture_queries"], len(test_rows))
+    if n_q > 0 and cfg["picture_neighbours"] > 0:
+        q = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=n_q, replace=False))
+        k = cfg["picture_neighbours"]
+        panels = {}
+        for name, title in (("random", "random init"), ("trained", "trained")):
+            _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], k)
+            bank_rows = data["train_rows"][idx]
+            imgs = load_images(data["train"], bank_rows.ravel()).reshape(*idx.shape, *_image_shape(data["train"]))
+            labels = data["y_train"][idx] if data["labelled"] else None
+            panels[title] = (imgs, labels)
+        queries = load_images(test, test_rows[q])
+        qlabels = data["y_test"][q] if data["labelled"] else None
+        written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data["class_names"]))
+
+    last_epoch = int(curves["epoch"].iloc[-1])
+    last_dir = epoch_dir(epochs_root, last_epoch)
+    labels_json = last_dir / "labels.json"
+    assign_file = last_dir / "assignments.parquet"
+    if labels_json.exists() and "sizes" in read_json(labels_json):
+        sizes = np.asarray(read_json(labels_json)["sizes"])
+    else:
+        sizes = np.bincount(read_assignments(assign_file)["cluster"].to_numpy())
+    written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
+    written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
+    if assign_file.exists():
+        assign = read_assignments(assign_file)
+        train = data["train"]
+        rows = pd.Index(train.ids).get_indexer(assign["image_id"])
+        if (rows >= 0).any():  # none would mean the epochs clustered another dataset: nothing to show
+            clusters = assign["cluster"].to_numpy()[rows >= 0]
+            rows = rows[rows >= 0]
+            chosen = pictures.sample_clusters(clusters, n_clusters=cfg["picture_clusters"],
+                                              per_cluster=cfg["picture_cluster_images"], seed=seed,
+                                              labels=train.labels[rows], class_names=data["class_names"])
+            written.append(pictures.plot_cluster_samples([(t, load_images(train, rows[m])) for t, m in chosen],
+                                                         out / "cluster_samples.png"))
+    return written
+
+
+def _image_shape(images: ImageSet) -> tuple[int, int, int]:
+    return images.image_size, images.image_size, images.channels
+
+
 def test_split_clustering(params: dict, dataset: str | Path, checkpoint: str | Path) -> dict:
     """k-means with k = number of classes on the held-out split's fc features, NMI with the labels."""
     images = load_split(dataset, "test")
@@ -84,27 +306,191 @@ def test_split_clustering(params: dict, dataset: str | Path, checkpoint: str | P
     feats = np.empty((len(images), model.feature_dim), dtype=np.float32)
     extract_features(model, images, feats, crop_size=params["extract"]["crop_size"],
                      batch_size=params["extract"]["batch_size"], device=device, amp=params["extract"]["amp"])
-    pca = fit_pca_whitening(feats, min(params["pca"]["dim"], feats.shape[1]), params["pca"]["eps"])
     n_classes = int(images.labels.max()) + 1
-    c = run_kmeans(pca.transform(feats), n_classes, params["cluster"]["niter"],
-                   seed_for(params["run"]["seed"], ckpt["epoch"], "evaluate"))
-    return {"test_nmi_k_classes": nmi(images.labels, c.labels), "checkpoint_epoch": ckpt["epoch"]}
+    q = kmeans_quality(feats, images.labels, k=n_classes, niter=params["cluster"]["niter"],
+                       seed=seed_for(params["run"]["seed"], ckpt["epoch"], "evaluate"),
+                       pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+    return {"test_nmi_k_classes": q["nmi"], "checkpoint_epoch": ckpt["epoch"]}
+
+
+def write_report(path: Path, metrics: dict, info: dict) -> None:
+    """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    f3 = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+    def probe_cell(name: str, layer: str) -> str:
+        r = info["probes"].get(name, {}).get(layer)
+        return "n/a" if r is None else f"{pct(r['accuracy'])} ({r['weight_decay']:g})"
+
+    lines = ["# DeepCluster evaluation", "",
+             f"Network: `{info['checkpoint']}` (epoch {metrics.get('checkpoint_epoch')}); random init: {info['random_source']}.",
+             f"Probes and kNN train on {info['n_train']} images of the train split and are tested on "
+             f"{info['n_test']} held-out images ({info['held_out']}).", ""]
+    if info["labelled"]:
+        lines += ["## Linear probes (test accuracy, %)", "",
+                  f"Frozen features, conv blocks average-pooled to at most {info['probe_dim']} dims; multinomial "
+                  "logistic regression on standardised features, its weight decay (in brackets) chosen on "
+                  "held-out training images.", "",
+                  "| layer | dims | trained | random init |", "|---|---:|---:|---:|"]
+        for layer in info["layers"]:
+            r = info["probes"].get("trained", {}).get(layer) or {}
+            lines.append(f"| {layer} | {r.get('dim', '')} | {probe_cell('trained', layer)} | {probe_cell('random', layer)} |")
+        px = info["probes"].get("pixels", {}).get("pixels") or {}
+        lines.append(f"| raw pixels | {px.get('dim', '')} | {probe_cell('pixels', 'pixels')} | |")
+        best_t, best_r = info["best_layer"].get("trained"), info["best_layer"].get("random")
+        lines += ["", f"Best conv layer: trained {pct(metrics.get('probe.trained.best'))} % ({best_t}), "
+                  f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
+                  f"{pct(metrics.get('probe.pixels'))} %.", "",
+                  f"## Weighted kNN (k = {info['knn_k']}, T = {info['knn_t']}, cosine), %", "",
+                  "| trained fc | random init fc | raw pixels |", "|---:|---:|---:|",
+                  f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | {pct(metrics.get('knn.pixels'))} |",
+                  "", f"## Clustering the held-out images (k-means, k = {info['n_classes']})", "",
+                  "fc features PCA-whitened and L2-normalised as in training; raw pixels clustered as they are.", "",
+                  "| features | NMI | ARI | ACC (Hungarian) |", "|---|---:|---:|---:|"]
+        for name, title in (("trained", "trained fc"), ("random", "random init fc"), ("pixels", "raw pixels")):
+            lines.append(f"| {title} | {f3(metrics.get(f'cluster.{name}.nmi'))} | {f3(metrics.get(f'cluster.{name}.ari'))} | "
+                         f"{f3(metrics.get(f'cluster.{name}.acc'))} |")
+    else:
+        lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
+    lines += ["", "## Training, epoch by epoch", "",
+              "| epoch | NMI(t-1, t) | NMI(labels, t) | training loss | empty clusters |", "|---:|---:|---:|---:|---:|"]
+    for _, row in info["curves"].iterrows():
+        lines.append(f"| {int(row['epoch'])} | {f3(row.get('nmi_previous'))} | {f3(row.get('nmi_labels'))} | "
+                     f"{f3(row.get('train_loss'))} | {int(row.get('empty_clusters', 0))} |")
+    if info["pictures"]:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{p.stem}](pictures/{p.name})" for p in info["pictures"]]
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
+    lines += ["", f"Evaluation took {metrics['seconds']:.0f} s ({timing}).", ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str | Path) -> str:
+    """Log the final figures (prefix `final/`, step = last epoch) and the pictures into the run's MLflow run.
+
+    The run is the one the flow recorded in data/epochs/run.json; without it (or if the tracking
+    store no longer has it) a new run holds the evaluation.
+    """
+    import pipeline  # noqa: F401  (offline-safe environment defaults before mlflow is imported)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    run_file = Path(epochs_root) / "run.json"
+    run_id = read_json(run_file).get("mlflow_run_id") if run_file.exists() else None
+    try:
+        active = tracking.start_run(params, run_id=run_id)
+    except MlflowException as e:
+        print(f"evaluate: MLflow run {run_id} not found in {tracking.tracking_uri()} ({e}); logging into a new run")
+        active = tracking.start_run(params, run_name="deepcluster-evaluate")
+    with active as run:
+        step = int(metrics.get("epochs") or 0)
+        mlflow.log_metrics({f"final/{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
+        tracking.log_artifacts([out_dir / "metrics.json", out_dir / "report.md", out_dir / "epochs.csv"], "evaluation")
+        tracking.log_artifacts([out_dir / "scores"], "evaluation/scores")
+        tracking.log_artifacts([out_dir / "pictures"], "evaluation/pictures")
+        return run.info.run_id
+
+
+def score_tables(summary: dict) -> dict[str, dict]:
+    """One small JSON per feature source (trained, random, pixels) for `dvc metrics show`.
+
+    DVC prints one row per metrics file and one column per key, so these three files make the
+    probe table itself: rows trained / random init / raw pixels, columns acc, ari, knn, nmi,
+    probe_best, probe_conv1.. probe_fc, probe_input (the raw-pixel probe). The complete flat record is
+    metrics.json.
+    """
+    tables = {}
+    for name in (*NETWORKS, "pixels"):
+        row = {}
+        for key, value in summary.items():
+            parts = key.split(".")
+            if value is None or len(parts) < 2 or parts[1] != name:
+                continue
+            if parts[0] == "probe":
+                row["probe_input" if name == "pixels" else f"probe_{parts[2]}"] = value
+            elif parts[0] == "knn":
+                row["knn"] = value
+            elif parts[0] == "cluster":
+                row[parts[2]] = value
+        tables[name] = row
+    return tables
+
+
+def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
+    best = {}
+    for name in NETWORKS:
+        conv = {layer: summary[f"probe.{name}.{layer}"] for layer in layers
+                if layer.startswith("conv") and summary.get(f"probe.{name}.{layer}") is not None}
+        if conv:
+            best[name] = max(conv, key=conv.get)
+    return best
 
 
 def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
-                         out_dir: str | Path) -> dict:
+                         out_dir: str | Path, log_mlflow: bool = True) -> dict:
     out_dir = Path(out_dir)
+    cfg = evaluate_settings(params)
+    seconds = {}
     with Timer() as t:
         curves = collect_epoch_metrics(epochs_root)
         with atomic_path(out_dir / "epochs.csv") as tmp:
             curves.to_csv(tmp, index=False)
         last = curves.iloc[-1]
+        nmi_prev = curves["nmi_previous"].dropna()
         summary = {"epochs": int(last["epoch"]), "last_nmi_previous": last["nmi_previous"],
+                   "first_nmi_previous": float(nmi_prev.iloc[0]) if len(nmi_prev) else None,
                    "last_nmi_labels": last["nmi_labels"], "last_train_loss": last["train_loss"]}
-        summary.update(test_split_clustering(params, dataset, checkpoint))
+
+        device = pick_device(params["extract"].get("device", "auto"))
+        trained = load_checkpoint(checkpoint, device)
+        seed = seed_for(params["run"]["seed"], trained["epoch"], "evaluate")
+        nets = {"trained": model_from_checkpoint(trained, device)}
+        nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
+        nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
+        data = evaluation_data(params, cfg, dataset, seed)
+        summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data["train_rows"]),
+                       n_test=len(data["test_rows"]))
+
+        picture_layers = tuple(cfg["picture_layers"]) if cfg["pictures"] else ()
+        extras, probes = {}, {}
+        for name in NETWORKS:
+            with Timer() as tn:
+                m, extras[name] = evaluate_network(name, nets[name], data, params, cfg, device, seed,
+                                                   channel_max_layers=picture_layers if name == "trained" else ())
+            summary.update(m)
+            probes[name] = extras[name]["probes"]
+            seconds[f"{name} network"] = tn.seconds
+        if data["labelled"]:
+            with Timer() as tp:
+                m, probes["pixels"] = evaluate_pixels(data, params, cfg, seed)
+            summary.update(m)
+            summary["test_nmi_k_classes"] = summary["cluster.trained.nmi"]
+            probes["pixels"] = {"pixels": probes["pixels"]}
+            seconds["raw pixels"] = tp.seconds
+
+        written = []
+        if cfg["pictures"]:
+            with Timer() as tpic:
+                written = draw_pictures(out_dir / "pictures", params, cfg, data, nets, extras, curves, epochs_root, seed)
+            seconds["pictures"] = tpic.seconds
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / "metrics.json", summary)
+    for name, row in score_tables(summary).items():
+        write_json(out_dir / "scores" / f"{name}.json", row)
+    layers = probe_layers(cfg, nets["trained"])
+    info = {"checkpoint": str(checkpoint), "random_source": random_source, "n_train": len(data["train_rows"]),
+            "n_test": len(data["test_rows"]), "labelled": data["labelled"],
+            "held_out": "the test split" if data["test"] is not data["train"] else "train images outside the subset",
+            "probe_dim": cfg["probe_dim"], "layers": layers, "probes": probes,
+            "best_layer": best_conv_layers(summary, layers), "knn_k": cfg["knn_k"], "knn_t": cfg["knn_temperature"],
+            "n_classes": data["n_classes"], "curves": curves, "pictures": written, "seconds": seconds}
+    write_report(out_dir / "report.md", summary, info)
+    if log_mlflow:
+        log_to_mlflow(params, summary, out_dir, epochs_root)
     return summary
 
 
@@ -115,17 +501,19 @@ def main(argv: list[str] | None = None) -> None:
     ep.add_argument("--epoch-dir", required=True)
     ep.add_argument("--epoch", type=int, required=True)
     fin = sub.add_parser("final", help="evaluate the run's last network and write the per-epoch curves")
-    fin.add_argument("--params", default="params.yaml", help="params file (reads extract, pca, cluster, run)")
+    fin.add_argument("--params", default="params.yaml", help="params file (reads evaluate, extract, pca, cluster, run)")
     fin.add_argument("--dataset", default="data/dataset")
     fin.add_argument("--epochs-root", default="data/epochs")
     fin.add_argument("--checkpoint", default="models/checkpoints/last.pt")
     fin.add_argument("--out", default="data/eval")
+    fin.add_argument("--no-mlflow", action="store_true", help="do not log the results into the run's MLflow run")
     args = parser.parse_args(argv)
     try:
         if args.mode == "epoch":
             m = run_epoch_evaluation(args.epoch_dir, args.epoch)
         else:
-            m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
+            m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out,
+                                     log_mlflow=not args.no_mlflow)
     except StageError as e:
         sys.exit(f"evaluate: {e}")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))

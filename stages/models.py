@@ -54,8 +54,11 @@ class DeepClusterNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top_layer(torch.relu(self.fc_features(x)))
 
-    def conv_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of every conv block (after BN + ReLU), for layer-wise linear probes."""
+    def conv_activations(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Output of every conv block (after BN + ReLU), for layer-wise linear probes.
+
+        upto: stop after that many blocks (the layers above cost time and play no part).
+        """
         if self.sobel is not None:
             x = self.sobel(x)
         outs = []
@@ -63,6 +66,8 @@ class DeepClusterNet(nn.Module):
             x = layer(x)
             if isinstance(layer, nn.ReLU):
                 outs.append(x)
+                if upto is not None and len(outs) >= upto:
+                    break
         return outs
 
     def reset_top_layer(self, num_classes: int) -> nn.Linear:

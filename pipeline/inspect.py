@@ -124,7 +124,8 @@ def load_report(ref: Ref, name: str, reader: Reader) -> dict | None:
 
 
 def size_histogram(sizes: np.ndarray) -> pd.DataFrame:
-    """Cluster sizes in powers-of-two bins: how many clusters, holding how many images."""
+    """Cluster sizes in powers-of-two bins: how many clusters, holding how many images (bins with no
+    cluster are left out, except the empty clusters' row)."""
     sizes = np.asarray(sizes, dtype=np.int64)
     rows = [{"size": "0 (empty)", "clusters": int((sizes == 0).sum()), "images": 0}]
     top = int(sizes.max()) if len(sizes) else 0
@@ -132,8 +133,9 @@ def size_histogram(sizes: np.ndarray) -> pd.DataFrame:
     while lo <= top:
         hi = lo * 2 - 1
         sel = (sizes >= lo) & (sizes <= hi)
-        rows.append({"size": str(lo) if lo == hi else f"{lo}-{hi}", "clusters": int(sel.sum()),
-                     "images": int(sizes[sel].sum())})
+        if sel.any():
+            rows.append({"size": str(lo) if lo == hi else f"{lo}-{hi}", "clusters": int(sel.sum()),
+                         "images": int(sizes[sel].sum())})
         lo *= 2
     return pd.DataFrame(rows)
 
@@ -204,7 +206,7 @@ def cmd_list(args) -> None:
         print(table.to_json(orient="records"))
         return
     print(f"{root}{' @ ' + args.rev if args.rev else ''}: {len(epochs)} epochs")
-    print(table.to_string(index=False, formatters={c: _fmt for c in table.columns}))
+    print(table.to_string(index=False, na_rep="-", formatters={c: _fmt for c in table.columns}))
 
 
 def cmd_show(args) -> None:

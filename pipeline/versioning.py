@@ -73,6 +73,7 @@ class DvcWorkspace:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
             repo = Repo(str(self.root))
+            repo.scm_context.quiet = True  # no "To track the changes with git" hints: callers say what to commit
             try:
                 with lock_repo(repo):  # re-entrant: Repo.commit/Repo.add lock through it too
                     return fn(repo)

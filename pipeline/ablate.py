@@ -42,14 +42,14 @@ import pipeline  # noqa: F401  (offline-safe environment defaults, before mlflow
 from pipeline import PROJECT_ROOT
 from pipeline.inspect import ABLATIONS_ROOT
 from pipeline.versioning import DvcWorkspace, subprocess_env
-from stages.common import StageError, apply_overrides, epoch_dir, parse_override, read_json, write_json
+from stages.common import StageError, apply_overrides, epoch_dir, parse_override, read_json, save_npy, write_json
 from stages.labels import ASSIGNMENTS, nmi_between, read_assignments
 
 STAGES = ("pca", "cluster", "labels", "evaluate")
 # Which parameters can change each rerun; anything else would be silently ignored, so it is refused.
 AFFECTS = {"pca": ("pca.", "cluster.", "run.seed"), "cluster": ("pca.", "cluster.", "run.seed"), "labels": (),
            "evaluate": None}  # None: any parameter (the final evaluation reads several sections)
-SMALL_FILES_ONLY = ("features.npy", "pca_features.npy")
+NOT_KEPT = ("features.npy", "pca_features.npy", "image_ids.npy")  # large, and reproducible from what is kept
 
 
 def check_overrides(stage: str, overrides: dict) -> None:
@@ -141,10 +141,11 @@ def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, ou
             run_pca(params, features_for(params, src, epoch, dataset, checkpoints, out, log), out, epoch)
         log(f"pca: {json.dumps(read_json(out / 'pca.json'))}")
         log(f"cluster: {json.dumps(run_cluster(params, out / 'pca_features.npy', out, epoch))}")
-        shutil.copy2(src / "image_ids.npy", out / "image_ids.npy")
+        write_image_ids(src, out)
     elif stage == "labels":
-        for name in ("kmeans.npz", "cluster.json", "image_ids.npy"):
+        for name in ("kmeans.npz", "cluster.json"):
             shutil.copy2(src / name, out / name)
+        write_image_ids(src, out)
     if stage in ("pca", "cluster", "labels"):
         stats = run_labels(params, out, dataset, prev_dir)
         log(f"labels: {json.dumps({k: v for k, v in stats.items() if k != 'sizes'})}")
@@ -164,8 +165,19 @@ def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, ou
             log(f"evaluate: {line}")
         if proc.returncode != 0:
             raise StageError(f"the final evaluation of epoch {epoch} failed (exit {proc.returncode}); output above")
-    for name in SMALL_FILES_ONLY:
+    for name in NOT_KEPT:
         (out / name).unlink(missing_ok=True)
+
+
+def write_image_ids(src: Path, out: Path) -> None:
+    """The features' row order, which the labels stage needs: the epoch's image_ids.npy, or the same ids
+    from its assignments (the retention policy drops image_ids.npy with the features)."""
+    if (out / "image_ids.npy").exists():  # re-extracted with the features
+        return
+    if (src / "image_ids.npy").exists():
+        shutil.copy2(src / "image_ids.npy", out / "image_ids.npy")
+    else:
+        save_npy(out / "image_ids.npy", read_assignments(src / ASSIGNMENTS)["image_id"].to_numpy().astype(str))
 
 
 def _checkpoint_epoch(path: Path) -> int | None:

@@ -170,11 +170,13 @@ def apply_retention(params: dict, layout: Layout, epoch: int) -> None:
     """Drop what the retention policy does not keep, once `epoch` is complete.
 
     fc features are N x D floats per epoch (ImageNet/AlexNet: 21 GB) and a checkpoint of AlexNet is
-    ~0.5 GB with momentum buffers; assignments, statistics and metrics are always kept. The epoch's
-    own checkpoint stays until the next epoch is done: the next epoch starts from it.
+    ~0.5 GB with momentum buffers; assignments, statistics and metrics are always kept. image_ids.npy
+    (the features' row order; ~150 MB of ImageNet paths) goes with the features: assignments.parquet
+    holds the same ids in the same order. The epoch's own checkpoint stays until the next epoch is
+    done: the next epoch starts from it.
     """
     if not keeps_features(params, epoch):
-        for name in ("features.npy", "pca_features.npy"):
+        for name in ("features.npy", "pca_features.npy", "image_ids.npy"):
             (layout.epoch(epoch) / name).unlink(missing_ok=True)
     prev = epoch - 1
     if prev > 0 and not keeps_checkpoint(params, prev):
@@ -329,6 +331,7 @@ def run_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, ws: DvcWo
         if stage_done(layout, epoch, name):
             logger.info(f"epoch {epoch}: {name} already done, skipping")
             continue
+        logger.info(f"epoch {epoch}: {name} starting")
         stats = stage.with_options(task_run_name=f"{name}-epoch-{epoch:04d}")(params, layout, epoch)
         ran += stats["seconds"]
         logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {summarize(stats)}")

@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 
 from stages.common import StageError, epoch_dir
-from stages.labels import ASSIGNMENTS, nmi_between
 
+# = stages.labels.ASSIGNMENTS; stages.labels is imported only to compare (it loads torch: seconds per call)
+ASSIGNMENTS = "assignments.parquet"
 EPOCHS_ROOT = "data/epochs"
 ABLATIONS_ROOT = "data/ablations"
 MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
@@ -168,6 +169,8 @@ def match_clusters(a: np.ndarray, b: np.ndarray) -> tuple[int, str]:
 
 def compare_assignments(a: pd.DataFrame, b: pd.DataFrame) -> dict:
     """NMI, images that changed cluster (see module doc) and cluster counts of two epochs."""
+    from stages.labels import nmi_between
+
     joined = a.merge(b, on="image_id", suffixes=("_a", "_b"))
     if len(joined) == 0:
         raise StageError("the two epochs share no image_id: were they run on different datasets?")

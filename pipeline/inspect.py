@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +258,7 @@ def cmd_compare(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the command quietly
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=".", help="project root (default: the current directory)")
     parser.add_argument("--epochs-root", default=EPOCHS_ROOT, help="the main run's epochs directory")

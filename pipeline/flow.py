@@ -77,10 +77,18 @@ class Layout:
         return self.epochs_root / "run.json"
 
 
+# Parameters that do not change any result: a run can be resumed with other values.
+RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every")
+
+
 def run_fingerprint(params: dict) -> str:
-    """Hash of everything that changes results; run.epochs is left out so a run can be extended."""
+    """Hash of everything that changes results; run.epochs is left out so a run can be extended, and
+    the retention policy (RESULT_NEUTRAL) so it can be changed during a long run."""
     relevant = {k: v for k, v in params.items() if k != "run"}
     relevant["seed"] = params["run"]["seed"]
+    for dotted in RESULT_NEUTRAL:
+        section, key = dotted.split(".")
+        relevant[section] = {k: v for k, v in relevant.get(section, {}).items() if k != key}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -199,7 +207,7 @@ def run_identity(params: dict, layout: Layout) -> dict:
 def params_diff(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k != "run.epochs" and a.get(k) != b.get(k)]
+            if k != "run.epochs" and k not in RESULT_NEUTRAL and a.get(k) != b.get(k)]
 
 
 def resume_problems(state: dict, identity: dict, params: dict, layout: Layout) -> list[str]:

@@ -258,7 +258,6 @@ def cmd_compare(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the command quietly
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=".", help="project root (default: the current directory)")
     parser.add_argument("--epochs-root", default=EPOCHS_ROOT, help="the main run's epochs directory")
@@ -287,4 +286,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the command quietly
     main()

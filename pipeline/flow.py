@@ -192,10 +192,15 @@ def apply_retention(params: dict, layout: Layout, epoch: int) -> None:
 
 
 def publish_last_checkpoint(layout: Layout, epoch: int) -> None:
-    tmp = layout.last_checkpoint.with_suffix(".pt.tmp")
+    last, ckpt = layout.last_checkpoint, layout.checkpoint(epoch)
+    if last.exists() and os.path.samefile(last, ckpt):
+        # Already published (a resumed run redoes this step). Also required for correctness: renaming a
+        # hard link onto another link of the same file is a no-op that would leave the temp link behind.
+        return
+    tmp = last.with_suffix(".pt.tmp")
     tmp.unlink(missing_ok=True)
-    os.link(layout.checkpoint(epoch), tmp)  # a hard link: no copy, and the rename is atomic
-    os.replace(tmp, layout.last_checkpoint)
+    os.link(ckpt, tmp)  # a hard link: no copy, and the rename is atomic
+    os.replace(tmp, last)
 
 
 # ------------------------------------------------------------------ the run's identity

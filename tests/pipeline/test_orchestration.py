@@ -311,6 +311,9 @@ def test_killed_during_train_resumes_to_the_uninterrupted_result(template, serve
     assert not any(f"epoch 1: {stage} starting" in out for stage in ("extract", "pca", "cluster", "labels", "train"))
     assert "epoch 2: labels already done" in out and "epoch 2: train starting" in out
     assert {f: f.stat().st_mtime_ns for f in epoch1} == mtimes  # nothing of epoch 1 recomputed
+    leftovers = [f for d in ("data/epochs", "models/checkpoints") for f in (p / d).rglob("*")
+                 if f.name.endswith(".tmp") or f.name.startswith(".")]
+    assert leftovers == []
     assert_same_run(p, repro)
     assert dvc_status(p) == {}
     # One MLflow run, resumed: every epoch's figures exactly once.

@@ -1,11 +1,11 @@
 """Single-stage reruns for ablations: rerun one stage of a finished epoch with other parameters.
 
-    python -m pipeline.ablate cluster --epoch 7 --set cluster.k=50 --set pca.dim=32 --name k50
-    python -m pipeline.ablate cluster --epoch 7 --set run.seed=1 --name seed1   # another k-means seed
+    python -m pipeline.ablate cluster --epoch 6 --set cluster.k=50 --set pca.dim=32 --name k50
+    python -m pipeline.ablate cluster --epoch 6 --set run.seed=1 --name seed1   # another k-means seed
     python -m pipeline.ablate labels --epoch 7 --previous 3 --name vs3          # NMI against epoch 3
-    python -m pipeline.ablate evaluate --epoch 7 --set pca.dim=32 --name eval-pca32
+    python -m pipeline.ablate evaluate --epoch 10 --set pca.dim=32 --name eval-pca32
     python -m pipeline.ablate list                                              # side by side
-    python -m pipeline.inspect compare 7 k50:7                                  # vs the main run
+    python -m pipeline.inspect compare 6 k50:6                                  # vs the main run
 
 What each stage reruns, on epoch E's stored inputs, with the main run's parameters (data/epochs/
 run.json) plus the overrides:

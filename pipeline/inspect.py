@@ -250,9 +250,8 @@ def cmd_compare(args) -> None:
     print(f"  changed cluster    {result['changed']} images ({result['changed_fraction']:.1%}), "
           f"after pairing clusters one-to-one ({result['matching']})")
     print(f"  non-empty clusters {result['clusters_a']} vs {result['clusters_b']}")
-    hist = hist_a.merge(hist_b, on="size", how="outer", suffixes=(f" {ref_a.label}", f" {ref_b.label}"), sort=False)
-    order = {s: i for i, s in enumerate(pd.concat([hist_a["size"], hist_b["size"]]).drop_duplicates())}
-    hist = hist.sort_values("size", key=lambda s: s.map(order)).fillna(0)
+    hist = hist_a.merge(hist_b, on="size", how="outer", suffixes=(f" {ref_a.label}", f" {ref_b.label}"))
+    hist = hist.sort_values("size", key=lambda s: s.str.extract(r"^(\d+)")[0].astype(int)).fillna(0)  # by bin
     print("\ncluster sizes:")
     print(hist.astype({c: int for c in hist.columns if c != "size"}).to_string(index=False))
 

@@ -172,7 +172,8 @@ def start(port: int, name: str) -> None:
         _wait(lambda: deployment_exists(name, env), 120, "the deployment runner", proc, "runner")
     print(f"serve: ready. UI: http://127.0.0.1:{port}  Run it with:\n"
           f"  source {_file('env.sh')}\n"
-          f"  prefect deployment run '{FLOW_NAME}/{name}' --param epochs=3 --param overrides='{{\"cluster.k\": 50}}' --watch")
+          f"  prefect deployment run '{FLOW_NAME}/{name}' --param epochs=12 --watch   "
+          f"# parameters: epochs, overrides='{{\"cluster.k\": 50}}', fresh=true")
 
 
 def _stop(name: str, marker: str) -> None:

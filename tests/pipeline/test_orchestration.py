@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -199,10 +200,13 @@ def test_deployment_run_completes_and_versions_everything(deployed):
     assert [s for (s,) in steps] == [1, 2]
     assert mlflow_rows(p, "select count(*) from metrics where key='final.test_nmi_k_classes'")[0][0] == 1
     assert (Path(mlflow_rows(p, "select artifact_uri from runs")[0][0]) / "model/last.pt").exists()
-    # Prefect artifacts under stable keys.
+    # Prefect artifacts of this flow run under stable keys (other tests' runs report to the same server).
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
     def artifacts(key):
+        query = {"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [flow_run_id]}}}
         req = urllib.request.Request(f"{api}/artifacts/filter", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"artifacts": {"key": {"any_": [key]}}}).encode())
+                                     data=json.dumps(query).encode())
         return json.load(urllib.request.urlopen(req))
     assert len(artifacts("deepcluster-epoch-summary")) == 2
     assert {a["type"] for a in artifacts("deepcluster-cluster-sizes")} == {"table"}

@@ -1,15 +1,20 @@
-# The README's two commands: `make run` (install + the default DeepCluster run) and `make test`.
+# The README's commands: `make run` (install + the default DeepCluster run), `make test`,
+# `make serve` / `make stop` (the Prefect server and the served deployment).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FAISS ?= cpu
+PORT ?= 4200
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Offline-safe defaults for the tools (see README "Environment").
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME := $(CURDIR)/.prefect
 export DO_NOT_TRACK := 1
+# dvc.yaml's commands call `python -m ...`: the project's environment must come first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install dataset run test clean-run
+.PHONY: install dataset run test clean-run serve stop serve-status
 
 $(VENV)/.installed-$(FAISS): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,5 +37,14 @@ run: install dataset
 test: install dataset
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
 
+serve: install dataset
+	$(PY) -m pipeline.serve start --port $(PORT)
+
+stop:
+	$(PY) -m pipeline.serve stop
+
+serve-status:
+	$(PY) -m pipeline.serve status
+
 clean-run:
-	rm -rf data/dataset data/epochs data/eval models/checkpoints mlflow.db mlruns
+	rm -rf data/dataset data/epochs data/eval data/ablations models/checkpoints mlflow.db mlruns

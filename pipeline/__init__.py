@@ -1,4 +1,8 @@
-"""Orchestration: the Prefect flow that loops DeepCluster's stages, and its MLflow tracking.
+"""Orchestration: the Prefect flow that loops DeepCluster's stages and everything around it.
+
+flow (the epoch loop), serve (local Prefect server + deployment), workspace (run lock, run
+identity), versioning (DVC), tracking (MLflow, Prefect artifacts), inspect (per-epoch assignments),
+ablate (single-stage reruns), apply_preset (params.yaml presets).
 
 Importing this package sets offline-safe defaults before Prefect or MLflow are imported: no
 telemetry or analytics (there is no internet), Prefect state inside the project, MLflow on a

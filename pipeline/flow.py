@@ -2,11 +2,21 @@
 
 Each stage reads and writes files only (data/epochs/<epoch>/...), so any stage can also be run on its
 own with `python -m stages.<name>`. A stage counts as done when its report (<stage>.json) exists: it
-is written last and atomically, so rerunning the flow on the same workspace continues after the
-last finished stage instead of starting over.
+is written last and atomically, after the stage's artifacts (themselves written to a temp file and
+renamed), so a run killed at any point (kill -9 included) and started again continues after the
+last finished stage, and a half-written file is never taken for a finished one. An epoch is done
+when its metrics.json exists, written after the epoch was logged and versioned.
 
-    python -m pipeline.flow                      # params.yaml as is
+Entry points (all run this flow with parameters from params.yaml):
+
+    dvc repro                                     # the deepcluster stage runs `python -m pipeline.flow`
+    prefect deployment run 'deepcluster/local' --param epochs=3 --param overrides='{"cluster.k": 50}'
     python -m pipeline.flow --set run.epochs=3 --set cluster.k=50
+
+Outside `dvc repro`, overrides are written into params.yaml first (as `dvc exp run -S` does) and the
+run ends with `dvc commit deepcluster` + `dvc repro` (final evaluation, publishing), so dvc.lock
+describes the workspace whichever entry point ran. Under `dvc repro` the flow resumes a run made
+with the same parameters, code and dataset, and starts over otherwise, as DVC expects of a stage.
 """
 from __future__ import annotations
 
@@ -21,16 +31,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline-safe environment defaults, before prefect/mlflow import)
+import yaml
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from pipeline import tracking
-from stages.common import StageError, epoch_dir, load_params, parse_override, read_json, write_json
+from pipeline import PROJECT_ROOT, tracking
+from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
+from pipeline.workspace import code_version, dataset_version, remove_stale_temp_files, workspace_lock
+from stages.common import StageError, epoch_dir, flatten, load_params, parse_override, read_json, write_json
 from stages.cluster import run_cluster
 from stages.evaluate import epoch_metrics
 from stages.extract import run_extract
 from stages.labels import run_labels
 from stages.pca import run_pca
 from stages.train import init_checkpoint, run_train
+
+# A stage failing for a reason other than StageError (out of memory, an I/O error, a GPU hiccup)
+# may succeed on a second try; each try starts the stage over, its outputs being atomic.
+TASK_RETRIES = 2
+RETRY_DELAY_S = 10
+# Figures that measure time, not the method: they differ between a resumed and an uninterrupted run.
+TIMING_KEYS = ("seconds_", "peak_rss_mb", "images_per_second")
 
 
 @dataclass(frozen=True)
@@ -56,45 +77,79 @@ class Layout:
         return self.epochs_root / "run.json"
 
 
-# Settings that change speed or disk use but not results: a run may resume with other values.
-NOT_IN_FINGERPRINT = {"run": {"epochs"}, "extract": {"batch_size", "num_workers", "device", "keep_features_every"},
-                      "train": {"num_workers", "device", "keep_checkpoint_every"}, "prepare": {"num_workers"}}
+# Parameters that do not change any result: a run can be resumed with other values.
+RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every", "extract.batch_size",
+                  "extract.num_workers", "extract.device", "train.num_workers", "train.device", "prepare.num_workers")
 
 
 def run_fingerprint(params: dict) -> str:
-    """Hash of everything that changes results; run.epochs is left out so a run can be extended."""
-    relevant = {section: ({k: v for k, v in values.items() if k not in NOT_IN_FINGERPRINT.get(section, ())}
-                          if isinstance(values, dict) else values)
-                for section, values in params.items()}
+    """Hash of everything that changes results; run.epochs is left out so a run can be extended, and
+    the retention policy (RESULT_NEUTRAL) so it can be changed during a long run."""
+    relevant = {k: v for k, v in params.items() if k != "run"}
+    relevant["seed"] = params["run"]["seed"]
+    for dotted in RESULT_NEUTRAL:
+        section, key = dotted.split(".")
+        relevant[section] = {k: v for k, v in relevant.get(section, {}).items() if k != key}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ tasks: one per stage
-@task(name="extract")
+class StageFailed(RuntimeError):
+    """An unexpected error inside a stage; retried, since it may be transient."""
+
+
+def run_stage(name: str, epoch: int, fn, *args) -> dict:
+    """Call a stage; its error names the stage and epoch, and keeps its class (StageError = user error)."""
+    try:
+        return fn(*args)
+    except StageError as e:
+        raise StageError(f"stage {name}, epoch {epoch}: {e}") from e
+    except Exception as e:
+        raise StageFailed(f"stage {name}, epoch {epoch}: {type(e).__name__}: {e}") from e
+
+
+def retry_unless_stage_error(task, task_run, state) -> bool:
+    """Prefect retry condition: a StageError is a problem with the inputs that a retry cannot fix."""
+    try:
+        state.result()
+    except StageError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def stage_task(name: str):
+    # NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
+    return task(name=name, retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S,
+                retry_condition_fn=retry_unless_stage_error, cache_policy=NO_CACHE)
+
+
+@stage_task("extract")
 def extract_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), layout.epoch(epoch))
+    return run_stage("extract", epoch, run_extract, params, layout.dataset, layout.checkpoint(epoch - 1), layout.epoch(epoch))
 
 
-@task(name="pca")
+@stage_task("pca")
 def pca_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_pca(params, layout.epoch(epoch) / "features.npy", layout.epoch(epoch), epoch)
+    return run_stage("pca", epoch, run_pca, params, layout.epoch(epoch) / "features.npy", layout.epoch(epoch), epoch)
 
 
-@task(name="cluster")
+@stage_task("cluster")
 def cluster_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_cluster(params, layout.epoch(epoch) / "pca_features.npy", layout.epoch(epoch), epoch)
+    return run_stage("cluster", epoch, run_cluster, params, layout.epoch(epoch) / "pca_features.npy", layout.epoch(epoch), epoch)
 
 
-@task(name="labels")
+@stage_task("labels")
 def labels_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_labels(params, layout.epoch(epoch), layout.dataset, layout.epoch(epoch - 1))
+    return run_stage("labels", epoch, run_labels, params, layout.epoch(epoch), layout.dataset, layout.epoch(epoch - 1))
 
 
-@task(name="train")
+@stage_task("train")
 def train_task(params: dict, layout: Layout, epoch: int) -> dict:
     d = layout.epoch(epoch)
-    return run_train(params, layout.dataset, d / "assignments.parquet", layout.checkpoint(epoch - 1),
-                     layout.checkpoint(epoch), epoch, d / "train.json")
+    return run_stage("train", epoch, run_train, params, layout.dataset, d / "assignments.parquet",
+                     layout.checkpoint(epoch - 1), layout.checkpoint(epoch), epoch, d / "train.json")
 
 
 STAGES = [("extract", extract_task), ("pca", pca_task), ("cluster", cluster_task), ("labels", labels_task),
@@ -105,99 +160,277 @@ def stage_done(layout: Layout, epoch: int, stage: str) -> bool:
     return (layout.epoch(epoch) / f"{stage}.json").exists()
 
 
+def completed_epochs(layout: Layout) -> list[int]:
+    return sorted(int(p.parent.name) for p in layout.epochs_root.glob("[0-9][0-9][0-9][0-9]/metrics.json"))
+
+
+# ------------------------------------------------------------------ retention
+def keeps_features(params: dict, epoch: int) -> bool:
+    every = params["extract"].get("keep_features_every") or 0
+    return bool(every) and epoch % every == 0
+
+
+def keeps_checkpoint(params: dict, epoch: int) -> bool:
+    every = params["train"].get("keep_checkpoint_every") or 0
+    return epoch == 0 or (bool(every) and epoch % every == 0)
+
+
 def apply_retention(params: dict, layout: Layout, epoch: int) -> None:
     """Drop what the retention policy does not keep, once `epoch` is complete.
 
     fc features are N x D floats per epoch (ImageNet/AlexNet: 21 GB) and a checkpoint of AlexNet is
-    ~0.5 GB with momentum buffers; assignments, statistics and metrics are always kept.
+    ~0.5 GB with momentum buffers; assignments, statistics and metrics are always kept. image_ids.npy
+    (the features' row order; ~150 MB of ImageNet paths) goes with the features: assignments.parquet
+    holds the same ids in the same order. The epoch's own checkpoint stays until the next epoch is
+    done: the next epoch starts from it.
     """
-    keep_feat = params["extract"].get("keep_features_every") or 0
-    if not (keep_feat and epoch % keep_feat == 0):
-        for name in ("features.npy", "pca_features.npy"):
+    if not keeps_features(params, epoch):
+        for name in ("features.npy", "pca_features.npy", "image_ids.npy"):
             (layout.epoch(epoch) / name).unlink(missing_ok=True)
-    keep_ckpt = params["train"].get("keep_checkpoint_every") or 0
     prev = epoch - 1
-    if prev > 0 and not (keep_ckpt and prev % keep_ckpt == 0):
+    if prev > 0 and not keeps_checkpoint(params, prev):
         layout.checkpoint(prev).unlink(missing_ok=True)
 
 
 def publish_last_checkpoint(layout: Layout, epoch: int) -> None:
-    if layout.last_checkpoint.exists() and os.path.samefile(layout.last_checkpoint, layout.checkpoint(epoch)):
-        return  # already published (renaming a hard link onto itself would leave the temp link behind)
-    tmp = layout.last_checkpoint.with_suffix(".pt.tmp")
+    last, ckpt = layout.last_checkpoint, layout.checkpoint(epoch)
+    if last.exists() and os.path.samefile(last, ckpt):
+        # Already published (a resumed run redoes this step). Also required for correctness: renaming a
+        # hard link onto another link of the same file is a no-op that would leave the temp link behind.
+        return
+    tmp = last.with_suffix(".pt.tmp")
     tmp.unlink(missing_ok=True)
-    os.link(layout.checkpoint(epoch), tmp)  # a hard link: no copy, and the rename is atomic
-    os.replace(tmp, layout.last_checkpoint)
+    os.link(ckpt, tmp)  # a hard link: no copy, and the rename is atomic
+    os.replace(tmp, last)
 
 
-def claim_workspace(params: dict, layout: Layout, fresh: bool) -> dict:
-    """Start or resume the run in this workspace; refuse to mix artifacts of different parameters."""
-    fingerprint = run_fingerprint(params)
+# ------------------------------------------------------------------ the run's identity
+def run_identity(params: dict, layout: Layout) -> dict:
+    return {"fingerprint": run_fingerprint(params), "code_version": code_version(),
+            "dataset_version": dataset_version(layout.dataset)}
+
+
+def params_diff(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k != "run.epochs" and k not in RESULT_NEUTRAL and a.get(k) != b.get(k)]
+
+
+def resume_problems(state: dict, identity: dict, params: dict, layout: Layout) -> list[str]:
+    """Why the run recorded in `state` cannot be continued with `params` (empty: it can)."""
+    problems = []
+    if state.get("fingerprint") != identity["fingerprint"]:
+        diff = params_diff(state.get("params", {}), params)
+        problems.append("its parameters differ" + (f" ({', '.join(diff)})" if diff else ""))
+    for key, what in (("code_version", "the method's code (stages/*.py)"), ("dataset_version", "the dataset")):
+        if state.get(key) and identity.get(key) and state[key] != identity[key]:
+            problems.append(f"{what} changed since it started")
+    finished = completed_epochs(layout)
+    n_epochs = int(params["run"]["epochs"])
+    if finished and finished[-1] > n_epochs:
+        problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={n_epochs}")
+    return problems
+
+
+def discard_run(layout: Layout) -> None:
+    shutil.rmtree(layout.epochs_root, ignore_errors=True)
+    shutil.rmtree(layout.checkpoints, ignore_errors=True)
+
+
+def refuse_resume(layout: Layout, problems: list[str]) -> None:
+    raise StageError(
+        f"{layout.epochs_root} holds a run that cannot be resumed: {'; '.join(problems)}. Restore what "
+        "changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
+
+
+def claim_workspace(params: dict, layout: Layout, fresh: bool, on_mismatch: str = "refuse", log=print) -> dict:
+    """Start or resume the run in this workspace; refuse (or, under dvc repro, replace) a different run."""
+    identity = run_identity(params, layout)
     if fresh:
-        shutil.rmtree(layout.epochs_root, ignore_errors=True)
-        shutil.rmtree(layout.checkpoints, ignore_errors=True)
+        discard_run(layout)
     if layout.run_file.exists():
         state = read_json(layout.run_file)
-        if state["fingerprint"] != fingerprint:
-            raise StageError(
-                f"{layout.epochs_root} holds a run made with other parameters (fingerprint {state['fingerprint']}, "
-                f"now {fingerprint}). Rerun with --fresh to discard it, or restore the parameters to resume it.")
-        return state
-    state = {"fingerprint": fingerprint, "mlflow_run_id": None, "params": params}
+        problems = resume_problems(state, identity, params, layout)
+        if not problems:
+            state.update({k: v for k, v in identity.items() if not state.get(k)})
+            state["params"] = params  # run.epochs may have grown
+            write_json(layout.run_file, state)
+            return state
+        if on_mismatch != "fresh":
+            refuse_resume(layout, problems)
+        log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")
+        discard_run(layout)
+    state = {**identity, "mlflow_run_id": None, "params": params}
     write_json(layout.run_file, state)
     return state
 
 
+# ------------------------------------------------------------------ DVC and params.yaml
+def dvc_stage_outs(root: Path) -> list[Path]:
+    stage = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {}).get(STAGE, {})
+    return [root / (next(iter(o)) if isinstance(o, dict) else o) for o in stage.get("outs", [])]
+
+
+def versioned_workspace(layout: Layout, params_file: str | Path, enabled: bool) -> DvcWorkspace | None:
+    """The DVC project to version this run in, or None: off, not a DVC project, or paths not dvc.yaml's."""
+    ws = DvcWorkspace.find(PROJECT_ROOT) if enabled else None
+    if ws is None:
+        return None
+    ours = {layout.epochs_root.resolve(), layout.checkpoints.resolve()}
+    if ours != {p.resolve() for p in dvc_stage_outs(ws.root)} or Path(params_file).resolve() != ws.root / "params.yaml":
+        return None
+    return ws
+
+
+def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
+    """Write the run's overrides into params.yaml (comments kept), so dvc.lock records what produced the run."""
+    from pipeline.apply_preset import apply_preset
+
+    current = flatten(load_params(params_file))
+    changed = {k: v for k, v in overrides.items() if current.get(k) != v}
+    if changed:
+        apply_preset(params_file, changed)
+    return changed
+
+
+def entry_point() -> str:
+    from prefect.runtime import deployment, flow_run
+
+    if under_dvc_stage():
+        return "dvc repro"
+    if deployment.name:
+        return f"deployment deepcluster/{deployment.name}, flow run {flow_run.name}"
+    return f"flow run {flow_run.name}"
+
+
+# ------------------------------------------------------------------ one epoch
+def summarize(stats: dict) -> str:
+    """A stage's report for the log, without long lists (cluster sizes)."""
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
+                       if not isinstance(v, (list, dict))}, sort_keys=True)
+
+
+def version_epoch(ws: DvcWorkspace | None, params: dict, layout: Layout, epoch: int) -> float:
+    """Put what the epoch keeps into DVC's cache (see pipeline.versioning); returns the seconds it took."""
+    if ws is None:
+        return 0.0
+    start = time.perf_counter()
+    paths = [layout.epoch(epoch), layout.run_file]
+    if epoch > 1:
+        paths.append(layout.epoch(epoch - 1) / "metrics.json")  # written after that epoch was versioned
+    if keeps_checkpoint(params, epoch):
+        paths.append(layout.checkpoint(epoch))
+    ws.cache_paths(paths)
+    return time.perf_counter() - start
+
+
+def finish_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, metrics: dict, ws: DvcWorkspace | None,
+                 run_id: str, resumed: bool = False) -> dict:
+    """Everything after the stages, idempotent so a run killed in the middle of it can redo it."""
+    publish_last_checkpoint(layout, epoch)
+    apply_retention(params, layout, epoch)
+    start = time.perf_counter()
+    if not (resumed and tracking.epoch_logged(run_id, epoch)):
+        tracking.log_epoch(metrics, epoch)
+    tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / "labels.json")["sizes"], epoch, n_epochs)
+    seconds_tracking = time.perf_counter() - start
+    return {"seconds_tracking": seconds_tracking, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
+
+
+def run_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
+    logger = get_run_logger()
+    start = time.perf_counter()
+    ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
+    for name, stage in STAGES:
+        if stage_done(layout, epoch, name):
+            logger.info(f"epoch {epoch}: {name} already done, skipping")
+            continue
+        logger.info(f"epoch {epoch}: {name} starting")
+        stats = stage.with_options(task_run_name=f"{name}-epoch-{epoch:04d}")(params, layout, epoch)
+        ran += stats["seconds"]
+        logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {summarize(stats)}")
+    metrics = epoch_metrics(layout.epoch(epoch), epoch)
+    metrics.update(finish_epoch(params, layout, epoch, n_epochs, metrics, ws, run_id))
+    # Orchestration overhead: wall time of the epoch in this process minus the stages' own compute,
+    # i.e. Prefect task calls, reading reports, MLflow, Prefect artifacts and DVC caching.
+    metrics["seconds_overhead"] = time.perf_counter() - start - ran
+    metrics["seconds_epoch"] = metrics["seconds_stages"] + metrics["seconds_overhead"]
+    tracking.log_epoch({k: metrics[k] for k in ("seconds_overhead", "seconds_epoch", "seconds_tracking", "seconds_dvc")},
+                       epoch)
+    write_json(layout.epoch(epoch) / "metrics.json", metrics)  # the epoch is done
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    logger.info(f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
+                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['empty_clusters']} empty clusters, "
+                f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration)")
+    return metrics
+
+
+# ------------------------------------------------------------------ the flow
 @flow(name="deepcluster", log_prints=True)
 def deepcluster(epochs: int | None = None, overrides: dict | None = None, params_file: str = "params.yaml",
                 dataset: str = "data/dataset", epochs_root: str = "data/epochs",
-                checkpoints: str = "models/checkpoints", fresh: bool = False) -> dict:
-    """Train DeepCluster for `epochs` epochs (default: run.epochs), resuming a matching run in place."""
+                checkpoints: str = "models/checkpoints", fresh: bool = False, dvc: bool = True) -> dict:
+    """Train DeepCluster for `epochs` epochs (default: run.epochs), resuming a matching run in place.
+
+    overrides: dotted params.yaml keys, e.g. {"cluster.k": 50}. fresh: discard the workspace's run.
+    dvc: version the run with DVC when the project is a DVC project (per-epoch cache, dvc.lock).
+    """
     logger = get_run_logger()
     overrides = dict(overrides or {})
     if epochs is not None:
         overrides["run.epochs"] = epochs
-    params = load_params(params_file, overrides)
+    in_dvc = under_dvc_stage()
+    if in_dvc and overrides:
+        raise StageError("under `dvc repro` the parameters come from params.yaml only: edit it (or use "
+                         "`dvc exp run -S key=value`) instead of passing overrides")
     layout = Layout(Path(dataset), Path(epochs_root), Path(checkpoints))
-    state = claim_workspace(params, layout, fresh)
-    n_epochs = int(params["run"]["epochs"])
+    ws = versioned_workspace(layout, params_file, dvc)
+    if dvc and ws is None:
+        logger.info("DVC versioning off: not run from the root of a DVC project with this run's paths in dvc.yaml")
+    records_lock = ws is not None and not in_dvc  # under dvc repro, DVC writes dvc.lock itself
 
-    if not layout.checkpoint(0).exists() and not layout.checkpoint(1).exists():
-        init_checkpoint(params, layout.dataset, layout.checkpoint(0))
-    with tracking.start_run(params, run_name=f"deepcluster-{state['fingerprint']}", run_id=state["mlflow_run_id"]) as run:
-        if state["mlflow_run_id"] is None:
-            state["mlflow_run_id"] = run.info.run_id
-            write_json(layout.run_file, state)
-        metrics = {}
-        for epoch in range(1, n_epochs + 1):
-            metrics_file = layout.epoch(epoch) / "metrics.json"
-            if metrics_file.exists():
-                metrics = read_json(metrics_file)
-                continue
-            start = time.perf_counter()
-            for name, stage_task in STAGES:
-                if stage_done(layout, epoch, name):
-                    logger.info(f"epoch {epoch}: {name} already done, skipping")
+    with workspace_lock(layout.epochs_root, entry_point()):
+        params = load_params(params_file, overrides)
+        for tmp in remove_stale_temp_files(layout.epochs_root, layout.checkpoints):
+            logger.info(f"removed {tmp}, left by a killed run")
+        if records_lock:
+            if not fresh and layout.run_file.exists():
+                # Refuse before touching params.yaml; the dataset is compared after `dvc repro prepare`.
+                identity = {**run_identity(params, layout), "dataset_version": None}
+                problems = resume_problems(read_json(layout.run_file), identity, params, layout)
+                if problems:
+                    refuse_resume(layout, problems)
+            changed = sync_params_file(params_file, overrides)
+            if changed:
+                logger.info(f"params.yaml: set {changed} (the run's parameters, so dvc.lock records them)")
+            ws.repro("prepare", log=logger.info)  # the dataset, from params.yaml (a no-op when up to date)
+        state = claim_workspace(params, layout, fresh, "fresh" if in_dvc else "refuse", log=logger.warning)
+        n_epochs = int(params["run"]["epochs"])
+
+        if not layout.checkpoint(0).exists() and not layout.checkpoint(1).exists():
+            init_checkpoint(params, layout.dataset, layout.checkpoint(0))
+        tags = {"deepcluster.fingerprint": state["fingerprint"], "deepcluster.entry_point": entry_point()}
+        with tracking.start_run(params, run_name=f"deepcluster-{state['fingerprint']}", run_id=state["mlflow_run_id"],
+                                tags=tags) as run:
+            if state["mlflow_run_id"] != run.info.run_id:
+                state["mlflow_run_id"] = run.info.run_id
+                write_json(layout.run_file, state)
+            done = [e for e in completed_epochs(layout) if e <= n_epochs]
+            metrics = read_json(layout.epoch(done[-1]) / "metrics.json") if done else {}
+            if done:
+                # The last finished epoch may have been killed between its metrics.json and the end
+                # of its bookkeeping (MLflow, retention, DVC): redo that part, it is idempotent.
+                finish_epoch(params, layout, done[-1], n_epochs, metrics, ws, run.info.run_id, resumed=True)
+                logger.info(f"resuming after epoch {done[-1]} of {n_epochs}")
+            progress = tracking.Progress(len(done), n_epochs)
+            for epoch in range(1, n_epochs + 1):
+                if epoch in done:
                     continue
-                stats = stage_task.with_options(task_run_name=f"{name}-epoch-{epoch:04d}")(params, layout, epoch)
-                logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s")
-            metrics = epoch_metrics(layout.epoch(epoch), epoch)
-            metrics["seconds_epoch"] = time.perf_counter() - start
-            metrics["seconds_overhead"] = metrics["seconds_epoch"] - metrics["seconds_stages"]
-            tracking.log_epoch(metrics, epoch)
-            publish_last_checkpoint(layout, epoch)
-            # metrics.json marks the epoch done, so it is written after everything else the epoch does;
-            # retention only deletes what a finished epoch no longer needs.
-            write_json(metrics_file, metrics)
-            apply_retention(params, layout, epoch)
-            logger.info(
-                f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {metrics['nmi_previous']}, "
-                f"NMI labels {metrics['nmi_labels']}, {metrics['empty_clusters']} empty, {metrics['seconds_epoch']:.0f}s")
-        # Idempotent: repairs last.pt if a previous run was killed between an epoch's end and its publication.
-        # The newest finished epoch, not n_epochs: a rerun may ask for fewer epochs than are done.
-        done = sorted(int(f.parent.name) for f in layout.epochs_root.glob("[0-9][0-9][0-9][0-9]/metrics.json"))
-        if done:
-            publish_last_checkpoint(layout, done[-1])
+                metrics = run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
+                progress.update(epoch)
+        if records_lock:
+            ws.commit_stage()  # dvc.lock <- params.yaml, the dataset, the code and the finished run
+            ws.repro(log=logger.info)  # the stages downstream: final evaluation, publishing to MLflow
     return metrics
 
 
@@ -205,16 +438,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a parameter for this run, e.g. --set cluster.k=50 (repeatable)")
+                        help="override a parameter for this run, e.g. --set cluster.k=50 (repeatable); "
+                             "in a DVC project it is written into params.yaml")
     parser.add_argument("--dataset", default="data/dataset")
     parser.add_argument("--epochs-root", default="data/epochs")
     parser.add_argument("--checkpoints", default="models/checkpoints")
     parser.add_argument("--fresh", action="store_true", help="discard the workspace's existing run and start over")
+    parser.add_argument("--no-dvc", action="store_true", help="do not version the run with DVC (the flow alone)")
     args = parser.parse_args(argv)
+    from pipeline.serve import project_server_settings
+
     try:
         overrides = dict(parse_override(s) for s in args.set)
-        deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,
-                    epochs_root=args.epochs_root, checkpoints=args.checkpoints, fresh=args.fresh)
+        with project_server_settings():  # report to `make serve`'s Prefect server when it is up
+            deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,
+                        epochs_root=args.epochs_root, checkpoints=args.checkpoints, fresh=args.fresh,
+                        dvc=not args.no_dvc)
     except StageError as e:
         sys.exit(f"deepcluster: {e}")
 

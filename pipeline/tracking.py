@@ -1,16 +1,29 @@
-"""MLflow tracking: one run per DeepCluster run, per-epoch figures with step=epoch."""
+"""Tracking: one MLflow run per DeepCluster run (per-epoch figures with step=epoch) and the Prefect
+artifacts of a flow run (per-epoch cluster sizes and summary under stable keys, a progress bar).
+
+`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation it
+attaches the evaluation's files and the last model to the run's MLflow run, so both entry points
+(`dvc repro` and a deployment run, which ends with `dvc repro`) publish the same way.
+"""
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 import mlflow
 
 from pipeline import PROJECT_ROOT
-from stages.common import flatten
+from stages.common import StageError, flatten, read_json
 
 EXPERIMENT = "deepcluster"
+
+# Prefect artifact keys: stable, so the Prefect UI shows each key's history across epochs and runs.
+SIZES_KEY = "deepcluster-cluster-sizes"
+SUMMARY_KEY = "deepcluster-epoch-summary"
+PROGRESS_KEY = "deepcluster-progress"
 
 
 def tracking_uri() -> str:
@@ -30,14 +43,21 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def start_run(params: dict, run_name: str | None = None, run_id: str | None = None) -> mlflow.ActiveRun:
+def start_run(params: dict, run_name: str | None = None, run_id: str | None = None,
+              tags: dict | None = None) -> mlflow.ActiveRun:
+    """Start the run's MLflow run, or resume `run_id` (a resumed DeepCluster run keeps its MLflow run)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=artifact_location(uri))
     mlflow.set_experiment(name)
-    run = mlflow.start_run(run_id=run_id, run_name=run_name)
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # mlflow.db was deleted or replaced: start a new MLflow run for this DeepCluster run
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     if run_id is None:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
     return run
@@ -58,6 +78,12 @@ def log_epoch(metrics: dict, epoch: int) -> None:
     mlflow.log_metrics(numeric_metrics({k: v for k, v in metrics.items() if k != "epoch"}), step=epoch)
 
 
+def epoch_logged(run_id: str, epoch: int, key: str = "train_loss") -> bool:
+    """Whether the run already holds `epoch`'s figures (a run killed after logging them resumes)."""
+    history = mlflow.tracking.MlflowClient(tracking_uri()).get_metric_history(run_id, key)
+    return any(m.step == epoch for m in history)
+
+
 def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
     for path in paths:
         path = Path(path)
@@ -65,3 +91,75 @@ def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> 
             mlflow.log_artifacts(str(path), artifact_path)
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path)
+
+
+# ------------------------------------------------------------------ Prefect artifacts
+def epoch_artifacts(metrics: dict, sizes: list[int], epoch: int, n_epochs: int) -> None:
+    """Cluster-size histogram table and a markdown summary of `epoch`, under stable keys."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipeline.inspect import size_histogram
+
+    hist = size_histogram(sizes)
+    create_table_artifact(key=SIZES_KEY, table=hist.to_dict("records"),
+                          description=f"Epoch {epoch}: clusters per size bin (k = {len(sizes)})")
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (list, dict)))
+    create_markdown_artifact(key=SUMMARY_KEY, description=f"DeepCluster epoch {epoch}/{n_epochs}",
+                             markdown=f"# DeepCluster epoch {epoch} of {n_epochs}\n\n| figure | value |\n|---|---|\n{rows}\n")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Progress:
+    """The run's progress artifact (percent of epochs finished), updated after every epoch."""
+
+    def __init__(self, done: int, total: int):
+        from prefect.artifacts import create_progress_artifact
+
+        self.total = max(total, 1)
+        self.id = create_progress_artifact(progress=100.0 * done / self.total, key=PROGRESS_KEY,
+                                           description=f"DeepCluster: epochs finished of {total}")
+
+    def update(self, done: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self.id, progress=100.0 * done / self.total)
+
+
+# ------------------------------------------------------------------ the `publish` stage
+def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) -> str:
+    """Attach the last model to the run's MLflow run; returns its id.
+
+    The final figures and pictures are logged by `stages.evaluate final` itself (so an ablation's
+    evaluation logs the same way); this stage adds what only the whole run has: the model.
+    """
+    run_file = Path(epochs_root) / "run.json"
+    if not run_file.exists():
+        raise StageError(f"{run_file} not found: run the deepcluster stage first")
+    state = read_json(run_file)
+    with start_run(state["params"], run_name=f"deepcluster-{state['fingerprint']}", run_id=state.get("mlflow_run_id")) as run:
+        log_artifacts([model], "model")
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish", help="log the final evaluation and model to the run's MLflow run")
+    pub.add_argument("--epochs-root", default="data/epochs")
+    pub.add_argument("--eval", default="data/eval")
+    pub.add_argument("--model", default="models/checkpoints/last.pt")
+    args = parser.parse_args(argv)
+    try:
+        run_id = publish(args.epochs_root, args.eval, args.model)
+    except StageError as e:
+        sys.exit(f"publish: {e}")
+    print(f"publish: {args.eval} and {args.model} logged to MLflow run {run_id} ({tracking_uri()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,11 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
 
-    A killed process leaves at most a `*.tmp` file, never a half-written artifact under the final name.
+    A killed process leaves at most a hidden temp file (`.<name>.<random><suffix>`), never a half-written
+    artifact under the final name.
+    The data is fsynced before the rename and the directory after it, so after a power cut or reboot
+    a file that exists under its final name is complete, and a stage report (written last) never
+    survives without the artifacts written before it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,0 +1,254 @@
+"""Serve the DeepCluster flow as a Prefect deployment on a local Prefect server (`make serve` / `make stop`).
+
+    python -m pipeline.serve start [--port 4200] [--name local]   # server + deployment, in the background
+    source .prefect/env.sh                                        # PREFECT_HOME / PREFECT_API_URL for the CLI
+    prefect deployment run 'deepcluster/local' --param epochs=3 --param overrides='{"cluster.k": 50}' --watch
+    python -m pipeline.serve status
+    python -m pipeline.serve stop
+
+Both processes bind to 127.0.0.1 and keep their state in the project's .prefect/ (PREFECT_HOME: the
+server's SQLite database, pid files, logs). The deployment is served by `flow.serve()` in a
+background process: each run executes in a subprocess started in the project root, so it uses the
+project's params.yaml, data and DVC repository. Runs started from the CLI or `dvc repro` while the
+server is up report to it too (see project_server_settings).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline import PROJECT_ROOT
+
+DEFAULT_PORT = 4200
+DEFAULT_NAME = "local"
+FLOW_NAME = "deepcluster"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", PROJECT_ROOT / ".prefect"))
+
+
+def _file(name: str) -> Path:
+    return state_dir() / name
+
+
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def running_api_url() -> str | None:
+    """The URL of this project's server if `start` launched it and it answers, else None."""
+    try:
+        info = json.loads(_file("server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info["url"] if _alive(info.get("pid"), "prefect") and healthy(info["url"]) else None
+
+
+@contextlib.contextmanager
+def project_server_settings():
+    """Run a flow against the project's Prefect server when it is up (visible in its UI), else let
+    Prefect start its temporary server. An explicit PREFECT_API_URL in the environment wins."""
+    url = None if os.environ.get("PREFECT_API_URL") else running_api_url()
+    if url is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def service_env(port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PREFECT_HOME=str(state_dir()), PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST="127.0.0.1",
+               PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    # Flow runs call `dvc repro`, whose commands run `python -m ...`: this environment's python first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+# ------------------------------------------------------------------ processes
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int | None, marker: str) -> bool:
+    """pid is running and is the process we started (its command line names `marker`), not a reused pid."""
+    return bool(pid) and marker in _cmdline(pid)
+
+
+def _read_pid(name: str) -> int | None:
+    try:
+        return int(_file(name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _spawn(cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start cmd in the background in its own session (so `stop` can signal its whole process group)."""
+    with open(_file(f"{name}.log"), "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    _file(f"{name}.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _tail(name: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(_file(f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait(check, timeout: float, what: str, proc: subprocess.Popen, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            _file(f"{log}.pid").unlink(missing_ok=True)
+            sys.exit(f"serve: {what} exited (status {proc.returncode}); the end of {_file(log + '.log')}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            sys.exit(f"serve: {what} not ready after {timeout:.0f}s; see {_file(log + '.log')}")
+        time.sleep(0.5)
+
+
+def deployment_exists(name: str, env: dict[str, str]) -> bool:
+    url = env["PREFECT_API_URL"]
+    req = urllib.request.Request(f"{url}/deployments/name/{FLOW_NAME}/{name}")
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start(port: int, name: str) -> None:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    env = service_env(port)
+    url = env["PREFECT_API_URL"]
+    server_pid = _read_pid("server.pid")
+    if _alive(server_pid, "prefect") and healthy(url):
+        print(f"serve: Prefect server already running (pid {server_pid}) at {url}")
+    else:
+        if healthy(url):
+            sys.exit(f"serve: another Prefect server (not this project's) answers on port {port}: stop it or use --port")
+        prefect = Path(sys.executable).parent / "prefect"
+        proc = _spawn([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], "server", env)
+        server_pid = proc.pid
+        print(f"serve: starting the Prefect server (pid {server_pid}) at {url} ...")
+        _wait(lambda: healthy(url), 120, "the Prefect server", proc, "server")
+    _file("server.json").write_text(json.dumps({"url": url, "port": port, "pid": server_pid}) + "\n")
+    _file("env.sh").write_text(
+        f"# source me: the Prefect CLI then talks to this project's server\nexport PREFECT_HOME={state_dir()}\n"
+        f"export PREFECT_API_URL={url}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\nexport DO_NOT_TRACK=1\n")
+
+    runner_pid = _read_pid("runner.pid")
+    if _alive(runner_pid, "pipeline.serve") and deployment_exists(name, env):
+        print(f"serve: deployment {FLOW_NAME}/{name} already served (pid {runner_pid})")
+    else:
+        proc = _spawn([sys.executable, "-m", "pipeline.serve", "_runner", "--name", name], "runner", env)
+        print(f"serve: serving deployment {FLOW_NAME}/{name} (pid {proc.pid}) ...")
+        _wait(lambda: deployment_exists(name, env), 120, "the deployment runner", proc, "runner")
+    print(f"serve: ready. UI: http://127.0.0.1:{port}  Run it with:\n"
+          f"  source {_file('env.sh')}\n"
+          f"  prefect deployment run '{FLOW_NAME}/{name}' --param epochs=12 --watch   "
+          f"# parameters: epochs, overrides='{{\"cluster.k\": 50}}', fresh=true")
+
+
+def _stop(name: str, marker: str) -> None:
+    pid = _read_pid(f"{name}.pid")
+    if not _alive(pid, marker):
+        print(f"serve: {name} not running")
+        _file(f"{name}.pid").unlink(missing_ok=True)
+        return
+    # SIGINT first: Prefect's runner and server shut down cleanly on it (a worker ignores SIGTERM);
+    # then SIGTERM and SIGKILL to the whole process group, which holds any flow run it started.
+    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid, marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _alive(pid, marker):
+            break
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # anything left in the group (a flow run's children)
+    _file(f"{name}.pid").unlink(missing_ok=True)
+    print(f"serve: stopped {name} (pid {pid})")
+
+
+def stop() -> None:
+    # The runner first: a flow run it started is interrupted and resumes on the next run.
+    _stop("runner", "pipeline.serve")
+    _stop("server", "prefect")
+    _file("server.json").unlink(missing_ok=True)
+
+
+def status() -> int:
+    server, runner = _read_pid("server.pid"), _read_pid("runner.pid")
+    url = running_api_url()
+    print(f"server: {'up at ' + url if url else 'down'}" + (f" (pid {server})" if _alive(server, "prefect") else ""))
+    print(f"runner: {'up (pid %d)' % runner if _alive(runner, 'pipeline.serve') else 'down'}")
+    print(f"state and logs: {state_dir()}")
+    return 0 if url and _alive(runner, "pipeline.serve") else 1
+
+
+def _runner(name: str) -> None:
+    """The background process: serve the flow until SIGINT/SIGTERM."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from pipeline.flow import deepcluster
+
+    # MODULE_PATH: each run imports pipeline.flow from the installed project, whatever the cwd.
+    deepcluster.serve(name=name, entrypoint_type=EntrypointType.MODULE_PATH, pause_on_shutdown=False,
+                      description="DeepCluster (Caron et al. 2018) on this project's params.yaml; "
+                                  "parameters: epochs, overrides {'section.key': value}, fresh")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("start", help="start the Prefect server and serve the deployment (background)")
+    st.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", DEFAULT_PORT)))
+    st.add_argument("--name", default=DEFAULT_NAME, help="deployment name (runs: deepcluster/<name>)")
+    sub.add_parser("stop", help="stop the runner and the server")
+    sub.add_parser("status", help="are the server and the runner up?")
+    sub.add_parser("env", help="print the shell exports for the Prefect CLI")
+    rn = sub.add_parser("_runner", help=argparse.SUPPRESS)
+    rn.add_argument("--name", default=DEFAULT_NAME)
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        start(args.port, args.name)
+    elif args.command == "stop":
+        stop()
+    elif args.command == "status":
+        sys.exit(status())
+    elif args.command == "env":
+        print(_file("env.sh").read_text() if _file("env.sh").exists() else "# not started: python -m pipeline.serve start")
+    else:
+        _runner(args.name)
+
+
+if __name__ == "__main__":
+    main()

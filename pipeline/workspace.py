@@ -1,0 +1,134 @@
+"""One DeepCluster run per workspace: the run lock, the run's identity, leftovers of killed runs.
+
+The lock is an `fcntl.flock` on a file beside the epochs directory. The kernel releases it when
+the holding process dies, however it dies (kill -9, OOM killer, reboot), so a crashed run never
+leaves a stale lock behind and no pid-liveness guessing is needed; the file's content (pid,
+command, start time) only serves the error message of a refused second run.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from stages.common import StageError
+
+# The modules whose code decides the numbers a run produces. A run resumed after any of them changed
+# would mix two versions of the method, so the run records their hash (see run_identity).
+# evaluate.py only gathers reports into metrics.json and is left out on purpose.
+CODE_MODULES = ("common", "data", "models", "checkpoints", "extract", "pca", "cluster", "labels", "train")
+
+
+class WorkspaceBusy(StageError):
+    """Another run holds the workspace."""
+
+
+def lock_path(epochs_root: str | Path) -> Path:
+    # Beside, not inside, data/epochs: the epochs directory is a DVC output and is hashed as a whole.
+    epochs_root = Path(epochs_root)
+    return epochs_root.parent / f".{epochs_root.name}.run-lock"
+
+
+@contextlib.contextmanager
+def workspace_lock(epochs_root: str | Path, description: str = "") -> Iterator[Path]:
+    """Hold the run lock of `epochs_root` for the block; refuse at once if another process holds it."""
+    path = lock_path(epochs_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkspaceBusy(_busy_message(path, epochs_root)) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv), "description": description}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            yield path
+        finally:
+            # The file stays: deleting it would let a third process lock a new inode while a second
+            # one still waits on the old one. Emptying it keeps the message of the next refusal honest.
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def lock_holder(epochs_root: str | Path) -> dict | None:
+    try:
+        text = lock_path(epochs_root).read_text().strip()
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(path: Path, epochs_root: str | Path) -> str:
+    holder = lock_holder(epochs_root)
+    who = "another process"
+    if holder:
+        who = f"process {holder['pid']} on {holder['host']} (started {holder['started']}"
+        who += f", {holder['description']})" if holder.get("description") else f": {holder['command']})"
+    return (f"a DeepCluster run is already active on {epochs_root}: {who} holds {path}. Two runs on one "
+            "workspace would overwrite each other's epochs. Wait for it to finish, or stop it (Ctrl-C, "
+            "`kill <pid>`, or `make stop` for a served run) and start again: the run resumes where it stopped.")
+
+
+# ------------------------------------------------------------------ identity of a run
+def code_version() -> str:
+    """Hash of the method's code (CODE_MODULES), so a run is never resumed on different code."""
+    import stages
+
+    root = Path(stages.__file__).parent
+    h = hashlib.sha256()
+    for name in CODE_MODULES:
+        h.update(name.encode() + b"\0" + (root / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_version(dataset: str | Path) -> str | None:
+    """Hash of the dataset's description and manifest (which images, which order); None if absent.
+
+    The pixels are not hashed (GBs for big sets): `prepare` derives them from the manifest.
+    """
+    dataset = Path(dataset)
+    files = [dataset / "dataset.json", dataset / "manifest.parquet"]
+    if not all(f.exists() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ leftovers of a killed run
+def is_temp_file(path: Path) -> bool:
+    """A temp file of stages.common.atomic_path: `.<name>.<random><suffix>` (`*.tmp`, or `*.npz` for numpy)."""
+    return path.name.endswith(".tmp") or path.name.startswith(".")
+
+
+def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
+    """Delete temp files that a killed writer left in the run's directories.
+
+    Only safe while holding the workspace lock: then no live process can be writing them. No artifact
+    of a run is a hidden file. Features temp files can be as large as the features themselves
+    (21 GB on ImageNet), so they must go.
+    """
+    removed = []
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            continue
+        for path in d.rglob("*"):
+            if path.is_file() and is_temp_file(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

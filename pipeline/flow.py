@@ -252,10 +252,10 @@ def claim_workspace(params: dict, layout: Layout, fresh: bool, on_mismatch: str 
         state = read_json(layout.run_file)
         problems = resume_problems(state, identity, params, layout)
         if not problems:
-            state.update({k: v for k, v in identity.items() if not state.get(k)})
-            state["params"] = params  # run.epochs may have grown
-            write_json(layout.run_file, state)
-            return state
+            updated = {**state, **{k: v for k, v in identity.items() if not state.get(k)}, "params": params}
+            if updated != state:  # run.epochs may have grown; an unchanged run leaves the file alone
+                write_json(layout.run_file, updated)
+            return updated
         if on_mismatch != "fresh":
             refuse_resume(layout, problems)
         log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")

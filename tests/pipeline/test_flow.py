@@ -162,17 +162,18 @@ def test_rerun_does_not_recompute_finished_epochs(tracked):
     assert len(client.get_metric_history(run_json["mlflow_run_id"], "nmi_previous")) == 1  # nothing relogged
 
 
-def test_rerun_asking_for_fewer_epochs_keeps_the_newest_network(tracked, tmp_path):
+def test_rerun_asking_for_fewer_epochs_is_refused_and_keeps_the_newest_network(tracked, tmp_path):
     ws = tracked.copy(tmp_path)
     before = ws.mtimes()
-    ws.run(epochs=1)
+    with pytest.raises(StageError, match="2 finished epochs, more than run.epochs=1.*--fresh"):
+        ws.run(epochs=1)
     assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
     assert ws.mtimes() == before
 
 
 def test_rerun_with_other_params_is_refused(tracked):
     before = tracked.mtimes()
-    with pytest.raises(StageError, match="holds a run made with other parameters.*--fresh"):
+    with pytest.raises(StageError, match="cannot be resumed: its parameters differ.*cluster.k.*--fresh"):
         tracked.run(overrides={"cluster.k": 5})
     assert tracked.mtimes() == before
 

@@ -88,10 +88,10 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 # documented defaults live in params.yaml.
 EVALUATE_DEFAULTS = {
     "train_images": 10000, "test_images": None, "probe_layers": "all", "probe_dim": 2048,
-    "probe_weight_decays": [0.0001, 0.001, 0.01], "probe_iters": 20, "probe_val_fraction": 0.2, "knn_k": 20,
-    "knn_temperature": 0.07, "pictures": True, "picture_layers": ["conv1", "conv3", "conv5"], "picture_filters": 8,
-    "ascent_steps": 200, "ascent_lr": 0.1, "picture_queries": 8, "picture_neighbours": 8, "picture_clusters": 8,
-    "picture_cluster_images": 10,
+    "probe_weight_decays": [0.0001, 0.001, 0.01], "probe_iters": 20, "probe_val_fraction": 0.2,
+    "knn_k": 20, "knn_temperature": 0.07, "kmeans_runs": 5,
+    "pictures": True, "picture_layers": ["conv1", "conv3", "conv5"], "picture_filters": 8, "ascent_steps": 200,
+    "ascent_lr": 0.1, "picture_queries": 8, "picture_neighbours": 8, "picture_clusters": 8, "picture_cluster_images": 10,
 }
 NETWORKS = ("trained", "random")
 
@@ -181,7 +181,7 @@ def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict
         metrics[f"knn.{name}"] = knn_accuracy(ftr.pooled["fc"], ytr, fte.pooled["fc"], yte, k=cfg["knn_k"],
                                               temperature=cfg["knn_temperature"], n_classes=data["n_classes"])
         q = kmeans_quality(fte.pooled["fc"], yte, k=data["n_classes"], niter=params["cluster"]["niter"], seed=seed,
-                           pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+                           runs=cfg["kmeans_runs"], pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
         metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
     return metrics, extras
@@ -196,7 +196,8 @@ def evaluate_pixels(data: dict, params: dict, cfg: dict, seed: int) -> tuple[dic
     metrics = {"probe.pixels": r["accuracy"],
                "knn.pixels": knn_accuracy(xtr, ytr, xte, yte, k=cfg["knn_k"], temperature=cfg["knn_temperature"], n_classes=n)}
     # the usual raw-pixel baseline: plain k-means on the pixel vectors, no PCA-whitening
-    q = kmeans_quality(xte, yte, k=n, niter=params["cluster"]["niter"], seed=seed, pca_dim=None)
+    q = kmeans_quality(xte, yte, k=n, niter=params["cluster"]["niter"], seed=seed, runs=cfg["kmeans_runs"],
+                       pca_dim=None)
     metrics.update({f"cluster.pixels.{k}": v for k, v in q.items()})
     return metrics, r
 
@@ -309,7 +310,7 @@ def test_split_clustering(params: dict, dataset: str | Path, checkpoint: str | P
     n_classes = int(images.labels.max()) + 1
     q = kmeans_quality(feats, images.labels, k=n_classes, niter=params["cluster"]["niter"],
                        seed=seed_for(params["run"]["seed"], ckpt["epoch"], "evaluate"),
-                       pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+                       runs=evaluate_settings(params)["kmeans_runs"], pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
     return {"test_nmi_k_classes": q["nmi"], "checkpoint_epoch": ckpt["epoch"]}
 
 
@@ -345,11 +346,12 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
                   "| trained fc | random init fc | raw pixels |", "|---:|---:|---:|",
                   f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | {pct(metrics.get('knn.pixels'))} |",
                   "", f"## Clustering the held-out images (k-means, k = {info['n_classes']})", "",
-                  "fc features PCA-whitened and L2-normalised as in training; raw pixels clustered as they are.", "",
+                  "fc features PCA-whitened and L2-normalised as in training; raw pixels clustered as they are. "
+                  f"Means over {info['kmeans_runs']} k-means seeds (NMI: +- its standard deviation).", "",
                   "| features | NMI | ARI | ACC (Hungarian) |", "|---|---:|---:|---:|"]
         for name, title in (("trained", "trained fc"), ("random", "random init fc"), ("pixels", "raw pixels")):
-            lines.append(f"| {title} | {f3(metrics.get(f'cluster.{name}.nmi'))} | {f3(metrics.get(f'cluster.{name}.ari'))} | "
-                         f"{f3(metrics.get(f'cluster.{name}.acc'))} |")
+            lines.append(f"| {title} | {f3(metrics.get(f'cluster.{name}.nmi'))} +- {f3(metrics.get(f'cluster.{name}.nmi_std'))} | "
+                         f"{f3(metrics.get(f'cluster.{name}.ari'))} | {f3(metrics.get(f'cluster.{name}.acc'))} |")
     else:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
@@ -487,6 +489,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
             "held_out": "the test split" if data["test"] is not data["train"] else "train images outside the subset",
             "probe_dim": cfg["probe_dim"], "layers": layers, "probes": probes,
             "best_layer": best_conv_layers(summary, layers), "knn_k": cfg["knn_k"], "knn_t": cfg["knn_temperature"],
+            "kmeans_runs": cfg["kmeans_runs"],
             "n_classes": data["n_classes"], "curves": curves, "pictures": written, "seconds": seconds}
     write_report(out_dir / "report.md", summary, info)
     if log_mlflow:

@@ -103,7 +103,7 @@ def test_final_evaluation_end_to_end_with_mlflow(tiny_run, tiny_params, tmp_path
 
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
     scores = {n: json.loads((out / "scores" / f"{n}.json").read_text()) for n in ("trained", "random", "pixels")}
-    assert set(scores["trained"]) == {"acc", "ari", "knn", "nmi", "probe_best", *[f"probe_{x}" for x in layers]}
+    assert set(scores["trained"]) == {"acc", "ari", "knn", "nmi", "nmi_std", "probe_best", *[f"probe_{x}" for x in layers]}
     assert scores["pixels"]["probe_input"] == m["probe.pixels"]
     report = (out / "report.md").read_text()
     assert "| conv3 |" in report and "raw pixels" in report and "pictures/neighbours.png" in report

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from stages.cluster import run_kmeans
 from stages.common import StageError
 from stages.data import load_split, normalize
 from stages.prepare import prepare
@@ -135,9 +136,14 @@ def test_hungarian_accuracy_refuses_mismatched_lengths():
 
 def test_kmeans_quality_on_digits_pixels_and_whitened(digits_split):
     for pca_dim in (None, 32):
-        q = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0, pca_dim=pca_dim)
-        assert set(q) == {"nmi", "ari", "acc"}
-        assert 0.3 < q["nmi"] <= 1.0 and -1.0 <= q["ari"] <= 1.0 and 0.1 <= q["acc"] <= 1.0
+        q = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0, runs=3, pca_dim=pca_dim)
+        assert set(q) == {"nmi", "ari", "acc", "nmi_std"}
+        assert 0.3 < q["nmi"] <= 1.0 and -1.0 <= q["ari"] <= 1.0 and 0.1 <= q["acc"] <= 1.0 and q["nmi_std"] >= 0.0
+    one = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0)
+    assert one["nmi_std"] == 0.0 and one["nmi"] == pytest.approx(clustering_scores(digits_split[3], run_kmeans(
+        np.ascontiguousarray(digits_split[2]), 10, 20, 0).labels)["nmi"])
+    with pytest.raises(StageError, match="kmeans_runs"):
+        kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0, runs=0)
 
 
 # ---------------------------------------------------------------- features

@@ -369,7 +369,7 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
 
 
 def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str | Path) -> str:
-    """Log the final figures (prefix `final/`, step = last epoch) and the pictures into the run's MLflow run.
+    """Log the final figures (prefix `final.`, step = last epoch) and the pictures into the run's MLflow run.
 
     The run is the one the flow recorded in data/epochs/run.json; without it (or if the tracking
     store no longer has it) a new run holds the evaluation.
@@ -389,7 +389,7 @@ def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str |
         active = tracking.start_run(params, run_name="deepcluster-evaluate")
     with active as run:
         step = int(metrics.get("epochs") or 0)
-        mlflow.log_metrics({f"final/{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
+        mlflow.log_metrics({f"final.{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
         tracking.log_artifacts([out_dir / "metrics.json", out_dir / "report.md", out_dir / "epochs.csv"], "evaluation")
         tracking.log_artifacts([out_dir / "scores"], "evaluation/scores")
         tracking.log_artifacts([out_dir / "pictures"], "evaluation/pictures")

@@ -113,8 +113,8 @@ def test_final_evaluation_end_to_end_with_mlflow(tiny_run, tiny_params, tmp_path
 
     client = mlflow.MlflowClient(tracked)
     logged = client.get_run(run_id)
-    assert logged.data.metrics["final/probe.trained.conv3"] == pytest.approx(m["probe.trained.conv3"])
-    assert logged.data.metrics["final/cluster.pixels.nmi"] == pytest.approx(m["cluster.pixels.nmi"])
+    assert logged.data.metrics["final.probe.trained.conv3"] == pytest.approx(m["probe.trained.conv3"])
+    assert logged.data.metrics["final.cluster.pixels.nmi"] == pytest.approx(m["cluster.pixels.nmi"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation/pictures")}
     assert {f"evaluation/pictures/{p}" for p in PICTURES} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {"evaluation/metrics.json",

@@ -39,7 +39,7 @@ def artifact_location(uri: str) -> str | None:
     Other stores (a tracking server) decide for themselves.
     """
     if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
     return None
 
 

@@ -7,8 +7,9 @@ counts and sizes, seconds per stage.
 `final`: judges the run's last network on the held-out labelled split, side by side with the same
 network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
 weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the paper's pictures.
-Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3), scores/*.json
-(the DVC metrics: one row per feature source, so `dvc metrics show` prints the probe table),
+Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3: the DVC metrics),
+scores/*.json (the same, one file per feature source: `dvc metrics show data/eval/scores/*.json`
+prints the probe table),
 epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png, and logs them all into
 the run's MLflow run.
 """
@@ -397,10 +398,10 @@ def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str |
 
 
 def score_tables(summary: dict) -> dict[str, dict]:
-    """One small JSON per feature source (trained, random, pixels) for `dvc metrics show`.
+    """One small JSON per feature source (trained, random, pixels) for `dvc metrics show data/eval/scores/*.json`.
 
     DVC prints one row per metrics file and one column per key, so these three files make the
-    probe table itself: rows trained / random init / raw pixels, columns acc, ari, knn, nmi,
+    probe table itself: rows trained / random init / raw pixels, columns acc, ari, knn, nmi, nmi_std,
     probe_best, probe_conv1.. probe_fc, probe_input (the raw-pixel probe). The complete flat record is
     metrics.json.
     """

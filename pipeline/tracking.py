@@ -1,8 +1,8 @@
 """Tracking: one MLflow run per DeepCluster run (per-epoch figures with step=epoch) and the Prefect
 artifacts of a flow run (per-epoch cluster sizes and summary under stable keys, a progress bar).
 
-`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation it
-attaches the evaluation's files and the last model to the run's MLflow run, so both entry points
+`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation
+(which logs its own figures and pictures) it attaches the last model to the run's MLflow run, so both entry points
 (`dvc repro` and a deployment run, which ends with `dvc repro`) publish the same way.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ class Progress:
 
 
 # ------------------------------------------------------------------ the `publish` stage
-def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) -> str:
+def publish(epochs_root: str | Path, model: str | Path) -> str:
     """Attach the last model to the run's MLflow run; returns its id.
 
     The final figures and pictures are logged by `stages.evaluate final` itself (so an ablation's
@@ -149,16 +149,15 @@ def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    pub = sub.add_parser("publish", help="log the final evaluation and model to the run's MLflow run")
+    pub = sub.add_parser("publish", help="log the last model to the run's MLflow run")
     pub.add_argument("--epochs-root", default="data/epochs")
-    pub.add_argument("--eval", default="data/eval")
     pub.add_argument("--model", default="models/checkpoints/last.pt")
     args = parser.parse_args(argv)
     try:
-        run_id = publish(args.epochs_root, args.eval, args.model)
+        run_id = publish(args.epochs_root, args.model)
     except StageError as e:
         sys.exit(f"publish: {e}")
-    print(f"publish: {args.eval} and {args.model} logged to MLflow run {run_id} ({tracking_uri()})")
+    print(f"publish: {args.model} logged to MLflow run {run_id} ({tracking_uri()})")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from stages.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.common import (StageError, Timer, atomic_path, epoch_dir, load_params, pick_device, read_json, seed_for,
                            write_json)
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
-from stages.extract import extract_features
 from stages.labels import read_assignments
 from stages.prepare import subset_indices
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
@@ -297,24 +296,6 @@ def _image_shape(images: ImageSet) -> tuple[int, int, int]:
     return images.image_size, images.image_size, images.channels
 
 
-def test_split_clustering(params: dict, dataset: str | Path, checkpoint: str | Path) -> dict:
-    """k-means with k = number of classes on the held-out split's fc features, NMI with the labels."""
-    images = load_split(dataset, "test")
-    if not images.has_labels:
-        return {}
-    device = pick_device(params["extract"].get("device", "auto"))
-    ckpt = load_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(ckpt, device)
-    feats = np.empty((len(images), model.feature_dim), dtype=np.float32)
-    extract_features(model, images, feats, crop_size=params["extract"]["crop_size"],
-                     batch_size=params["extract"]["batch_size"], device=device, amp=params["extract"]["amp"])
-    n_classes = int(images.labels.max()) + 1
-    q = kmeans_quality(feats, images.labels, k=n_classes, niter=params["cluster"]["niter"],
-                       seed=seed_for(params["run"]["seed"], ckpt["epoch"], "evaluate"),
-                       runs=evaluate_settings(params)["kmeans_runs"], pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
-    return {"test_nmi_k_classes": q["nmi"], "checkpoint_epoch": ckpt["epoch"]}
-
-
 def write_report(path: Path, metrics: dict, info: dict) -> None:
     """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
@@ -377,18 +358,12 @@ def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str |
     """
     import pipeline  # noqa: F401  (offline-safe environment defaults before mlflow is imported)
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
 
     run_file = Path(epochs_root) / "run.json"
     run_id = read_json(run_file).get("mlflow_run_id") if run_file.exists() else None
-    try:
-        active = tracking.start_run(params, run_id=run_id)
-    except MlflowException as e:
-        print(f"evaluate: MLflow run {run_id} not found in {tracking.tracking_uri()} ({e}); logging into a new run")
-        active = tracking.start_run(params, run_name="deepcluster-evaluate")
-    with active as run:
+    with tracking.start_run(params, run_id=run_id) as run:  # a run id the store lacks -> a new run
         step = int(metrics.get("epochs") or 0)
         mlflow.log_metrics({f"final.{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
         tracking.log_artifacts([out_dir / "metrics.json", out_dir / "report.md", out_dir / "epochs.csv"], "evaluation")

@@ -27,10 +27,8 @@ byte-identical. Large intermediates (features, pca_features) are not kept.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,17 +37,19 @@ from pathlib import Path
 import yaml
 
 import pipeline  # noqa: F401  (offline-safe environment defaults, before mlflow import)
-from pipeline import PROJECT_ROOT
-from pipeline.inspect import ABLATIONS_ROOT
-from pipeline.versioning import DvcWorkspace, subprocess_env
-from stages.common import StageError, apply_overrides, epoch_dir, parse_override, read_json, save_npy, write_json
-from stages.labels import ASSIGNMENTS, nmi_between, read_assignments
+from pipeline import PROJECT_ROOT, tracking
+from pipeline.versioning import DvcWorkspace
+from stages.checkpoints import load_checkpoint
+from stages.common import StageError, apply_overrides, parse_override, read_json, write_json
+from stages.epoch import run_stage
+from stages.labels import nmi_between, read_assignments
+from stages.layout import (ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, CLUSTERING, DATASET, DISPOSABLE, EPOCHS_ROOT,
+                           FEATURES, METRICS, PCA, PCA_FEATURES, RUN_FILE, RunLayout, epoch_dir, report)
 
 STAGES = ("pca", "cluster", "labels", "evaluate")
 # Which parameters can change each rerun; anything else would be silently ignored, so it is refused.
 AFFECTS = {"pca": ("pca.", "cluster.", "run.seed"), "cluster": ("pca.", "cluster.", "run.seed"), "labels": (),
            "evaluate": None}  # None: any parameter (the final evaluation reads several sections)
-NOT_KEPT = ("features.npy", "pca_features.npy", "image_ids.npy")  # large, and reproducible from what is kept
 
 
 def check_overrides(stage: str, overrides: dict) -> None:
@@ -63,7 +63,7 @@ def check_overrides(stage: str, overrides: dict) -> None:
 
 
 def main_run(epochs_root: Path) -> dict:
-    run_file = epochs_root / "run.json"
+    run_file = epochs_root / RUN_FILE
     if not run_file.exists():
         raise StageError(f"{run_file} not found: there is no run to ablate in {epochs_root}")
     return read_json(run_file)
@@ -71,136 +71,102 @@ def main_run(epochs_root: Path) -> dict:
 
 def finished_epoch_dir(epochs_root: Path, epoch: int) -> Path:
     d = epoch_dir(epochs_root, epoch)
-    if not (d / "metrics.json").exists():
-        raise StageError(f"epoch {epoch} of {epochs_root} has not finished (no {d / 'metrics.json'}): "
+    if not (d / METRICS).exists():
+        raise StageError(f"epoch {epoch} of {epochs_root} has not finished (no {d / METRICS}): "
                          "ablations rerun stages of finished epochs")
     return d
 
 
-def features_for(params: dict, src: Path, epoch: int, dataset: Path, checkpoints: Path, out: Path, log) -> Path:
-    """Epoch `epoch`'s features: kept by the retention policy, or re-extracted with the stored checkpoint."""
-    kept = src / "features.npy"
-    if kept.exists():
-        return kept
-    ckpt = checkpoints / f"epoch_{epoch - 1:04d}.pt"
-    keep_f = params["extract"].get("keep_features_every") or 0
-    keep_c = params["train"].get("keep_checkpoint_every") or 0
-    if not ckpt.exists():
-        raise StageError(
-            f"epoch {epoch}'s features were not kept (extract.keep_features_every={keep_f} keeps every n-th "
-            f"epoch's features.npy; 0 = none) and {ckpt}, the network that computes them, was not kept either "
-            f"(train.keep_checkpoint_every={keep_c}). Ablate an epoch whose features or previous checkpoint exist "
-            f"(`python -m pipeline.inspect list` shows them), or set extract.keep_features_every for future runs; with "
-            f"a checkpoint, `python -m stages.extract --checkpoint <epoch_{epoch - 1:04d}.pt> --out <dir>` recomputes them")
-    from stages.extract import run_extract
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (no copy of N x D floats; the main run's file is
+    only read), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
-    log(f"epoch {epoch}'s features were not kept: re-extracting them with {ckpt} (deterministic: same network, centre crops)")
-    run_extract(params, dataset, ckpt, out)
-    return out / "features.npy"
+
+def provide_features(params: dict, layout: RunLayout, src: Path, epoch: int, log) -> None:
+    """Epoch `epoch`'s features in the ablation's epoch directory: kept by the retention policy, or
+    re-extracted with the main run's checkpoint of epoch - 1 (same network, centre crops: deterministic)."""
+    out = layout.epoch(epoch)
+    if (src / FEATURES).exists():
+        link_or_copy(src / FEATURES, out / FEATURES)
+        return
+    if not layout.checkpoint(epoch - 1).exists():
+        raise StageError(
+            f"epoch {epoch}'s features were not kept (extract.keep_features_every="
+            f"{params['extract'].get('keep_features_every') or 0}) and {layout.checkpoint(epoch - 1)}, the network that "
+            f"computes them, was not kept either (train.keep_checkpoint_every="
+            f"{params['train'].get('keep_checkpoint_every') or 0}). Ablate an epoch whose features or previous "
+            "checkpoint exist (`python -m pipeline.inspect list` shows them), or set extract.keep_features_every for "
+            "future runs")
+    log(f"epoch {epoch}'s features were not kept: re-extracting them with {layout.checkpoint(epoch - 1)}")
+    run_stage("extract", params, layout, epoch)
 
 
 def ablation_metrics(out: Path, epoch: int, main_dir: Path) -> dict:
-    """The figures an ablation changes, under the names of the main run's metrics.json for side-by-side views.
-
-    (stages.evaluate.epoch_metrics needs all five stage reports; an ablation reruns only some.)
-    """
+    """The figures an ablation changes, under the names of the main run's metrics.json for side-by-side
+    views (stages.epoch.epoch_metrics needs all five stage reports; an ablation reruns only some)."""
     metrics = {"epoch": epoch}
-    if (out / "labels.json").exists():
-        lab = read_json(out / "labels.json")
+    if (out / report("labels")).exists():
+        lab = read_json(out / report("labels"))
         metrics.update(nmi_previous=lab["nmi_previous"], nmi_labels=lab["nmi_labels"], n_clusters=lab["n_clusters"],
                        empty_clusters=lab["empty_clusters"], cluster_size_min=lab["size_min"],
                        cluster_size_median=lab["size_median"], cluster_size_max=lab["size_max"],
                        cluster_size_cv=lab["size_cv"])
         metrics["nmi_main"] = nmi_between(read_assignments(out / ASSIGNMENTS), read_assignments(main_dir / ASSIGNMENTS))
-    if (out / "cluster.json").exists():
-        metrics["kmeans_loss"] = read_json(out / "cluster.json")["objective"]
-    if (out / "pca.json").exists():
-        metrics["pca_explained_variance"] = read_json(out / "pca.json")["explained_variance"]
-    if (out / "eval" / "metrics.json").exists():
-        metrics.update({f"eval.{k}": v for k, v in read_json(out / "eval" / "metrics.json").items()})
+    if (out / report("cluster")).exists():
+        metrics["kmeans_loss"] = read_json(out / report("cluster"))["objective"]
+    if (out / report("pca")).exists():
+        metrics["pca_explained_variance"] = read_json(out / report("pca"))["explained_variance"]
+    if (out / "eval" / METRICS).exists():
+        metrics.update({f"eval.{k}": v for k, v in read_json(out / "eval" / METRICS).items()})
     return metrics
 
 
-def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, out: Path, dataset: Path,
-          epochs_root: Path, checkpoints: Path, previous: int | None, log) -> None:
-    """Run the ablated stage(s) into `out` (the ablation's epoch directory)."""
-    from stages.cluster import run_cluster
-    from stages.labels import run_labels
-    from stages.pca import run_pca
-
+def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, layout: RunLayout, main_epochs_root: Path,
+          previous: int | None, log) -> None:
+    """Run the ablated stage and the chain after it (up to labels) into the ablation's epoch directory."""
+    out = layout.epoch(epoch)
     out.mkdir(parents=True)
-    prev_dir = epoch_dir(epochs_root, previous if previous is not None else epoch - 1)
-    if stage in ("pca", "cluster"):
-        same_pca = params["pca"] == main_params["pca"] and params["run"]["seed"] == main_params["run"]["seed"]
-        if stage == "cluster" and same_pca and (src / "pca_features.npy").exists():
-            # Same PCA as the main run: reuse its output (a hard link: no copy of N x d floats).
-            os.link(src / "pca_features.npy", out / "pca_features.npy")
-            shutil.copy2(src / "pca.npz", out / "pca.npz")
-            shutil.copy2(src / "pca.json", out / "pca.json")
-        else:
-            run_pca(params, features_for(params, src, epoch, dataset, checkpoints, out, log), out, epoch)
-        log(f"pca: {json.dumps(read_json(out / 'pca.json'))}")
-        log(f"cluster: {json.dumps(run_cluster(params, out / 'pca_features.npy', out, epoch))}")
-        write_image_ids(src, out)
-    elif stage == "labels":
-        for name in ("kmeans.npz", "cluster.json"):
-            shutil.copy2(src / name, out / name)
-        write_image_ids(src, out)
-    if stage in ("pca", "cluster", "labels"):
-        stats = run_labels(params, out, dataset, prev_dir)
-        log(f"labels: {json.dumps({k: v for k, v in stats.items() if k != 'sizes'})}")
-    else:  # evaluate: the final evaluation (owned by stages.evaluate) on this epoch's checkpoint
-        ckpt = checkpoints / f"epoch_{epoch:04d}.pt"
-        last = checkpoints / "last.pt"
-        if not ckpt.exists() and last.exists() and _checkpoint_epoch(last) == epoch:
-            ckpt = last
+    if stage == "evaluate":
+        from stages.evaluate import run_final_evaluation  # matplotlib and the probes: only for this stage
+
+        ckpt = layout.checkpoint(epoch)
+        if not ckpt.exists() and layout.last_checkpoint.exists() and load_checkpoint(layout.last_checkpoint)["epoch"] == epoch:
+            ckpt = layout.last_checkpoint
         if not ckpt.exists():
             raise StageError(f"{ckpt} was not kept (train.keep_checkpoint_every="
                              f"{params['train'].get('keep_checkpoint_every')}): evaluate an epoch whose checkpoint exists")
-        cmd = [sys.executable, "-m", "stages.evaluate", "final", "--params", str(out.parent / "params.yaml"),
-               "--dataset", str(dataset), "--epochs-root", str(epochs_root), "--checkpoint", str(ckpt),
-               "--out", str(out / "eval")]
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=subprocess_env(), text=True, capture_output=True)
-        for line in (proc.stdout + proc.stderr).splitlines():
-            log(f"evaluate: {line}")
-        if proc.returncode != 0:
-            raise StageError(f"the final evaluation of epoch {epoch} failed (exit {proc.returncode}); output above")
-    for name in NOT_KEPT:
+        run_final_evaluation(params, layout.dataset, main_epochs_root, ckpt, out / "eval")
+        return
+    if stage == "cluster" and params["pca"] == main_params["pca"] and params["run"]["seed"] == main_params["run"]["seed"] \
+            and (src / PCA_FEATURES).exists():
+        for name in (PCA_FEATURES, PCA, report("pca")):  # the same PCA as the main run's: reuse it
+            link_or_copy(src / name, out / name)
+    elif stage in ("pca", "cluster"):
+        provide_features(params, layout, src, epoch, log)
+        log(f"pca: {run_stage('pca', params, layout, epoch)}")
+    else:  # labels: from the epoch's own clustering
+        for name in (CLUSTERING, report("cluster")):
+            link_or_copy(src / name, out / name)
+    if stage != "labels":
+        stats = run_stage("cluster", params, layout, epoch)
+        log(f"cluster: k={stats['k']}, {stats['empty_clusters']} empty")
+    prev = epoch_dir(main_epochs_root, previous if previous is not None else epoch - 1)
+    stats = run_stage("labels", params, layout, epoch, previous=prev)
+    log(f"labels: NMI previous {stats['nmi_previous']}, NMI labels {stats['nmi_labels']}")
+    for name in DISPOSABLE:  # large, and reproducible from what is kept
         (out / name).unlink(missing_ok=True)
 
 
-def write_image_ids(src: Path, out: Path) -> None:
-    """The features' row order, which the labels stage needs: the epoch's image_ids.npy, or the same ids
-    from its assignments (the retention policy drops image_ids.npy with the features)."""
-    if (out / "image_ids.npy").exists():  # re-extracted with the features
-        return
-    if (src / "image_ids.npy").exists():
-        shutil.copy2(src / "image_ids.npy", out / "image_ids.npy")
-    else:
-        save_npy(out / "image_ids.npy", read_assignments(src / ASSIGNMENTS)["image_id"].to_numpy().astype(str))
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True).get("epoch")
-
-
 def log_to_mlflow(name: str, record: dict, final_dir: Path, main_run_id: str | None) -> str:
+    """A run nested under the main run: the ablation's figures at step = its epoch, and its files."""
     import mlflow
 
-    from pipeline import tracking
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.EXPERIMENT))
-    parent = main_run_id
-    if parent is not None:
-        try:
-            mlflow.get_run(parent)
-        except mlflow.exceptions.MlflowException:
-            parent = None  # the main run's MLflow run is gone (another mlflow.db): log a top-level run
     tags = {"deepcluster.ablation": name, "deepcluster.stage": record["stage"], "deepcluster.epoch": str(record["epoch"])}
-    with mlflow.start_run(run_name=f"ablation-{name}", parent_run_id=parent, tags=tags) as run:
+    with tracking.start_run(run_name=f"ablation-{name}", tags=tags, parent_run_id=main_run_id) as run:
         mlflow.log_params({"ablation.stage": record["stage"], "ablation.epoch": record["epoch"],
                            **{f"override.{k}": str(v) for k, v in record["overrides"].items()}})
         mlflow.log_metrics(tracking.numeric_metrics(record["metrics"]), step=record["epoch"])
@@ -209,15 +175,14 @@ def log_to_mlflow(name: str, record: dict, final_dir: Path, main_run_id: str | N
 
 
 def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int | None = None, force: bool = False,
-           epochs_root: str | Path = "data/epochs", dataset: str | Path = "data/dataset",
-           checkpoints: str | Path = "models/checkpoints", root: str | Path = ABLATIONS_ROOT, dvc: bool = True,
-           log=print) -> dict:
+           epochs_root: str | Path = EPOCHS_ROOT, dataset: str | Path = DATASET, checkpoints: str | Path = CHECKPOINTS,
+           root: str | Path = ABLATIONS_ROOT, dvc: bool = True, log=print) -> dict:
     if stage not in STAGES:
         raise StageError(f"cannot ablate {stage!r}: choose one of {', '.join(STAGES)}")
     if not name or "/" in name or name.startswith(".") or ":" in name:
         raise StageError(f"ablation name {name!r}: use letters, digits, - and _ (it names data/ablations/<name>)")
     check_overrides(stage, overrides)
-    epochs_root, dataset, checkpoints, root = Path(epochs_root), Path(dataset), Path(checkpoints), Path(root)
+    epochs_root, root = Path(epochs_root), Path(root)
     run = main_run(epochs_root)
     src = finished_epoch_dir(epochs_root, epoch)
     params = apply_overrides(run["params"], overrides)  # the main run's parameters, not today's params.yaml
@@ -230,14 +195,14 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     try:
         (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         start = time.perf_counter()
-        rerun(stage, params, run["params"], epoch, src, epoch_dir(tmp, epoch), dataset, epochs_root, checkpoints,
-              previous, log)
+        layout = RunLayout(Path(dataset), tmp, Path(checkpoints))
+        rerun(stage, params, run["params"], epoch, src, layout, epochs_root, previous, log)
         record = {"name": name, "stage": stage, "epoch": epoch, "overrides": overrides,
                   "previous": previous if previous is not None else epoch - 1,
                   "main_run": {"epochs_root": str(epochs_root), "fingerprint": run["fingerprint"],
                                "mlflow_run_id": run.get("mlflow_run_id")},
                   "seconds": time.perf_counter() - start,
-                  "metrics": ablation_metrics(epoch_dir(tmp, epoch), epoch, src)}
+                  "metrics": ablation_metrics(layout.epoch(epoch), epoch, src)}
         write_json(tmp / "ablation.json", record)
         if final.exists():
             shutil.rmtree(final)
@@ -253,14 +218,14 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     return record
 
 
-def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = "data/epochs"):
+def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = EPOCHS_ROOT):
     import pandas as pd
 
     rows = []
     for f in sorted(Path(root).glob("*/ablation.json")):
         rec = read_json(f)
         m = rec["metrics"]
-        main_file = epoch_dir(epochs_root, rec["epoch"]) / "metrics.json"
+        main_file = epoch_dir(epochs_root, rec["epoch"]) / METRICS
         main = read_json(main_file) if main_file.exists() else {}
         rows.append({"name": rec["name"], "stage": rec["stage"], "epoch": rec["epoch"],
                      "overrides": " ".join(f"{k}={v}" for k, v in rec["overrides"].items()) or "-",
@@ -280,9 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--previous", type=int, help="labels: the epoch to compute NMI against (default: epoch - 1)")
     parser.add_argument("--force", action="store_true", help="replace an existing ablation of that name")
     parser.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the result")
-    parser.add_argument("--epochs-root", default="data/epochs")
-    parser.add_argument("--dataset", default="data/dataset")
-    parser.add_argument("--checkpoints", default="models/checkpoints")
+    parser.add_argument("--epochs-root", default=EPOCHS_ROOT)
+    parser.add_argument("--dataset", default=DATASET)
+    parser.add_argument("--checkpoints", default=CHECKPOINTS)
     args = parser.parse_args(argv)
     try:
         if args.stage == "list":

@@ -21,91 +21,38 @@ with the same parameters, code and dataset, and starts over otherwise, as DVC ex
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline-safe environment defaults, before prefect/mlflow import)
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline import PROJECT_ROOT, tracking
+from pipeline import PROJECT_ROOT, project_server_url, tracking
 from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
-from pipeline.workspace import code_version, dataset_version, remove_stale_temp_files, workspace_lock
-from stages.common import StageError, epoch_dir, flatten, load_params, parse_override, read_json, write_json
-from stages.cluster import run_cluster
-from stages.evaluate import epoch_metrics
-from stages.extract import run_extract
-from stages.labels import run_labels
-from stages.pca import run_pca
-from stages.train import init_checkpoint, run_train
+from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
+                                workspace_lock)
+from stages.common import StageError, flatten, load_params, parse_override, read_json, write_json
+from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage
+from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
+                           report)
+from stages.train import init_checkpoint
 
 # A stage failing for a reason other than StageError (out of memory, an I/O error, a GPU hiccup)
 # may succeed on a second try; each try starts the stage over, its outputs being atomic.
 TASK_RETRIES = 2
 RETRY_DELAY_S = 10
-# Figures that measure time, not the method: they differ between a resumed and an uninterrupted run.
-TIMING_KEYS = ("seconds_", "peak_rss_mb", "images_per_second")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a run's artifacts live."""
-
-    dataset: Path
-    epochs_root: Path
-    checkpoints: Path
-
-    def epoch(self, e: int) -> Path:
-        return epoch_dir(self.epochs_root, e)
-
-    def checkpoint(self, e: int) -> Path:
-        return self.checkpoints / f"epoch_{e:04d}.pt"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def run_file(self) -> Path:
-        return self.epochs_root / "run.json"
-
-
-# Parameters that do not change any result: a run can be resumed with other values.
-RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every", "extract.batch_size",
-                  "extract.num_workers", "extract.device", "train.num_workers", "train.device", "prepare.num_workers")
-
-
-def run_fingerprint(params: dict) -> str:
-    """Hash of everything that changes results; run.epochs is left out so a run can be extended, and
-    the retention policy (RESULT_NEUTRAL) so it can be changed during a long run."""
-    relevant = {k: v for k, v in params.items() if k != "run"}
-    relevant["seed"] = params["run"]["seed"]
-    for dotted in RESULT_NEUTRAL:
-        section, key = dotted.split(".")
-        relevant[section] = {k: v for k, v in relevant.get(section, {}).items() if k != key}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------ tasks: one per stage
+# ------------------------------------------------------------------ one task per stage
 class StageFailed(RuntimeError):
     """An unexpected error inside a stage; retried, since it may be transient."""
-
-
-def run_stage(name: str, epoch: int, fn, *args) -> dict:
-    """Call a stage; its error names the stage and epoch, and keeps its class (StageError = user error)."""
-    try:
-        return fn(*args)
-    except StageError as e:
-        raise StageError(f"stage {name}, epoch {epoch}: {e}") from e
-    except Exception as e:
-        raise StageFailed(f"stage {name}, epoch {epoch}: {type(e).__name__}: {e}") from e
 
 
 def retry_unless_stage_error(task, task_run, state) -> bool:
@@ -119,80 +66,20 @@ def retry_unless_stage_error(task, task_run, state) -> bool:
     return True
 
 
-def stage_task(name: str):
-    # NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
-    return task(name=name, retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S,
-                retry_condition_fn=retry_unless_stage_error, cache_policy=NO_CACHE)
+# NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
+@task(retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_unless_stage_error,
+      cache_policy=NO_CACHE)
+def stage_task(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
+    """One stage of the chain; its error names the stage and epoch and keeps its class (StageError = user error)."""
+    try:
+        return run_stage(name, params, layout, epoch)
+    except StageError as e:
+        raise StageError(f"stage {name}, epoch {epoch}: {e}") from e
+    except Exception as e:
+        raise StageFailed(f"stage {name}, epoch {epoch}: {type(e).__name__}: {e}") from e
 
 
-@stage_task("extract")
-def extract_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_stage("extract", epoch, run_extract, params, layout.dataset, layout.checkpoint(epoch - 1), layout.epoch(epoch))
-
-
-@stage_task("pca")
-def pca_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_stage("pca", epoch, run_pca, params, layout.epoch(epoch) / "features.npy", layout.epoch(epoch), epoch)
-
-
-@stage_task("cluster")
-def cluster_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_stage("cluster", epoch, run_cluster, params, layout.epoch(epoch) / "pca_features.npy", layout.epoch(epoch), epoch)
-
-
-@stage_task("labels")
-def labels_task(params: dict, layout: Layout, epoch: int) -> dict:
-    return run_stage("labels", epoch, run_labels, params, layout.epoch(epoch), layout.dataset, layout.epoch(epoch - 1))
-
-
-@stage_task("train")
-def train_task(params: dict, layout: Layout, epoch: int) -> dict:
-    d = layout.epoch(epoch)
-    return run_stage("train", epoch, run_train, params, layout.dataset, d / "assignments.parquet",
-                     layout.checkpoint(epoch - 1), layout.checkpoint(epoch), epoch, d / "train.json")
-
-
-STAGES = [("extract", extract_task), ("pca", pca_task), ("cluster", cluster_task), ("labels", labels_task),
-          ("train", train_task)]
-
-
-def stage_done(layout: Layout, epoch: int, stage: str) -> bool:
-    return (layout.epoch(epoch) / f"{stage}.json").exists()
-
-
-def completed_epochs(layout: Layout) -> list[int]:
-    return sorted(int(p.parent.name) for p in layout.epochs_root.glob("[0-9][0-9][0-9][0-9]/metrics.json"))
-
-
-# ------------------------------------------------------------------ retention
-def keeps_features(params: dict, epoch: int) -> bool:
-    every = params["extract"].get("keep_features_every") or 0
-    return bool(every) and epoch % every == 0
-
-
-def keeps_checkpoint(params: dict, epoch: int) -> bool:
-    every = params["train"].get("keep_checkpoint_every") or 0
-    return epoch == 0 or (bool(every) and epoch % every == 0)
-
-
-def apply_retention(params: dict, layout: Layout, epoch: int) -> None:
-    """Drop what the retention policy does not keep, once `epoch` is complete.
-
-    fc features are N x D floats per epoch (ImageNet/AlexNet: 21 GB) and a checkpoint of AlexNet is
-    ~0.5 GB with momentum buffers; assignments, statistics and metrics are always kept. image_ids.npy
-    (the features' row order; ~150 MB of ImageNet paths) goes with the features: assignments.parquet
-    holds the same ids in the same order. The epoch's own checkpoint stays until the next epoch is
-    done: the next epoch starts from it.
-    """
-    if not keeps_features(params, epoch):
-        for name in ("features.npy", "pca_features.npy", "image_ids.npy"):
-            (layout.epoch(epoch) / name).unlink(missing_ok=True)
-    prev = epoch - 1
-    if prev > 0 and not keeps_checkpoint(params, prev):
-        layout.checkpoint(prev).unlink(missing_ok=True)
-
-
-def publish_last_checkpoint(layout: Layout, epoch: int) -> None:
+def publish_last_checkpoint(layout: RunLayout, epoch: int) -> None:
     last, ckpt = layout.last_checkpoint, layout.checkpoint(epoch)
     if last.exists() and os.path.samefile(last, ckpt):
         # Already published (a resumed run redoes this step). Also required for correctness: renaming a
@@ -204,74 +91,13 @@ def publish_last_checkpoint(layout: Layout, epoch: int) -> None:
     os.replace(tmp, last)
 
 
-# ------------------------------------------------------------------ the run's identity
-def run_identity(params: dict, layout: Layout) -> dict:
-    return {"fingerprint": run_fingerprint(params), "code_version": code_version(),
-            "dataset_version": dataset_version(layout.dataset)}
-
-
-def params_diff(old: dict, new: dict) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k != "run.epochs" and k not in RESULT_NEUTRAL and a.get(k) != b.get(k)]
-
-
-def resume_problems(state: dict, identity: dict, params: dict, layout: Layout) -> list[str]:
-    """Why the run recorded in `state` cannot be continued with `params` (empty: it can)."""
-    problems = []
-    if state.get("fingerprint") != identity["fingerprint"]:
-        diff = params_diff(state.get("params", {}), params)
-        problems.append("its parameters differ" + (f" ({', '.join(diff)})" if diff else ""))
-    for key, what in (("code_version", "the method's code (stages/*.py)"), ("dataset_version", "the dataset")):
-        if state.get(key) and identity.get(key) and state[key] != identity[key]:
-            problems.append(f"{what} changed since it started")
-    finished = completed_epochs(layout)
-    n_epochs = int(params["run"]["epochs"])
-    if finished and finished[-1] > n_epochs:
-        problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={n_epochs}")
-    return problems
-
-
-def discard_run(layout: Layout) -> None:
-    shutil.rmtree(layout.epochs_root, ignore_errors=True)
-    shutil.rmtree(layout.checkpoints, ignore_errors=True)
-
-
-def refuse_resume(layout: Layout, problems: list[str]) -> None:
-    raise StageError(
-        f"{layout.epochs_root} holds a run that cannot be resumed: {'; '.join(problems)}. Restore what "
-        "changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
-
-
-def claim_workspace(params: dict, layout: Layout, fresh: bool, on_mismatch: str = "refuse", log=print) -> dict:
-    """Start or resume the run in this workspace; refuse (or, under dvc repro, replace) a different run."""
-    identity = run_identity(params, layout)
-    if fresh:
-        discard_run(layout)
-    if layout.run_file.exists():
-        state = read_json(layout.run_file)
-        problems = resume_problems(state, identity, params, layout)
-        if not problems:
-            updated = {**state, **{k: v for k, v in identity.items() if not state.get(k)}, "params": params}
-            if updated != state:  # run.epochs may have grown; an unchanged run leaves the file alone
-                write_json(layout.run_file, updated)
-            return updated
-        if on_mismatch != "fresh":
-            refuse_resume(layout, problems)
-        log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")
-        discard_run(layout)
-    state = {**identity, "mlflow_run_id": None, "params": params}
-    write_json(layout.run_file, state)
-    return state
-
-
 # ------------------------------------------------------------------ DVC and params.yaml
 def dvc_stage_outs(root: Path) -> list[Path]:
     stage = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {}).get(STAGE, {})
     return [root / (next(iter(o)) if isinstance(o, dict) else o) for o in stage.get("outs", [])]
 
 
-def versioned_workspace(layout: Layout, params_file: str | Path, enabled: bool) -> DvcWorkspace | None:
+def versioned_workspace(layout: RunLayout, params_file: str | Path, enabled: bool) -> DvcWorkspace | None:
     """The DVC project to version this run in, or None: off, not a DVC project, or paths not dvc.yaml's."""
     ws = DvcWorkspace.find(PROJECT_ROOT) if enabled else None
     if ws is None:
@@ -310,21 +136,21 @@ def summarize(stats: dict) -> str:
                        if not isinstance(v, (list, dict))}, sort_keys=True)
 
 
-def version_epoch(ws: DvcWorkspace | None, params: dict, layout: Layout, epoch: int) -> float:
+def version_epoch(ws: DvcWorkspace | None, params: dict, layout: RunLayout, epoch: int) -> float:
     """Put what the epoch keeps into DVC's cache (see pipeline.versioning); returns the seconds it took."""
     if ws is None:
         return 0.0
     start = time.perf_counter()
     paths = [layout.epoch(epoch), layout.run_file]
     if epoch > 1:
-        paths.append(layout.epoch(epoch - 1) / "metrics.json")  # written after that epoch was versioned
+        paths.append(layout.epoch(epoch - 1) / METRICS)  # written after that epoch was versioned
     if keeps_checkpoint(params, epoch):
         paths.append(layout.checkpoint(epoch))
     ws.cache_paths(paths)
     return time.perf_counter() - start
 
 
-def finish_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, metrics: dict, ws: DvcWorkspace | None,
+def finish_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, metrics: dict, ws: DvcWorkspace | None,
                  run_id: str, resumed: bool = False) -> dict:
     """Everything after the stages, idempotent so a run killed in the middle of it can redo it."""
     publish_last_checkpoint(layout, epoch)
@@ -332,21 +158,21 @@ def finish_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, metric
     start = time.perf_counter()
     if not (resumed and tracking.epoch_logged(run_id, epoch)):
         tracking.log_epoch(metrics, epoch)
-    tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / "labels.json")["sizes"], epoch, n_epochs)
+    tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / report("labels"))["sizes"], epoch, n_epochs)
     seconds_tracking = time.perf_counter() - start
     return {"seconds_tracking": seconds_tracking, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
 
 
-def run_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
+def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
     logger = get_run_logger()
     start = time.perf_counter()
     ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
-    for name, stage in STAGES:
-        if stage_done(layout, epoch, name):
+    for name in EPOCH_STAGES:
+        if layout.stage_done(epoch, name):
             logger.info(f"epoch {epoch}: {name} already done, skipping")
             continue
         logger.info(f"epoch {epoch}: {name} starting")
-        stats = stage.with_options(task_run_name=f"{name}-epoch-{epoch:04d}")(params, layout, epoch)
+        stats = stage_task.with_options(name=name, task_run_name=f"{name}-epoch-{epoch:04d}")(name, params, layout, epoch)
         ran += stats["seconds"]
         logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {summarize(stats)}")
     metrics = epoch_metrics(layout.epoch(epoch), epoch)
@@ -357,7 +183,7 @@ def run_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, ws: DvcWo
     metrics["seconds_epoch"] = metrics["seconds_stages"] + metrics["seconds_overhead"]
     tracking.log_epoch({k: metrics[k] for k in ("seconds_overhead", "seconds_epoch", "seconds_tracking", "seconds_dvc")},
                        epoch)
-    write_json(layout.epoch(epoch) / "metrics.json", metrics)  # the epoch is done
+    write_json(layout.epoch(epoch) / METRICS, metrics)  # the epoch is done
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     logger.info(f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
                 f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['empty_clusters']} empty clusters, "
@@ -368,8 +194,8 @@ def run_epoch(params: dict, layout: Layout, epoch: int, n_epochs: int, ws: DvcWo
 # ------------------------------------------------------------------ the flow
 @flow(name="deepcluster", log_prints=True)
 def deepcluster(epochs: int | None = None, overrides: dict | None = None, params_file: str = "params.yaml",
-                dataset: str = "data/dataset", epochs_root: str = "data/epochs",
-                checkpoints: str = "models/checkpoints", fresh: bool = False, dvc: bool = True) -> dict:
+                dataset: str = DATASET, epochs_root: str = EPOCHS_ROOT, checkpoints: str = CHECKPOINTS,
+                fresh: bool = False, dvc: bool = True) -> dict:
     """Train DeepCluster for `epochs` epochs (default: run.epochs), resuming a matching run in place.
 
     overrides: dotted params.yaml keys, e.g. {"cluster.k": 50}. fresh: discard the workspace's run.
@@ -383,7 +209,7 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
     if in_dvc and overrides:
         raise StageError("under `dvc repro` the parameters come from params.yaml only: edit it (or use "
                          "`dvc exp run -S key=value`) instead of passing overrides")
-    layout = Layout(Path(dataset), Path(epochs_root), Path(checkpoints))
+    layout = RunLayout(Path(dataset), Path(epochs_root), Path(checkpoints))
     ws = versioned_workspace(layout, params_file, dvc)
     if dvc and ws is None:
         logger.info("DVC versioning off: not run from the root of a DVC project with this run's paths in dvc.yaml")
@@ -415,8 +241,8 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
             if state["mlflow_run_id"] != run.info.run_id:
                 state["mlflow_run_id"] = run.info.run_id
                 write_json(layout.run_file, state)
-            done = [e for e in completed_epochs(layout) if e <= n_epochs]
-            metrics = read_json(layout.epoch(done[-1]) / "metrics.json") if done else {}
+            done = [e for e in layout.completed_epochs() if e <= n_epochs]
+            metrics = read_json(layout.epoch(done[-1]) / METRICS) if done else {}
             if done:
                 # The last finished epoch may have been killed between its metrics.json and the end
                 # of its bookkeeping (MLflow, retention, DVC): redo that part, it is idempotent.
@@ -440,17 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a parameter for this run, e.g. --set cluster.k=50 (repeatable); "
                              "in a DVC project it is written into params.yaml")
-    parser.add_argument("--dataset", default="data/dataset")
-    parser.add_argument("--epochs-root", default="data/epochs")
-    parser.add_argument("--checkpoints", default="models/checkpoints")
+    parser.add_argument("--dataset", default=DATASET)
+    parser.add_argument("--epochs-root", default=EPOCHS_ROOT)
+    parser.add_argument("--checkpoints", default=CHECKPOINTS)
     parser.add_argument("--fresh", action="store_true", help="discard the workspace's existing run and start over")
     parser.add_argument("--no-dvc", action="store_true", help="do not version the run with DVC (the flow alone)")
     args = parser.parse_args(argv)
-    from pipeline.serve import project_server_settings
-
     try:
         overrides = dict(parse_override(s) for s in args.set)
-        with project_server_settings():  # report to `make serve`'s Prefect server when it is up
+        url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
+        # report to `make serve`'s Prefect server when it is up, so the run shows in its UI
+        with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():
             deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,
                         epochs_root=args.epochs_root, checkpoints=args.checkpoints, fresh=args.fresh,
                         dvc=not args.no_dvc)

@@ -16,8 +16,8 @@ and DVC reads them from its cache, so they need not be in the workspace. `dvc ge
 clusters of the two epochs are first paired one-to-one to maximise the number of images that land
 in paired clusters (the Hungarian algorithm on the k x k contingency table); an image changed
 cluster when its cluster in B is not the partner of its cluster in A. Above MAX_DENSE_PAIRS
-cluster pairs (e.g. k = 10,000) the pairing is greedy (largest overlaps first), which can only
-overstate the changes; the output says which was used.
+cluster pairs (stages.labels.MAX_DENSE_PAIRS, e.g. k = 10,000) the pairing is greedy (largest
+overlaps first), which can only overstate the changes; the output says which was used.
 """
 from __future__ import annotations
 
@@ -33,13 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import StageError, epoch_dir
+from stages.common import StageError
+from stages.labels import match_clusters, nmi_between, size_histogram
+from stages.layout import ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, EPOCHS_ROOT, FEATURES, METRICS, checkpoint_name, epoch_dir, report
 
-# = stages.labels.ASSIGNMENTS; stages.labels is imported only to compare (it loads torch: seconds per call)
-ASSIGNMENTS = "assignments.parquet"
-EPOCHS_ROOT = "data/epochs"
-ABLATIONS_ROOT = "data/ablations"
-MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
 _EPOCH_NAME = re.compile(r"^\d{4}$")
 
 
@@ -125,53 +122,12 @@ def load_report(ref: Ref, name: str, reader: Reader) -> dict | None:
     return json.loads(reader.read_bytes(path)) if reader.exists(path) else None
 
 
-def size_histogram(sizes: np.ndarray) -> pd.DataFrame:
-    """Cluster sizes in powers-of-two bins: how many clusters, holding how many images (bins with no
-    cluster are left out, except the empty clusters' row)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    rows = [{"size": "0 (empty)", "clusters": int((sizes == 0).sum()), "images": 0}]
-    top = int(sizes.max()) if len(sizes) else 0
-    lo = 1
-    while lo <= top:
-        hi = lo * 2 - 1
-        sel = (sizes >= lo) & (sizes <= hi)
-        if sel.any():
-            rows.append({"size": str(lo) if lo == hi else f"{lo}-{hi}", "clusters": int(sel.sum()),
-                         "images": int(sizes[sel].sum())})
-        lo *= 2
-    return pd.DataFrame(rows)
-
-
 def cluster_sizes(assignments: pd.DataFrame, k: int | None = None) -> np.ndarray:
     return np.bincount(assignments["cluster"].to_numpy(), minlength=k or 0)
 
 
-def match_clusters(a: np.ndarray, b: np.ndarray) -> tuple[int, str]:
-    """Images in one-to-one paired clusters (best pairing), and the method used."""
-    ua, ia = np.unique(a, return_inverse=True)
-    ub, ib = np.unique(b, return_inverse=True)
-    if len(ua) * len(ub) <= MAX_DENSE_PAIRS:
-        from scipy.optimize import linear_sum_assignment
-
-        table = np.zeros((len(ua), len(ub)), dtype=np.int64)
-        np.add.at(table, (ia, ib), 1)
-        rows, cols = linear_sum_assignment(table, maximize=True)
-        return int(table[rows, cols].sum()), "hungarian"
-    pairs, counts = np.unique(ia.astype(np.int64) * len(ub) + ib, return_counts=True)
-    used_a, used_b, matched = set(), set(), 0
-    for idx in np.argsort(-counts, kind="stable"):
-        ca, cb = divmod(int(pairs[idx]), len(ub))
-        if ca not in used_a and cb not in used_b:
-            used_a.add(ca)
-            used_b.add(cb)
-            matched += int(counts[idx])
-    return matched, "greedy"
-
-
 def compare_assignments(a: pd.DataFrame, b: pd.DataFrame) -> dict:
     """NMI, images that changed cluster (see module doc) and cluster counts of two epochs."""
-    from stages.labels import nmi_between
-
     joined = a.merge(b, on="image_id", suffixes=("_a", "_b"))
     if len(joined) == 0:
         raise StageError("the two epochs share no image_id: were they run on different datasets?")
@@ -199,12 +155,12 @@ def cmd_list(args) -> None:
     rows = []
     for e in epochs:
         ref = Ref(root, e, args.rev)
-        m = load_report(ref, "metrics.json", reader) or load_report(ref, "labels.json", reader) or {}
+        m = load_report(ref, METRICS, reader) or load_report(ref, report("labels"), reader) or {}
         rows.append({"epoch": e, "clusters": m.get("n_clusters"), "empty": m.get("empty_clusters"),
                      "nmi_previous": m.get("nmi_previous"), "nmi_labels": m.get("nmi_labels"),
                      "train_loss": m.get("train_loss"),
-                     "features": "kept" if reader.exists(f"{ref.dir}/features.npy") else "-",
-                     "checkpoint": "kept" if reader.exists(f"models/checkpoints/epoch_{e:04d}.pt") else "-"})
+                     "features": "kept" if reader.exists(f"{ref.dir}/{FEATURES}") else "-",
+                     "checkpoint": "kept" if reader.exists(f"{CHECKPOINTS}/{checkpoint_name(e)}") else "-"})
     table = pd.DataFrame(rows)
     if args.json:
         print(table.to_json(orient="records"))

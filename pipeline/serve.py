@@ -10,7 +10,7 @@ Both processes bind to 127.0.0.1 and keep their state in the project's .prefect/
 server's SQLite database, pid files, logs). The deployment is served by `flow.serve()` in a
 background process: each run executes in a subprocess started in the project root, so it uses the
 project's params.yaml, data and DVC repository. Runs started from the CLI or `dvc repro` while the
-server is up report to it too (see project_server_settings).
+server is up report to it too (pipeline.project_server_url).
 """
 from __future__ import annotations
 
@@ -26,61 +26,24 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import PROJECT_ROOT
+from pipeline import PROJECT_ROOT, healthy, prefect_state_dir, project_server_url
 
 DEFAULT_PORT = 4200
 DEFAULT_NAME = "local"
 FLOW_NAME = "deepcluster"
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("PREFECT_HOME", PROJECT_ROOT / ".prefect"))
-
-
 def _file(name: str) -> Path:
-    return state_dir() / name
+    return prefect_state_dir() / name
 
 
 def api_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
-def healthy(url: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def running_api_url() -> str | None:
-    """The URL of this project's server if `start` launched it and it answers, else None."""
-    try:
-        info = json.loads(_file("server.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return info["url"] if _alive(info.get("pid"), "prefect") and healthy(info["url"]) else None
-
-
-@contextlib.contextmanager
-def project_server_settings():
-    """Run a flow against the project's Prefect server when it is up (visible in its UI), else let
-    Prefect start its temporary server. An explicit PREFECT_API_URL in the environment wins."""
-    url = None if os.environ.get("PREFECT_API_URL") else running_api_url()
-    if url is None:
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
-
-
 def service_env(port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PREFECT_HOME=str(state_dir()), PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST="127.0.0.1",
-               PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(os.environ)  # holds pipeline.OFFLINE_ENV since this package was imported
+    env.update(PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
     # Flow runs call `dvc repro`, whose commands run `python -m ...`: this environment's python first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -144,7 +107,7 @@ def deployment_exists(name: str, env: dict[str, str]) -> bool:
 
 
 def start(port: int, name: str) -> None:
-    state_dir().mkdir(parents=True, exist_ok=True)
+    prefect_state_dir().mkdir(parents=True, exist_ok=True)
     env = service_env(port)
     url = env["PREFECT_API_URL"]
     server_pid = _read_pid("server.pid")
@@ -160,7 +123,7 @@ def start(port: int, name: str) -> None:
         _wait(lambda: healthy(url), 120, "the Prefect server", proc, "server")
     _file("server.json").write_text(json.dumps({"url": url, "port": port, "pid": server_pid}) + "\n")
     _file("env.sh").write_text(
-        f"# source me: the Prefect CLI then talks to this project's server\nexport PREFECT_HOME={state_dir()}\n"
+        f"# source me: the Prefect CLI then talks to this project's server\nexport PREFECT_HOME={prefect_state_dir()}\n"
         f"export PREFECT_API_URL={url}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\nexport DO_NOT_TRACK=1\n")
 
     runner_pid = _read_pid("runner.pid")
@@ -207,10 +170,10 @@ def stop() -> None:
 
 def status() -> int:
     server, runner = _read_pid("server.pid"), _read_pid("runner.pid")
-    url = running_api_url()
+    url = project_server_url()
     print(f"server: {'up at ' + url if url else 'down'}" + (f" (pid {server})" if _alive(server, "prefect") else ""))
     print(f"runner: {'up (pid %d)' % runner if _alive(runner, 'pipeline.serve') else 'down'}")
-    print(f"state and logs: {state_dir()}")
+    print(f"state and logs: {prefect_state_dir()}")
     return 0 if url and _alive(runner, "pipeline.serve") else 1
 
 

@@ -1,9 +1,10 @@
 """Tracking: one MLflow run per DeepCluster run (per-epoch figures with step=epoch) and the Prefect
 artifacts of a flow run (per-epoch cluster sizes and summary under stable keys, a progress bar).
 
-`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation
-(which logs its own figures and pictures) it attaches the last model to the run's MLflow run, so both entry points
-(`dvc repro` and a deployment run, which ends with `dvc repro`) publish the same way.
+`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation it
+logs that evaluation (figures as `final.<key>` at step = last epoch, report, scores and pictures) and
+the last model into the run's MLflow run, so both entry points (`dvc repro` and a deployment run,
+which ends with `dvc repro`) publish the same way. The stages themselves never talk to MLflow.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import mlflow
 
 from pipeline import PROJECT_ROOT
 from stages.common import StageError, flatten, read_json
+from stages.labels import size_histogram
+from stages.layout import CHECKPOINTS, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, RUN_FILE
 
 EXPERIMENT = "deepcluster"
 
@@ -43,24 +46,33 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def start_run(params: dict, run_name: str | None = None, run_id: str | None = None,
-              tags: dict | None = None) -> mlflow.ActiveRun:
-    """Start the run's MLflow run, or resume `run_id` (a resumed DeepCluster run keeps its MLflow run)."""
+def start_run(params: dict | None = None, run_name: str | None = None, run_id: str | None = None,
+              tags: dict | None = None, parent_run_id: str | None = None) -> mlflow.ActiveRun:
+    """Start an MLflow run in the project's experiment, or resume `run_id` (a resumed DeepCluster run
+    keeps its MLflow run). A run id or parent the store no longer has (mlflow.db deleted or
+    replaced) is dropped: the figures go to a new top-level run rather than nowhere."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=artifact_location(uri))
     mlflow.set_experiment(name)
-    if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            run_id = None  # mlflow.db was deleted or replaced: start a new MLflow run for this DeepCluster run
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
-    if run_id is None:
+    run_id, parent_run_id = (_existing_run(r) for r in (run_id, parent_run_id))
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id,
+                           nested=parent_run_id is not None)
+    if run_id is None and params is not None:
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
     return run
+
+
+def _existing_run(run_id: str | None) -> str | None:
+    if run_id is None:
+        return None
+    try:
+        mlflow.get_run(run_id)
+        return run_id
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -98,8 +110,6 @@ def epoch_artifacts(metrics: dict, sizes: list[int], epoch: int, n_epochs: int) 
     """Cluster-size histogram table and a markdown summary of `epoch`, under stable keys."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from pipeline.inspect import size_histogram
-
     hist = size_histogram(sizes)
     create_table_artifact(key=SIZES_KEY, table=hist.to_dict("records"),
                           description=f"Epoch {epoch}: clusters per size bin (k = {len(sizes)})")
@@ -131,17 +141,27 @@ class Progress:
 
 
 # ------------------------------------------------------------------ the `publish` stage
-def publish(epochs_root: str | Path, model: str | Path) -> str:
-    """Attach the last model to the run's MLflow run; returns its id.
+def log_evaluation(eval_dir: str | Path, prefix: str = "evaluation") -> None:
+    """Into the active run: the final figures (`final.<key>`, step = the run's last epoch) and the
+    evaluation's files (metrics, report, curves, score tables, pictures)."""
+    eval_dir = Path(eval_dir)
+    metrics = read_json(eval_dir / METRICS)
+    mlflow.log_metrics({f"final.{k}": v for k, v in numeric_metrics(metrics).items()}, step=int(metrics.get("epochs") or 0))
+    log_artifacts([eval_dir / METRICS, eval_dir / "report.md", eval_dir / "epochs.csv"], prefix)
+    log_artifacts([eval_dir / "scores"], f"{prefix}/scores")
+    log_artifacts([eval_dir / "pictures"], f"{prefix}/pictures")
 
-    The final figures and pictures are logged by `stages.evaluate final` itself (so an ablation's
-    evaluation logs the same way); this stage adds what only the whole run has: the model.
-    """
-    run_file = Path(epochs_root) / "run.json"
+
+def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) -> str:
+    """Log the final evaluation and the last model into the run's MLflow run; returns its id."""
+    run_file = Path(epochs_root) / RUN_FILE
     if not run_file.exists():
         raise StageError(f"{run_file} not found: run the deepcluster stage first")
+    if not (Path(eval_dir) / METRICS).exists():
+        raise StageError(f"{Path(eval_dir) / METRICS} not found: run the evaluate stage first")
     state = read_json(run_file)
     with start_run(state["params"], run_name=f"deepcluster-{state['fingerprint']}", run_id=state.get("mlflow_run_id")) as run:
+        log_evaluation(eval_dir)
         log_artifacts([model], "model")
         return run.info.run_id
 
@@ -149,15 +169,16 @@ def publish(epochs_root: str | Path, model: str | Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    pub = sub.add_parser("publish", help="log the last model to the run's MLflow run")
-    pub.add_argument("--epochs-root", default="data/epochs")
-    pub.add_argument("--model", default="models/checkpoints/last.pt")
+    pub = sub.add_parser("publish", help="log the final evaluation and the last model to the run's MLflow run")
+    pub.add_argument("--epochs-root", default=EPOCHS_ROOT)
+    pub.add_argument("--eval", default=EVAL, help="the final evaluation's directory")
+    pub.add_argument("--model", default=f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
     args = parser.parse_args(argv)
     try:
-        run_id = publish(args.epochs_root, args.model)
+        run_id = publish(args.epochs_root, args.eval, args.model)
     except StageError as e:
         sys.exit(f"publish: {e}")
-    print(f"publish: {args.model} logged to MLflow run {run_id} ({tracking_uri()})")
+    print(f"publish: {args.eval} and {args.model} logged to MLflow run {run_id} ({tracking_uri()})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 DVC pipelines cannot loop, so the whole epoch loop is one DVC stage (`deepcluster`, outs
 data/epochs and models/checkpoints, `persist: true`). One stage per epoch would not scale (3,000
-stages: a no-op `dvc repro` took 289 s here). Versioning therefore happens at two levels:
+stages make every `dvc repro` and `dvc status` slow; see the README). Versioning therefore happens at two levels:
 
 * per epoch, the flow puts the finished epoch's files (assignments, k-means result, PCA
   transform, stage reports, metrics, a retained checkpoint) into DVC's content-addressed cache as

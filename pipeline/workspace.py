@@ -1,4 +1,5 @@
-"""One DeepCluster run per workspace: the run lock, the run's identity, leftovers of killed runs.
+"""One DeepCluster run per workspace: the run lock, the run's identity and whether it can be
+resumed, leftovers of killed runs.
 
 The lock is an `fcntl.flock` on a file beside the epochs directory. The kernel releases it when
 the holding process dies, however it dies (kill -9, OOM killer, reboot), so a crashed run never
@@ -12,18 +13,27 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from stages.common import StageError
+from stages.common import StageError, flatten, read_json, write_json
+from stages.layout import RunLayout
 
-# The modules whose code decides the numbers a run produces. A run resumed after any of them changed
-# would mix two versions of the method, so the run records their hash (see run_identity).
-# evaluate.py only gathers reports into metrics.json and is left out on purpose.
-CODE_MODULES = ("common", "data", "models", "checkpoints", "extract", "pca", "cluster", "labels", "train")
+# The modules whose code decides the numbers a run produces (dvc.yaml's deepcluster stage lists the
+# same files as deps; tests/pipeline/test_workspace.py checks). A run resumed after any of them
+# changed would mix two versions of the method, so the run records their hash (see run_identity).
+CODE_MODULES = ("common", "data", "models", "checkpoints", "layout", "epoch", "extract", "pca", "cluster", "labels",
+                "train")
+# The params.yaml sections the epochs read (dvc.yaml's deepcluster stage lists the same); `prepare`
+# is covered by the dataset's hash, `evaluate` plays no part in the epochs.
+EPOCH_SECTIONS = ("model", "extract", "pca", "cluster", "train")
+# Parameters that do not change any result: a run can be resumed with other values.
+RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every", "extract.batch_size",
+                  "extract.num_workers", "extract.device", "train.num_workers", "train.device")
 
 
 class WorkspaceBusy(StageError):
@@ -132,3 +142,71 @@ def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------ can this run be resumed?
+def epoch_params(params: dict) -> dict[str, object]:
+    """The flat parameters that decide the epochs' results: run.epochs is left out so a run can be
+    extended, and RESULT_NEUTRAL so e.g. the retention policy can change during a long run."""
+    flat = {k: v for k, v in flatten({s: params.get(s, {}) for s in EPOCH_SECTIONS}).items() if k not in RESULT_NEUTRAL}
+    flat["run.seed"] = params["run"]["seed"]
+    return flat
+
+
+def run_fingerprint(params: dict) -> str:
+    return hashlib.sha256(json.dumps(epoch_params(params), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_identity(params: dict, layout: RunLayout) -> dict:
+    return {"fingerprint": run_fingerprint(params), "code_version": code_version(),
+            "dataset_version": dataset_version(layout.dataset)}
+
+
+def resume_problems(state: dict, identity: dict, params: dict, layout: RunLayout) -> list[str]:
+    """Why the run recorded in `state` cannot be continued with `params` (empty: it can)."""
+    problems = []
+    if state.get("fingerprint") != identity["fingerprint"]:
+        a, b = epoch_params(state.get("params") or {"run": {"seed": None}}), epoch_params(params)
+        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        problems.append("its parameters differ" + (f" ({', '.join(diff)})" if diff else ""))
+    for key, what in (("code_version", "the method's code (stages/*.py)"), ("dataset_version", "the dataset")):
+        if state.get(key) and identity.get(key) and state[key] != identity[key]:
+            problems.append(f"{what} changed since it started")
+    finished = layout.completed_epochs()
+    n_epochs = int(params["run"]["epochs"])
+    if finished and finished[-1] > n_epochs:
+        problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={n_epochs}")
+    return problems
+
+
+def refuse_resume(layout: RunLayout, problems: list[str]) -> None:
+    raise StageError(
+        f"{layout.epochs_root} holds a run that cannot be resumed: {'; '.join(problems)}. Restore what "
+        "changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
+
+
+def discard_run(layout: RunLayout) -> None:
+    shutil.rmtree(layout.epochs_root, ignore_errors=True)
+    shutil.rmtree(layout.checkpoints, ignore_errors=True)
+
+
+def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: str = "refuse", log=print) -> dict:
+    """Start or resume the run in this workspace; refuse (or, under dvc repro, replace) a different run."""
+    identity = run_identity(params, layout)
+    if fresh:
+        discard_run(layout)
+    if layout.run_file.exists():
+        state = read_json(layout.run_file)
+        problems = resume_problems(state, identity, params, layout)
+        if not problems:
+            updated = {**state, **{k: v for k, v in identity.items() if not state.get(k)}, "params": params}
+            if updated != state:  # run.epochs may have grown; an unchanged run leaves the file alone
+                write_json(layout.run_file, updated)
+            return updated
+        if on_mismatch != "fresh":
+            refuse_resume(layout, problems)
+        log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")
+        discard_run(layout)
+    state = {**identity, "mlflow_run_id": None, "params": params}
+    write_json(layout.run_file, state)
+    return state

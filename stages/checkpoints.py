@@ -41,6 +41,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise StageError(f"checkpoint {path} is unreadable ({e}); delete it and rerun the epoch that wrote it") from e
 
 
+def check_input_size(ckpt: dict, crop_size: int, setting: str) -> None:
+    """The fc layers of a network are sized for one input size: refuse another before any compute."""
+    if int(crop_size) != int(ckpt["image_size"]):
+        raise StageError(f"{setting}={crop_size}, but the network (epoch {ckpt['epoch']}) was built for "
+                         f"{ckpt['image_size']} px inputs (train.crop_size when the run started): set extract.crop_size "
+                         "and train.crop_size to the same value, and start the run over (--fresh) if you changed it")
+
+
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> DeepClusterNet:
     model = build_model(ckpt["model_params"], ckpt["in_channels"], ckpt["image_size"])
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

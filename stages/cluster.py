@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, write_json
+from stages.layout import CLUSTERING, report
 
 
 @dataclass
@@ -80,10 +81,10 @@ def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: 
     with Timer() as t:
         x = np.load(features)
         c = run_kmeans(x, section["k"], section["niter"], seed_for(params["run"]["seed"], epoch, "cluster"))
-        save_clustering(out_dir / "kmeans.npz", c)
+        save_clustering(out_dir / CLUSTERING, c)
     stats = {"k": c.k, "empty_clusters": c.n_empty(), "objective": float(c.objective[-1]), "seed": c.seed,
              "gpu": faiss.get_num_gpus() > 0, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
-    write_json(out_dir / "cluster.json", stats)
+    write_json(out_dir / report("cluster"), stats)
     return stats
 
 

@@ -1,4 +1,4 @@
-"""What every stage shares: params, atomic writes, seeds, device choice, epoch paths."""
+"""What every stage shares: params, atomic writes, seeds, seeded subsets, device choice."""
 from __future__ import annotations
 
 import contextlib
@@ -126,8 +126,8 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-# ---------------------------------------------------------------- seeds, devices, paths
-STREAMS = {"init": 0, "cluster": 1, "train": 2, "evaluate": 3}
+# ---------------------------------------------------------------- seeds, devices
+STREAMS = {"init": 0, "cluster": 1, "train": 2, "evaluate": 3, "pca": 4}
 
 
 def seed_for(run_seed: int, epoch: int, stream: str) -> int:
@@ -139,6 +139,13 @@ def seed_for(run_seed: int, epoch: int, stream: str) -> int:
     return int(np.random.SeedSequence([run_seed, epoch, STREAMS[stream]]).generate_state(1)[0] >> 1)
 
 
+def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset of `limit` of the rows 0..n-1 (all of them if limit is None), in order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def pick_device(requested: str = "auto") -> "torch.device":
     import torch
 
@@ -147,10 +154,6 @@ def pick_device(requested: str = "auto") -> "torch.device":
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise StageError(f"device {requested!r} requested but torch sees no CUDA GPU: set device: auto or cpu")
     return torch.device(requested)
-
-
-def epoch_dir(epochs_root: str | os.PathLike, epoch: int) -> Path:
-    return Path(epochs_root) / f"{epoch:04d}"
 
 
 class Timer:

@@ -135,8 +135,8 @@ def random_resized_crop_flip(
 ) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip for a whole float batch at once, one crop per image.
 
-    Per-image torchvision transforms cost ~1 ms each on this CPU, i.e. minutes per epoch; one
-    affine_grid/grid_sample call does the same sampling for the batch (and runs on the GPU).
+    Per-image torchvision transforms are a Python call per image; one affine_grid/grid_sample call
+    does the same sampling for the whole batch (and runs on the GPU when the batch is there).
     """
     n = batch.shape[0]
     dev = batch.device

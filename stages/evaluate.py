@@ -10,8 +10,8 @@ weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the
 Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3: the DVC metrics),
 scores/*.json (the same, one file per feature source: `dvc metrics show data/eval/scores/*.json`
 prints the probe table),
-epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png, and logs them all into
-the run's MLflow run.
+epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png. The `publish` stage
+(pipeline/tracking.py) logs them into the run's MLflow run.
 """
 from __future__ import annotations
 
@@ -25,59 +25,26 @@ import pandas as pd
 import torch
 
 from stages import pictures
-from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import (StageError, Timer, atomic_path, epoch_dir, load_params, pick_device, read_json, seed_for,
+from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
+from stages.common import (StageError, Timer, atomic_path, load_params, pick_device, read_json, seed_for, seeded_subset,
                            write_json)
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
+from stages.epoch import epoch_metrics
 from stages.labels import read_assignments
-from stages.prepare import subset_indices
+from stages.layout import ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
                            linear_probe, pixel_features)
 from stages.train import init_checkpoint
 
-STAGE_FILES = ("extract", "pca", "cluster", "labels", "train")
-
-
-def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
-    """Flat per-epoch figures from the stage reports in `epoch_dir`."""
-    epoch_dir = Path(epoch_dir)
-    reports = {}
-    for stage in STAGE_FILES:
-        path = epoch_dir / f"{stage}.json"
-        if not path.exists():
-            raise StageError(f"{path} is missing: stage {stage!r} has not finished for epoch {epoch}")
-        reports[stage] = read_json(path)
-    lab, tr = reports["labels"], reports["train"]
-    metrics = {
-        "epoch": epoch,
-        "train_loss": tr["loss"],
-        "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
-        "kmeans_loss": reports["cluster"]["objective"],
-        "nmi_previous": lab["nmi_previous"],
-        "nmi_labels": lab["nmi_labels"],
-        "n_clusters": lab["n_clusters"],
-        "empty_clusters": lab["empty_clusters"],
-        "cluster_size_min": lab["size_min"],
-        "cluster_size_median": lab["size_median"],
-        "cluster_size_max": lab["size_max"],
-        "cluster_size_cv": lab["size_cv"],
-        "pca_explained_variance": reports["pca"]["explained_variance"],
-        "peak_rss_mb": max(r.get("peak_rss_mb", 0.0) for r in reports.values()),
-    }
-    for stage, report in reports.items():
-        metrics[f"seconds_{stage}"] = report["seconds"]
-    metrics["seconds_stages"] = sum(r["seconds"] for r in reports.values())
-    return metrics
-
 
 def run_epoch_evaluation(epoch_dir: str | Path, epoch: int) -> dict:
     metrics = epoch_metrics(epoch_dir, epoch)
-    write_json(Path(epoch_dir) / "metrics.json", metrics)
+    write_json(Path(epoch_dir) / METRICS, metrics)
     return metrics
 
 
 def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
-    files = sorted(Path(epochs_root).glob("[0-9][0-9][0-9][0-9]/metrics.json"))
+    files = sorted(Path(epochs_root).glob(f"[0-9][0-9][0-9][0-9]/{METRICS}"))
     if not files:
         raise StageError(f"no finished epoch under {epochs_root}: run the DeepCluster flow first")
     return pd.DataFrame([read_json(f) for f in files]).sort_values("epoch").reset_index(drop=True)
@@ -111,15 +78,15 @@ def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Pat
     Read from epoch_0000.pt beside the checkpoint when it is there; otherwise rebuilt by the train
     stage's own init with the run's seed (seeded, so the same weights).
     """
-    path = Path(checkpoint).parent / "epoch_0000.pt"
+    path = Path(checkpoint).parent / checkpoint_name(0)
     if path.exists():
         ckpt = load_checkpoint(path, device)
         source = str(path)
     else:
         p = {**params, "model": dict(trained["model_params"]), "train": {**params["train"], "crop_size": trained["image_size"]}}
         with tempfile.TemporaryDirectory() as tmp:
-            init_checkpoint(p, dataset, Path(tmp) / "epoch_0000.pt")
-            ckpt = load_checkpoint(Path(tmp) / "epoch_0000.pt", device)
+            init_checkpoint(p, dataset, Path(tmp) / checkpoint_name(0))
+            ckpt = load_checkpoint(Path(tmp) / checkpoint_name(0), device)
         source = f"rebuilt with run.seed={params['run']['seed']}"
     if ckpt["model_params"] != trained["model_params"] or ckpt["epoch"] != 0:
         raise StageError(f"{path} is not this run's epoch-0 network (epoch {ckpt['epoch']}, model {ckpt['model_params']} "
@@ -210,7 +177,7 @@ def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> 
     """
     train = load_split(dataset, "train")
     test = _split_or_none(dataset, "test")
-    train_rows = subset_indices(len(train), cfg["train_images"], seed)
+    train_rows = seeded_subset(len(train), cfg["train_images"], seed)
     if test is None:
         rest = np.setdiff1d(np.arange(len(train)), train_rows)
         if len(rest) == 0:  # all train images are in the subset: hold out a seeded fifth of them
@@ -219,7 +186,7 @@ def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> 
         test, test_rows = train, rest
     else:
         test_rows = np.arange(len(test))
-    test_rows = test_rows[subset_indices(len(test_rows), cfg["test_images"], seed + 1)]
+    test_rows = test_rows[seeded_subset(len(test_rows), cfg["test_images"], seed + 1)]
     y_train, y_test = train.labels[train_rows], test.labels[test_rows]
     labelled = bool(len(y_train) and len(y_test) and (y_train >= 0).all() and (y_test >= 0).all())
     n_classes = int(max(y_train.max(), y_test.max()) + 1) if labelled else 0
@@ -269,8 +236,8 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
 
     last_epoch = int(curves["epoch"].iloc[-1])
     last_dir = epoch_dir(epochs_root, last_epoch)
-    labels_json = last_dir / "labels.json"
-    assign_file = last_dir / "assignments.parquet"
+    labels_json = last_dir / report("labels")
+    assign_file = last_dir / ASSIGNMENTS
     if labels_json.exists() and "sizes" in read_json(labels_json):
         sizes = np.asarray(read_json(labels_json)["sizes"])
     else:
@@ -278,16 +245,13 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
     written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
     written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
     if assign_file.exists():
-        assign = read_assignments(assign_file)
+        clusters = read_assignments(assign_file)["cluster"].to_numpy()  # row i = train image i
         train = data["train"]
-        rows = pd.Index(train.ids).get_indexer(assign["image_id"])
-        if (rows >= 0).any():  # none would mean the epochs clustered another dataset: nothing to show
-            clusters = assign["cluster"].to_numpy()[rows >= 0]
-            rows = rows[rows >= 0]
+        if len(clusters) == len(train):  # else the epochs clustered another dataset: nothing to show
             chosen = pictures.sample_clusters(clusters, n_clusters=cfg["picture_clusters"],
                                               per_cluster=cfg["picture_cluster_images"], seed=seed,
-                                              labels=train.labels[rows], class_names=data["class_names"])
-            written.append(pictures.plot_cluster_samples([(t, load_images(train, rows[m])) for t, m in chosen],
+                                              labels=train.labels, class_names=data["class_names"])
+            written.append(pictures.plot_cluster_samples([(t, load_images(train, m)) for t, m in chosen],
                                                          out / "cluster_samples.png"))
     return written
 
@@ -350,28 +314,6 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
         tmp.write_text("\n".join(lines))
 
 
-def log_to_mlflow(params: dict, metrics: dict, out_dir: Path, epochs_root: str | Path) -> str:
-    """Log the final figures (prefix `final.`, step = last epoch) and the pictures into the run's MLflow run.
-
-    The run is the one the flow recorded in data/epochs/run.json; without it (or if the tracking
-    store no longer has it) a new run holds the evaluation.
-    """
-    import pipeline  # noqa: F401  (offline-safe environment defaults before mlflow is imported)
-    import mlflow
-
-    from pipeline import tracking
-
-    run_file = Path(epochs_root) / "run.json"
-    run_id = read_json(run_file).get("mlflow_run_id") if run_file.exists() else None
-    with tracking.start_run(params, run_id=run_id) as run:  # a run id the store lacks -> a new run
-        step = int(metrics.get("epochs") or 0)
-        mlflow.log_metrics({f"final.{k}": v for k, v in tracking.numeric_metrics(metrics).items()}, step=step)
-        tracking.log_artifacts([out_dir / "metrics.json", out_dir / "report.md", out_dir / "epochs.csv"], "evaluation")
-        tracking.log_artifacts([out_dir / "scores"], "evaluation/scores")
-        tracking.log_artifacts([out_dir / "pictures"], "evaluation/pictures")
-        return run.info.run_id
-
-
 def score_tables(summary: dict) -> dict[str, dict]:
     """One small JSON per feature source (trained, random, pixels) for `dvc metrics show data/eval/scores/*.json`.
 
@@ -408,7 +350,7 @@ def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
 
 
 def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
-                         out_dir: str | Path, log_mlflow: bool = True) -> dict:
+                         out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     cfg = evaluate_settings(params)
     seconds = {}
@@ -424,6 +366,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
 
         device = pick_device(params["extract"].get("device", "auto"))
         trained = load_checkpoint(checkpoint, device)
+        check_input_size(trained, params["extract"]["crop_size"], "extract.crop_size")
         seed = seed_for(params["run"]["seed"], trained["epoch"], "evaluate")
         nets = {"trained": model_from_checkpoint(trained, device)}
         nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
@@ -450,6 +393,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
             seconds["raw pixels"] = tp.seconds
 
         written = []
+        (out_dir / "pictures").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when empty
         if cfg["pictures"]:
             with Timer() as tpic:
                 written = draw_pictures(out_dir / "pictures", params, cfg, data, nets, extras, curves, epochs_root, seed)
@@ -468,8 +412,6 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
             "kmeans_runs": cfg["kmeans_runs"],
             "n_classes": data["n_classes"], "curves": curves, "pictures": written, "seconds": seconds}
     write_report(out_dir / "report.md", summary, info)
-    if log_mlflow:
-        log_to_mlflow(params, summary, out_dir, epochs_root)
     return summary
 
 
@@ -481,18 +423,16 @@ def main(argv: list[str] | None = None) -> None:
     ep.add_argument("--epoch", type=int, required=True)
     fin = sub.add_parser("final", help="evaluate the run's last network and write the per-epoch curves")
     fin.add_argument("--params", default="params.yaml", help="params file (reads evaluate, extract, pca, cluster, run)")
-    fin.add_argument("--dataset", default="data/dataset")
-    fin.add_argument("--epochs-root", default="data/epochs")
-    fin.add_argument("--checkpoint", default="models/checkpoints/last.pt")
-    fin.add_argument("--out", default="data/eval")
-    fin.add_argument("--no-mlflow", action="store_true", help="do not log the results into the run's MLflow run")
+    fin.add_argument("--dataset", default=DATASET)
+    fin.add_argument("--epochs-root", default=EPOCHS_ROOT)
+    fin.add_argument("--checkpoint", default=f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
+    fin.add_argument("--out", default=EVAL)
     args = parser.parse_args(argv)
     try:
         if args.mode == "epoch":
             m = run_epoch_evaluation(args.epoch_dir, args.epoch)
         else:
-            m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out,
-                                     log_mlflow=not args.no_mlflow)
+            m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
     except StageError as e:
         sys.exit(f"evaluate: {e}")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))

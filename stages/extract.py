@@ -1,4 +1,4 @@
-"""Stage `extract`: pre-ReLU fc features of every training image -> features.npy + image_ids.npy.
+"""Stage `extract`: pre-ReLU fc features of every training image -> features.npy, row i = dataset row i.
 
 Centre crop, no augmentation, eval() mode (dropout off, BatchNorm running statistics), as the
 official implementation clusters. Features stream into a .npy memmap batch by batch, so memory is
@@ -15,16 +15,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, pick_device, save_npy, write_json
+from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
+from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, pick_device, write_json
 from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
+from stages.layout import FEATURES, report
 
 
 def autocast(device: torch.device, amp: bool | str):
     """bf16 autocast when amp is true, or "auto" on a GPU.
 
-    "auto" keeps fp32 on the CPU: measured here, bf16 autocast makes small_alexnet 3x slower
-    (608 -> 196 img/s training), while channels_last alone makes it faster.
+    "auto" keeps fp32 on the CPU, where bf16 autocast is slower than fp32 for these networks
+    (`python -m pipeline.benchmark --only model` measures it).
     """
     if amp is False or (amp == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
@@ -59,8 +60,9 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
         device = pick_device(section.get("device", "auto"))
         images = load_split(dataset, "train")
         ckpt = load_checkpoint(checkpoint, device)
+        check_input_size(ckpt, section["crop_size"], "extract.crop_size")
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
-        with atomic_path(out_dir / "features.npy") as tmp:
+        with atomic_path(out_dir / FEATURES) as tmp:
             feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), model.feature_dim))
             extract_features(model, images, feats, crop_size=section["crop_size"], batch_size=section["batch_size"],
                              device=device, amp=section["amp"], num_workers=section["num_workers"])
@@ -68,10 +70,9 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
                 raise StageError(f"non-finite features from {checkpoint}: the network diverged; lower train.lr")
             feats.flush()
             del feats
-        save_npy(out_dir / "image_ids.npy", images.ids)
     stats = {"n_images": len(images), "feature_dim": model.feature_dim, "checkpoint_epoch": ckpt["epoch"],
              "device": device.type, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
-    write_json(out_dir / "extract.json", stats)
+    write_json(out_dir / report("extract"), stats)
     return stats
 
 

@@ -1,8 +1,9 @@
 """Stage `labels`: the epoch's pseudo-label file and how it relates to the last epoch and true labels.
 
-Writes data/epochs/<epoch>/assignments.parquet (image_id, cluster, distance) and labels.json:
-cluster-size statistics, NMI with the previous epoch's assignments (paper Fig. 2b) and NMI with
-the true labels where known (Fig. 2a; for monitoring only, never used for model selection).
+Writes <epoch>/assignments.parquet (image_id, cluster, distance), row i = row i of the dataset's
+train split (the order extract and cluster keep), and labels.json: cluster-size statistics, NMI with
+the previous epoch's assignments (paper Fig. 2b) and NMI with the true labels where known (Fig. 2a;
+for monitoring only, never used for model selection).
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from stages.cluster import load_clustering
 from stages.common import StageError, Timer, atomic_path, load_params, write_json
-from stages.data import load_split
+from stages.layout import ASSIGNMENTS, CLUSTERING, report
 
-ASSIGNMENTS = "assignments.parquet"
+MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
@@ -35,6 +36,52 @@ def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
             "size_min": int(nonempty.min()), "size_median": float(np.median(nonempty)), "size_max": int(nonempty.max()),
             # coefficient of variation: 0 = perfectly balanced clusters
             "size_cv": float(nonempty.std() / nonempty.mean()), "sizes": sizes.tolist()}
+
+
+def size_histogram(sizes: np.ndarray) -> pd.DataFrame:
+    """Cluster sizes in powers-of-two bins: how many clusters, holding how many images (bins with no
+    cluster are left out, except the empty clusters' row)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    rows = [{"size": "0 (empty)", "clusters": int((sizes == 0).sum()), "images": 0}]
+    lo, top = 1, int(sizes.max()) if len(sizes) else 0
+    while lo <= top:
+        hi = lo * 2 - 1
+        sel = (sizes >= lo) & (sizes <= hi)
+        if sel.any():
+            rows.append({"size": str(lo) if lo == hi else f"{lo}-{hi}", "clusters": int(sel.sum()),
+                         "images": int(sizes[sel].sum())})
+        lo *= 2
+    return pd.DataFrame(rows)
+
+
+def match_clusters(a: np.ndarray, b: np.ndarray) -> tuple[int, str]:
+    """Pair the groups of labelling a one-to-one with those of b so that most items land in paired
+    groups; returns that number of items and the method.
+
+    The Hungarian algorithm on the contingency table; above MAX_DENSE_PAIRS group pairs (e.g. two
+    k = 10,000 clusterings) a greedy pairing, largest overlaps first, which can only undercount.
+    Clustering accuracy (clusters vs classes) and "images that changed cluster" (epoch vs epoch) are
+    both this count.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b) or len(a) == 0:
+        raise StageError(f"match_clusters: {len(a)} and {len(b)} labels; need two equally long, non-empty labellings")
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    if len(ua) * len(ub) <= MAX_DENSE_PAIRS:
+        table = np.zeros((len(ua), len(ub)), dtype=np.int64)
+        np.add.at(table, (ia, ib), 1)
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        return int(table[rows, cols].sum()), "hungarian"
+    pairs, counts = np.unique(ia.astype(np.int64) * len(ub) + ib, return_counts=True)
+    used_a, used_b, matched = set(), set(), 0
+    for idx in np.argsort(-counts, kind="stable"):
+        ca, cb = divmod(int(pairs[idx]), len(ub))
+        if ca not in used_a and cb not in used_b:
+            used_a.add(ca)
+            used_b.add(cb)
+            matched += int(counts[idx])
+    return matched, "greedy"
 
 
 def write_assignments(path: str | Path, image_ids: np.ndarray, clusters: np.ndarray, distances: np.ndarray) -> None:
@@ -60,33 +107,35 @@ def nmi_between(current: pd.DataFrame, previous: pd.DataFrame) -> float:
 
 
 def run_labels(params: dict, epoch_dir: str | Path, dataset: str | Path, previous: str | Path | None = None) -> dict:
+    # Imported here, not above: the comparison helpers of this module (used by `pipeline.inspect`)
+    # then load without torch and faiss.
+    from stages.cluster import load_clustering
+    from stages.data import load_split
+
     epoch_dir = Path(epoch_dir)
     with Timer() as t:
-        c = load_clustering(epoch_dir / "kmeans.npz")
-        image_ids = np.load(epoch_dir / "image_ids.npy")
-        if len(image_ids) != len(c.labels):
-            raise StageError(f"{epoch_dir}: {len(image_ids)} image ids but {len(c.labels)} cluster labels; rerun extract")
-        write_assignments(epoch_dir / ASSIGNMENTS, image_ids, c.labels, c.distances)
+        c = load_clustering(epoch_dir / CLUSTERING)
+        images = load_split(dataset, "train")
+        if len(images) != len(c.labels):
+            raise StageError(f"{epoch_dir / CLUSTERING} holds {len(c.labels)} cluster labels but {dataset} has "
+                             f"{len(images)} training images: the dataset changed; rerun this epoch from extract")
+        write_assignments(epoch_dir / ASSIGNMENTS, images.ids, c.labels, c.distances)
         stats = cluster_size_stats(c.labels, c.k)
         stats["nmi_previous"] = None
         prev_file = Path(previous) / ASSIGNMENTS if previous else None
         if prev_file is not None and prev_file.exists():
-            current = pd.DataFrame({"image_id": image_ids, "cluster": c.labels})
+            current = pd.DataFrame({"image_id": images.ids, "cluster": c.labels})
             stats["nmi_previous"] = nmi_between(current, read_assignments(prev_file))
-        images = load_split(dataset, "train")
-        stats["nmi_labels"] = None
-        if images.has_labels:
-            truth = pd.Series(images.labels, index=images.ids).reindex(image_ids).to_numpy()
-            stats["nmi_labels"] = nmi(truth, c.labels)
+        stats["nmi_labels"] = nmi(images.labels, c.labels) if images.has_labels else None
     stats["seconds"] = t.seconds
-    write_json(epoch_dir / "labels.json", stats)
+    write_json(epoch_dir / report("labels"), stats)
     return stats
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (this stage has no section of its own)")
-    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding kmeans.npz and image_ids.npy")
+    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding kmeans.npz")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset (true labels, if any)")
     parser.add_argument("--previous", help="previous epoch directory, for NMI between consecutive epochs")
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ last Linear gives the pre-ReLU fc features that DeepCluster clusters -> a separa
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -154,8 +155,11 @@ ARCHITECTURES = {"alexnet": alexnet, "vgg16": vgg16, "small_alexnet": small_alex
 
 
 def _flat_dim(features: nn.Module, cin: int, size: int) -> int:
+    """Size of the flattened conv output, from a forward pass on the meta device: no compute, and the
+    BatchNorm running statistics of the real network are never touched by a dummy batch."""
+    probe = copy.deepcopy(features).to("meta")
     with torch.no_grad():
-        return int(features(torch.zeros(1, cin, size, size)).numel())
+        return int(probe(torch.zeros(1, cin, size, size, device="meta")).numel())
 
 
 def build_model(model_params: dict, in_channels: int, image_size: int) -> DeepClusterNet:

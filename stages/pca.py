@@ -2,9 +2,13 @@
 
 The transform is fitted on at most `pca.max_fit_rows` rows (a seeded sample) and applied in chunks,
 so ImageNet-sized feature files (1.28M x 4096) never need to sit in RAM. We fit with a float64
-covariance and scipy's partial eigendecomposition instead of faiss.PCAMatrix: the same result
-4x faster here (26 s vs 108 s on 100k x 4096), and an epsilon on the eigenvalues keeps
-near-zero-variance directions finite.
+covariance and scipy's partial eigendecomposition (only the top `dim` eigenpairs) instead of
+faiss.PCAMatrix, which computes all of them (`python -m pipeline.benchmark --only pca` compares).
+
+Whitening divides each component by sqrt(eigenvalue + eps * largest eigenvalue): the epsilon is
+relative to the spectrum, so the transform is the same whatever the scale of the features (a
+random-init network's fc outputs are orders of magnitude smaller than a trained one's), and
+directions with almost no variance are not blown up to unit variance.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, write_json
+from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, seeded_subset, write_json
+from stages.layout import PCA, PCA_FEATURES, report
 
 
 @dataclass
@@ -24,16 +29,19 @@ class PCAWhitening:
     mean: np.ndarray  # D
     components: np.ndarray  # D x d, columns = top eigenvectors
     eigenvalues: np.ndarray  # d, descending
-    eps: float  # added to eigenvalues before ^-1/2 and to row norms before dividing
+    eps: float  # times the largest eigenvalue, added to every eigenvalue before ^-1/2
 
     def whiten(self, x: np.ndarray) -> np.ndarray:
         """Projection scaled to unit variance per component (before L2 normalisation)."""
         y = (np.asarray(x, dtype=np.float32) - self.mean) @ self.components
-        return y / np.sqrt(self.eigenvalues + self.eps).astype(np.float32)
+        floor = self.eps * float(self.eigenvalues.max(initial=0.0))
+        # a tiny absolute floor only for all-constant features (every eigenvalue 0)
+        return y / np.sqrt(self.eigenvalues + max(floor, np.finfo(np.float32).tiny)).astype(np.float32)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         y = self.whiten(x)
-        return y / (np.linalg.norm(y, axis=1, keepdims=True) + self.eps)
+        # whitened rows have norms around sqrt(dim) whatever the input's scale: an absolute eps is enough here
+        return y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-12)
 
     def save(self, path: str | Path) -> None:
         with atomic_path(path, suffix=".npz") as tmp:
@@ -76,12 +84,6 @@ def apply_in_chunks(pca: PCAWhitening, x: np.ndarray, out: np.ndarray, chunk: in
         out[start : start + len(block)] = pca.transform(block)
 
 
-def fit_sample(n: int, max_rows: int, seed: int) -> np.ndarray:
-    if n <= max_rows:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-
-
 def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int = 0) -> dict:
     section = params["pca"]
     out_dir = Path(out_dir)
@@ -89,10 +91,10 @@ def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int 
         raise StageError(f"features file {features} not found: run extract for this epoch first")
     with Timer() as t:
         x = np.load(features, mmap_mode="r")
-        rows = fit_sample(len(x), section["max_fit_rows"], params["run"]["seed"] + epoch)
+        rows = seeded_subset(len(x), section["max_fit_rows"], seed_for(params["run"]["seed"], epoch, "pca"))
         pca = fit_pca_whitening(x[rows], section["dim"], section["eps"])
-        pca.save(out_dir / "pca.npz")
-        with atomic_path(out_dir / "pca_features.npy") as tmp:
+        pca.save(out_dir / PCA)
+        with atomic_path(out_dir / PCA_FEATURES) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(x), pca.components.shape[1]))
             apply_in_chunks(pca, x, out)
             out.flush()
@@ -101,7 +103,7 @@ def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int 
     stats = {"dim": int(pca.components.shape[1]), "fit_rows": len(rows), "seconds": t.seconds,
              "explained_variance": float(pca.eigenvalues.sum() / total) if total > 0 else 0.0,
              "peak_rss_mb": peak_rss_mb()}
-    write_json(out_dir / "pca.json", stats)
+    write_json(out_dir / report("pca"), stats)
     return stats
 
 

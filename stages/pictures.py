@@ -33,7 +33,7 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
 
 def _grid_title(fig: plt.Figure, title: str, wspace: float = 0.08, hspace: float = 0.12) -> None:
     """Title just above a grid of small images. A fixed gap in inches, as the figure height varies;
-    matplotlib's constrained layout does this too but takes seconds on grids of ~100 axes."""
+    matplotlib's constrained layout does this too, but slowly on grids of ~100 axes."""
     height = fig.get_size_inches()[1]
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.4 / height, wspace=wspace, hspace=hspace)
     fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")

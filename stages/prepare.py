@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import StageError, load_params, write_json
+from stages.common import StageError, load_params, seeded_subset, write_json
 from stages.data import IMAGE_EXTENSIONS
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
@@ -50,7 +50,7 @@ def import_idx(root: Path, limits: dict[str, int | None], seed: int) -> tuple[pd
         images, labels = read_idx(img_file), read_idx(lab_file)
         if len(images) != len(labels):
             raise StageError(f"{img_file} has {len(images)} images but {lab_file} has {len(labels)} labels")
-        keep = subset_indices(len(images), limits.get(split), seed)
+        keep = seeded_subset(len(images), limits.get(split), seed)
         frames.append(pd.DataFrame({
             "image_id": [f"{split}-{i:05d}" for i in keep],
             "split": split,
@@ -68,13 +68,6 @@ def _find(root: Path, stem: str) -> Path:
         if candidate.exists():
             return candidate
     raise StageError(f"{root} has no {stem}[.gz]: install it with `apt-get install dataset-fashion-mnist` or set prepare.path")
-
-
-def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """A seeded random subset of `limit` rows (all rows if limit is None), in original order."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
 # ---------------------------------------------------------------- image trees
@@ -157,13 +150,13 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
         parts = []
         for split in ("train", "test"):
             part = manifest[manifest["split"] == split]
-            parts.append(part.iloc[subset_indices(len(part), limits[split], seed)])
+            parts.append(part.iloc[seeded_subset(len(part), limits[split], seed)])
         manifest = pd.concat(parts, ignore_index=True)
         size, channels = int(params.get("image_size", 224)), 3
         meta = {"kind": "files", "classes": classes or None, "image_size": size, "channels": channels}
         from stages.data import decode_image
 
-        sample = manifest["path"].iloc[subset_indices(len(manifest), 500, seed)]
+        sample = manifest["path"].iloc[seeded_subset(len(manifest), 500, seed)]
         mean, std = channel_stats(np.stack([decode_image(p, size, channels).permute(1, 2, 0).numpy() for p in sample]))
         pixels = None
     else:

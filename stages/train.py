@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from stages.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stages.common import StageError, Timer, load_params, peak_rss_mb, pick_device, seed_for, write_json
 from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
 from stages.extract import autocast
 from stages.labels import read_assignments
+from stages.layout import report
 from stages.models import DeepClusterNet, build_model
 
 
@@ -115,13 +115,13 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
         generator = torch.Generator().manual_seed(seed)
         images = load_split(dataset, "train")
         assign = read_assignments(assignments)
-        rows = pd.Index(images.ids).get_indexer(assign["image_id"])
-        if (rows < 0).any():
-            raise StageError(f"{assignments} names {int((rows < 0).sum())} images that are not in {dataset}: "
-                             "the dataset changed since clustering; rerun the epoch from extract")
+        if len(assign) != len(images) or not np.array_equal(assign["image_id"].to_numpy().astype(str), images.ids):
+            raise StageError(f"{assignments} does not list {dataset}'s training images in their order: the dataset "
+                             "changed since clustering; rerun the epoch from extract")
         targets, cluster_ids = contiguous_targets(assign["cluster"].to_numpy())
 
         ckpt = load_checkpoint(checkpoint_in, device)
+        check_input_size(ckpt, p["crop_size"], "train.crop_size")
         if ckpt["epoch"] != epoch - 1:
             raise StageError(f"{checkpoint_in} is from epoch {ckpt['epoch']}, but epoch {epoch} must start from "
                              f"epoch {epoch - 1}'s checkpoint")
@@ -133,11 +133,11 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
                 group.update(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
         model.reset_top_layer(len(cluster_ids))
         top_optimizer = head_optimizer(model, p)
-        model = model.to(memory_format=torch.channels_last)  # 1.3x faster training on this CPU too
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs and GPUs alike
 
-        n_samples = int(p.get("samples_per_epoch") or len(rows))
-        pick = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))
-        stats = train_one_epoch(model, images, rows[pick], targets[pick], optimizer, top_optimizer, p, device, generator)
+        n_samples = int(p.get("samples_per_epoch") or len(images))
+        rows = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))
+        stats = train_one_epoch(model, images, rows, targets[rows], optimizer, top_optimizer, p, device, generator)
         save_checkpoint(checkpoint_out, model=model, epoch=epoch, model_params=ckpt["model_params"],
                         in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], optimizer=optimizer,
                         top_optimizer=top_optimizer, cluster_ids=torch.from_numpy(cluster_ids))
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not (args.assignments and args.checkpoint_in and args.epoch):
             parser.error("--assignments, --checkpoint-in and --epoch are required unless --init")
-        stats_out = args.stats_out or Path(args.assignments).with_name("train.json")
+        stats_out = args.stats_out or Path(args.assignments).with_name(report("train"))
         s = run_train(params, args.dataset, args.assignments, args.checkpoint_in, args.checkpoint_out, args.epoch, stats_out)
     except StageError as e:
         sys.exit(f"train: {e}")

@@ -17,15 +17,13 @@ from pathlib import Path
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 _STATE = Path(tempfile.mkdtemp(prefix="deepcluster-tests-"))
 atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 # A safety net: tests that track runs point MLflow at their own tmp_path; nothing may reach ./mlflow.db.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
+import pipeline  # noqa: E402,F401  (the rest of the offline environment, as every entry point gets it)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -34,7 +32,10 @@ import yaml  # noqa: E402
 
 torch.set_num_threads(1)
 
-from stages.common import apply_overrides  # noqa: E402
+from stages.common import apply_overrides, write_json  # noqa: E402
+from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage  # noqa: E402
+from stages.layout import METRICS, RunLayout  # noqa: E402
+from stages.train import init_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"
@@ -60,6 +61,16 @@ SMALL = {
     "train.samples_per_epoch": None,
     "extract.keep_features_every": 1,
     "train.keep_checkpoint_every": 1,
+    # the final evaluation, small: one k-means seed, short gradient ascent, few pictures
+    "evaluate.train_images": 200,
+    "evaluate.probe_iters": 10,
+    "evaluate.kmeans_runs": 1,
+    "evaluate.ascent_steps": 5,
+    "evaluate.picture_filters": 3,
+    "evaluate.picture_queries": 3,
+    "evaluate.picture_neighbours": 4,
+    "evaluate.picture_clusters": 3,
+    "evaluate.picture_cluster_images": 4,
 }
 
 
@@ -118,8 +129,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def run_stage():
-    """run_stage("pca", "--features", ..., cwd=dir) runs `python -m stages.pca ...` as a user would."""
+def run_cli():
+    """run_cli("pca", "--features", ..., cwd=dir) runs `python -m stages.pca ...` as a user would."""
 
     def run(stage: str, *args, cwd: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=cwd,
@@ -144,3 +155,33 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "deepcluster-tests")
     return uri
+
+
+def run_epochs(params: dict, layout: RunLayout, epochs) -> RunLayout:
+    """DeepCluster epochs through the same stage chain the flow runs (stages.epoch), without Prefect;
+    last.pt is a copy of the newest checkpoint."""
+    if not layout.checkpoint(0).exists():
+        init_checkpoint(params, layout.dataset, layout.checkpoint(0))
+    for e in epochs:
+        for name in EPOCH_STAGES:
+            run_stage(name, params, layout, e)
+        write_json(layout.epoch(e) / METRICS, epoch_metrics(layout.epoch(e), e))
+        shutil.copy(layout.checkpoint(e), layout.last_checkpoint)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_params, fashion_dataset) -> RunLayout:
+    """Two real DeepCluster epochs on the small Fashion-MNIST set (read-only for tests: copy to change)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    return run_epochs(small_params, RunLayout(fashion_dataset, root / "epochs", root / "checkpoints"), (1, 2))
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tmp_path_factory, small_params, tiny_run) -> tuple[Path, dict]:
+    """The final evaluation of tiny_run: its output directory and figures (read-only for tests)."""
+    from stages.evaluate import run_final_evaluation
+
+    out = tmp_path_factory.mktemp("tiny-eval") / "eval"
+    metrics = run_final_evaluation(small_params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint, out)
+    return out, metrics

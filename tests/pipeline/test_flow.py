@@ -13,13 +13,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import normalized_mutual_info_score
 
-from pipeline.flow import Layout, apply_retention, deepcluster, run_fingerprint
-from stages.common import StageError, apply_overrides, read_json
+from pipeline.flow import deepcluster
+from stages.common import StageError, read_json
 from stages.evaluate import run_final_evaluation
 
 pytestmark = pytest.mark.slow
 
-EPOCH_FILES = ["features.npy", "image_ids.npy", "extract.json", "pca.npz", "pca_features.npy", "pca.json",
+EPOCH_FILES = ["features.npy", "extract.json", "pca.npz", "pca_features.npy", "pca.json",
                "kmeans.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
 
 
@@ -73,12 +73,12 @@ def test_every_epoch_writes_every_artifact(workspace):
     assert sorted(p.name for p in workspace.epochs.iterdir()) == ["0001", "0002", "run.json"]
 
 
-def test_assignments_are_a_plain_parquet_table(workspace, fashion_dataset):
-    ids = set(pd.read_parquet(fashion_dataset / "manifest.parquet").query("split == 'train'")["image_id"])
+def test_assignments_are_a_plain_parquet_table_in_manifest_order(workspace, fashion_dataset):
+    ids = pd.read_parquet(fashion_dataset / "manifest.parquet").query("split == 'train'")["image_id"].tolist()
     for epoch in (1, 2):
         a = pd.read_parquet(workspace.epochs / f"{epoch:04d}" / "assignments.parquet")
         assert list(a.columns) == ["image_id", "cluster", "distance"]
-        assert len(a) == 240 and set(a["image_id"]) == ids
+        assert a["image_id"].tolist() == ids  # row i = training image i: no id lookup needed
         assert a["cluster"].between(0, 9).all()  # cluster.k = 10
         assert (a["distance"] >= 0).all()
 
@@ -103,7 +103,6 @@ def test_nmi_with_the_previous_epoch(workspace, fashion_dataset):
     m1 = read_json(workspace.epochs / "0001" / "metrics.json")
     m2 = read_json(workspace.epochs / "0002" / "metrics.json")
     assert m1["nmi_previous"] is None  # epoch 1 has no predecessor
-    assert isinstance(m2["nmi_previous"], float) and 0.0 <= m2["nmi_previous"] <= 1.0
     # recomputed independently from the two assignment files, matched by image_id
     a1 = pd.read_parquet(workspace.epochs / "0001" / "assignments.parquet").set_index("image_id")["cluster"]
     a2 = pd.read_parquet(workspace.epochs / "0002" / "assignments.parquet").set_index("image_id")["cluster"]
@@ -122,7 +121,8 @@ def test_epoch_metrics_gather_the_stage_reports(workspace):
     m, lab, tr = (read_json(d / f"{s}.json") for s in ("metrics", "labels", "train"))
     assert m["epoch"] == 2 and m["train_loss"] == tr["loss"]
     assert m["n_clusters"] + m["empty_clusters"] == 10 == lab["k"]
-    assert m["seconds_stages"] <= m["seconds_epoch"]
+    assert m["seconds_stages"] == pytest.approx(sum(read_json(d / f"{s}.json")["seconds"]
+                                                    for s in ("extract", "pca", "cluster", "labels", "train")))
     assert read_json(d / "cluster.json")["seed"] != read_json(workspace.epochs / "0001" / "cluster.json")["seed"]
 
 
@@ -208,13 +208,24 @@ def test_fresh_discards_the_old_run(tracked, tmp_path):
     assert not (ws.checkpoints / "epoch_0002.pt").exists()
 
 
-def test_fingerprint_ignores_the_epoch_count_only(small_params):
-    longer = {**small_params, "run": {**small_params["run"], "epochs": 50}}
-    reseeded = {**small_params, "run": {**small_params["run"], "seed": 1}}
-    other_k = {**small_params, "cluster": {**small_params["cluster"], "k": 11}}
-    assert run_fingerprint(longer) == run_fingerprint(small_params)
-    assert run_fingerprint(reseeded) != run_fingerprint(small_params)
-    assert run_fingerprint(other_k) != run_fingerprint(small_params)
+def test_rerun_with_other_evaluate_settings_resumes_without_recomputing(tracked, tmp_path):
+    """evaluate.* plays no part in the epochs: changing it used to make a finished run "not resumable"."""
+    ws = tracked.copy(tmp_path)
+    before = ws.mtimes()
+    ws.run(overrides={"evaluate.knn_k": 7, "evaluate.pictures": False})
+    after = ws.mtimes()
+    assert after.pop("data/epochs/run.json") and {k: v for k, v in before.items() if k != "data/epochs/run.json"} == after
+    assert read_json(ws.epochs / "run.json")["params"]["evaluate"]["knn_k"] == 7  # the run records what it ran with
+
+
+def test_crop_size_mismatch_is_a_stage_error_naming_both_settings(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                  small_params, write_params, tmp_path):
+    params_file = write_params(tmp_path, small_params, {"extract.crop_size": 24})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    # a StageError (a user error) is never retried; before, a shape error inside the network was, twice
+    with pytest.raises(StageError, match=r"stage extract, epoch 1: extract.crop_size=24.*28 px.*train.crop_size"):
+        ws.run()
+    assert not (ws.epochs / "0001" / "features.npy").exists()
 
 
 def test_final_evaluation_of_the_run(workspace, small_params, tmp_path):
@@ -225,7 +236,6 @@ def test_final_evaluation_of_the_run(workspace, small_params, tmp_path):
     assert curves["nmi_previous"].iloc[1] == pytest.approx(read_json(workspace.epochs / "0002" / "metrics.json")
                                                            ["nmi_previous"])
     assert summary["epochs"] == 2 and summary["checkpoint_epoch"] == 2
-    assert 0.0 <= summary["test_nmi_k_classes"] <= 1.0
     assert read_json(tmp_path / "eval" / "metrics.json") == summary
 
 
@@ -237,29 +247,6 @@ def test_bad_k_stops_the_flow_with_the_stage_message(prefect_harness, mlflow_uri
         ws.run()
     e1 = ws.epochs / "0001"
     assert (e1 / "pca.json").exists() and not (e1 / "cluster.json").exists() and not (e1 / "metrics.json").exists()
-
-
-@pytest.mark.parametrize("keep_features, keep_checkpoints, features_kept, checkpoints_kept", [
-    (0, 5, [], [0, 5, 6]),  # the defaults: no features, every 5th checkpoint (and the newest)
-    (2, 0, [2, 4, 6], [0, 6]),
-])
-def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoints, features_kept, checkpoints_kept):
-    params = apply_overrides(small_params, {"extract.keep_features_every": keep_features,
-                                            "train.keep_checkpoint_every": keep_checkpoints})
-    layout = Layout(tmp_path / "dataset", tmp_path / "epochs", tmp_path / "checkpoints")
-    layout.checkpoints.mkdir()
-    layout.checkpoint(0).write_bytes(b"0")
-    for epoch in range(1, 7):  # what each finished epoch leaves before retention
-        layout.epoch(epoch).mkdir(parents=True)
-        for name in ("features.npy", "pca_features.npy", "assignments.parquet", "metrics.json"):
-            (layout.epoch(epoch) / name).write_bytes(b"x")
-        layout.checkpoint(epoch).write_bytes(b"x")
-        apply_retention(params, layout, epoch)
-    assert [e for e in range(1, 7) if (layout.epoch(e) / "features.npy").exists()] == features_kept
-    assert [e for e in range(1, 7) if (layout.epoch(e) / "pca_features.npy").exists()] == features_kept
-    assert [e for e in range(0, 7) if layout.checkpoint(e).exists()] == checkpoints_kept
-    assert all((layout.epoch(e) / "assignments.parquet").exists() and (layout.epoch(e) / "metrics.json").exists()
-               for e in range(1, 7))
 
 
 def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_path):

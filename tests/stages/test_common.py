@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
-from stages.common import StageError, apply_overrides, atomic_path, load_params, parse_override, seed_for, write_json
+from stages.common import (StageError, apply_overrides, atomic_path, load_params, parse_override, seed_for, seeded_subset,
+                           write_json)
 
 
 def test_apply_overrides_sets_dotted_keys_and_leaves_the_input_untouched(repo_params):
@@ -57,3 +60,12 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
         tmp.write_text('{"v": 2}')
     assert json.loads(target.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_seeded_subset_is_seeded_sorted_and_complete_without_a_limit():
+    a = seeded_subset(1000, 50, seed=3)
+    assert len(a) == 50 and len(set(a)) == 50 and list(a) == sorted(a) and a.max() < 1000
+    np.testing.assert_array_equal(a, seeded_subset(1000, 50, seed=3))
+    assert not np.array_equal(a, seeded_subset(1000, 50, seed=4))
+    np.testing.assert_array_equal(seeded_subset(7, None, 0), np.arange(7))
+    np.testing.assert_array_equal(seeded_subset(7, 100, 0), np.arange(7))

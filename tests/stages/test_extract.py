@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import StageError, read_json
+from stages.common import StageError, apply_overrides, read_json
 from stages.data import center_crop, load_split, normalize
 from stages.extract import run_extract
 from stages.train import init_checkpoint
@@ -23,10 +23,9 @@ def extracted(tmp_path_factory, fashion_dataset, small_params):
 def test_features_cover_every_training_image_in_dataset_order(extracted, fashion_dataset, small_params):
     root, stats = extracted
     feats = np.load(root / "0001" / "features.npy")
-    ids = np.load(root / "0001" / "image_ids.npy")
     train = load_split(fashion_dataset, "train")
     assert feats.shape == (len(train), small_params["model"]["fc_dim"]) and feats.dtype == np.float32
-    np.testing.assert_array_equal(ids, train.ids)
+    assert sorted(p.name for p in (root / "0001").iterdir()) == ["extract.json", "features.npy"]  # no id file
     assert np.isfinite(feats).all()
     assert (feats < 0).any()  # taken before the ReLU
     assert stats["checkpoint_epoch"] == 0 and stats["n_images"] == len(train)
@@ -52,3 +51,12 @@ def test_features_are_the_eval_mode_centre_crop_fc_output(extracted, fashion_dat
 def test_missing_checkpoint_is_a_stage_error(tmp_path, fashion_dataset, small_params):
     with pytest.raises(StageError, match="epoch_0000.pt not found"):
         run_extract(small_params, fashion_dataset, tmp_path / "epoch_0000.pt", tmp_path / "0001")
+
+
+def test_crop_size_other_than_the_networks_input_is_refused_before_any_output(extracted, fashion_dataset,
+                                                                              small_params, tmp_path):
+    root, _ = extracted
+    params = apply_overrides(small_params, {"extract.crop_size": 24})
+    with pytest.raises(StageError, match=r"extract.crop_size=24, but the network .* 28 px"):
+        run_extract(params, fashion_dataset, root / "epoch_0000.pt", tmp_path / "0001")
+    assert not (tmp_path / "0001").exists()

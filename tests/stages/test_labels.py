@@ -10,7 +10,9 @@ import pytest
 from stages.cluster import Clustering, save_clustering
 from stages.common import StageError, read_json
 from stages.data import load_split
-from stages.labels import ASSIGNMENTS, cluster_size_stats, nmi, nmi_between, read_assignments, run_labels
+from stages.labels import (cluster_size_stats, match_clusters, nmi, nmi_between, read_assignments, run_labels,
+                           size_histogram)
+from stages.layout import ASSIGNMENTS
 
 
 def h(*p: float) -> float:
@@ -70,20 +72,20 @@ def test_cluster_size_stats_on_constructed_labels():
     assert balanced["size_cv"] == 0.0 and balanced["empty_clusters"] == 0
 
 
-def write_epoch(directory, ids: np.ndarray, labels: np.ndarray, k: int) -> None:
+def write_epoch(directory, labels: np.ndarray, k: int) -> None:
+    """A clustering of the training images, row i = training image i (what cluster writes)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     save_clustering(directory / "kmeans.npz", Clustering(
         labels=labels.astype(np.int64), distances=rng.random(len(labels)).astype(np.float32),
         centroids=np.zeros((k, 4), np.float32), objective=np.ones(3), seed=1))
-    np.save(directory / "image_ids.npy", ids)
 
 
 def test_run_labels_writes_assignments_and_statistics(tmp_path, fashion_dataset, small_params):
     train = load_split(fashion_dataset, "train")
     k = 12
     labels = train.labels.copy()  # cluster = true class: NMI with the labels is 1; clusters 10, 11 empty
-    write_epoch(tmp_path / "0001", train.ids, labels, k)
+    write_epoch(tmp_path / "0001", labels, k)
     s1 = run_labels(small_params, tmp_path / "0001", fashion_dataset, previous=tmp_path / "0000")
 
     a = pd.read_parquet(tmp_path / "0001" / ASSIGNMENTS)
@@ -95,12 +97,15 @@ def test_run_labels_writes_assignments_and_statistics(tmp_path, fashion_dataset,
     assert s1["k"] == k and s1["empty_clusters"] == k - len(np.unique(labels))
     assert read_json(tmp_path / "0001" / "labels.json") == s1
 
-    # Epoch 2: image_ids in another order, clusters renamed: the same partition, NMI 1.
-    perm = np.random.default_rng(1).permutation(len(train))
-    write_epoch(tmp_path / "0002", train.ids[perm], (labels[perm] + 3) % k, k)
+    # Epoch 2: the clusters renamed: the same partition, NMI 1; half the images moved: NMI below 1.
+    write_epoch(tmp_path / "0002", (labels + 3) % k, k)
     s2 = run_labels(small_params, tmp_path / "0002", fashion_dataset, previous=tmp_path / "0001")
-    assert s2["nmi_previous"] == pytest.approx(1.0)
-    assert s2["nmi_labels"] == pytest.approx(1.0)  # true labels are matched by image_id too
+    assert s2["nmi_previous"] == pytest.approx(1.0) and s2["nmi_labels"] == pytest.approx(1.0)
+    moved = labels.copy()
+    moved[::2] = np.random.default_rng(2).integers(0, 10, size=len(moved[::2]))
+    write_epoch(tmp_path / "0003", moved, k)
+    s3 = run_labels(small_params, tmp_path / "0003", fashion_dataset, previous=tmp_path / "0002")
+    assert s3["nmi_previous"] == pytest.approx(nmi(moved, labels)) and s3["nmi_previous"] < 0.9
 
 
 def test_run_labels_on_unlabelled_images_reports_no_label_nmi(tmp_path, small_params):
@@ -113,18 +118,42 @@ def test_run_labels_on_unlabelled_images_reports_no_label_nmi(tmp_path, small_pa
     for name in ("camera", "coins", "moon"):
         Image.fromarray(getattr(skdata, name)()).save(tmp_path / "flat" / f"{name}.png")
     prepare("folder", tmp_path / "flat", tmp_path / "dataset", small_params["prepare"])
-    ids = load_split(tmp_path / "dataset", "train").ids
-    write_epoch(tmp_path / "0001", ids, np.array([0, 2, 2]), 3)
+    write_epoch(tmp_path / "0001", np.array([0, 2, 2]), 3)
     s = run_labels(small_params, tmp_path / "0001", tmp_path / "dataset")
     assert s["nmi_labels"] is None and s["nmi_previous"] is None
     assert (s["n_clusters"], s["empty_clusters"], s["sizes"]) == (2, 1, [1, 0, 2])
 
 
-def test_run_labels_refuses_mismatched_ids(tmp_path, fashion_dataset, small_params):
+def test_run_labels_refuses_a_clustering_of_another_dataset(tmp_path, fashion_dataset, small_params):
     train = load_split(fashion_dataset, "train")
-    write_epoch(tmp_path / "e", train.ids[:-1], np.zeros(len(train), np.int64), 2)
-    with pytest.raises(StageError, match="image ids but .* cluster labels"):
+    write_epoch(tmp_path / "e", np.zeros(len(train) - 1, np.int64), 2)
+    with pytest.raises(StageError, match=f"{len(train) - 1} cluster labels but .* {len(train)} training images"):
         run_labels(small_params, tmp_path / "e", fashion_dataset)
+    assert not (tmp_path / "e" / ASSIGNMENTS).exists()
+
+
+def test_match_clusters_pairs_groups_one_to_one_and_greedy_never_overcounts(monkeypatch):
+    from stages import labels as labels_module
+
+    a = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    b = np.array([5, 5, 7, 7, 7, 7, 9, 9, 9, 5])  # best pairing 5-0, 7-1, 9-2: 2 + 3 + 3
+    assert match_clusters(a, b) == (8, "hungarian")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 30, 2000), rng.integers(0, 30, 2000)
+    best, _ = match_clusters(x, y)
+    monkeypatch.setattr(labels_module, "MAX_DENSE_PAIRS", 5)
+    greedy, method = match_clusters(x, y)
+    assert method == "greedy" and greedy <= best
+    assert match_clusters(a, b) == (8, "greedy")  # here the largest overlaps are the best pairing
+
+
+def test_size_histogram_bins_by_powers_of_two():
+    h = size_histogram(np.array([0, 0, 1, 2, 3, 5, 8]))
+    assert h.to_dict("records") == [{"size": "0 (empty)", "clusters": 2, "images": 0},
+                                    {"size": "1", "clusters": 1, "images": 1},
+                                    {"size": "2-3", "clusters": 2, "images": 5},
+                                    {"size": "4-7", "clusters": 1, "images": 5},
+                                    {"size": "8-15", "clusters": 1, "images": 8}]
 
 
 def test_read_assignments_missing_file_is_a_stage_error(tmp_path):

@@ -109,3 +109,17 @@ def test_unknown_arch_and_too_small_images_are_refused():
         build_model({**SMALL_MODEL, "arch": "resnet"}, 1, 28)
     with pytest.raises(ValueError, match="cannot take 28px images"):
         build_model({"arch": "alexnet", "sobel": True, "dropout": 0.5}, 3, 28)
+
+
+@pytest.mark.parametrize("arch", ["small_alexnet", "alexnet"])
+def test_building_a_network_leaves_batchnorm_statistics_at_their_initial_values(arch):
+    """The flat-size probe used to run a zero batch in train mode, moving every running mean/var."""
+    size = 28 if arch == "small_alexnet" else 64
+    model = build_model({**SMALL_MODEL, "arch": arch}, 1, size)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for bn in norms:
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert int(bn.num_batches_tracked) == 0
+    assert model.training  # and the network is returned in train mode, as built

@@ -13,7 +13,7 @@ from skimage import data as skdata
 
 from stages.common import StageError, read_json
 from stages.data import iterate_batches, load_split
-from stages.prepare import prepare, read_idx, subset_indices
+from stages.prepare import prepare, read_idx
 
 
 def raw_idx(path: Path, header: int) -> np.ndarray:
@@ -53,15 +53,6 @@ def test_read_idx_hand_made_files(tmp_path):
     (tmp_path / "short").write_bytes(bytes([0, 0, 0x08, 1]) + np.array([10], ">u4").tobytes() + bytes(3))
     with pytest.raises(StageError, match="truncated"):
         read_idx(tmp_path / "short")
-
-
-def test_subset_indices_is_seeded_sorted_and_complete_without_a_limit():
-    a = subset_indices(1000, 50, seed=3)
-    assert len(a) == 50 and len(set(a)) == 50 and (np.diff(a) > 0).all() and a.max() < 1000
-    np.testing.assert_array_equal(a, subset_indices(1000, 50, seed=3))
-    assert not np.array_equal(a, subset_indices(1000, 50, seed=4))
-    np.testing.assert_array_equal(subset_indices(7, None, 0), np.arange(7))
-    np.testing.assert_array_equal(subset_indices(7, 100, 0), np.arange(7))
 
 
 def test_prepare_fashion_mnist_subset(fashion_dataset, fashion_mnist_dir):
@@ -190,11 +181,11 @@ def test_only_corrupt_images_is_refused(tmp_path, small_params):
         prepare("folder", root, tmp_path / "out", small_params["prepare"])
 
 
-def test_only_corrupt_images_message_says_which_files_and_why(tmp_path, params_file, run_stage):
+def test_only_corrupt_images_message_says_which_files_and_why(tmp_path, params_file, run_cli):
     root = tmp_path / "bad"
     root.mkdir()
     (root / "a.jpg").write_bytes(b"garbage")
-    result = run_stage("prepare", "--params", params_file, "--source", "folder", "--path", root,
+    result = run_cli("prepare", "--params", params_file, "--source", "folder", "--path", root,
                        "--out", tmp_path / "out", cwd=tmp_path)
     assert result.returncode != 0
     assert "a.jpg" in result.stderr + result.stdout
@@ -205,11 +196,11 @@ def test_unknown_source_is_refused(tmp_path, small_params):
         prepare("csv", tmp_path, tmp_path / "out", small_params["prepare"])
 
 
-def test_cli_empty_folder_exits_non_zero_naming_the_path(tmp_path, params_file, run_stage):
+def test_cli_empty_folder_exits_non_zero_naming_the_path(tmp_path, params_file, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
-    result = run_stage("prepare", "--params", params_file, "--source", "folder", "--path", empty, "--out", out,
+    result = run_cli("prepare", "--params", params_file, "--source", "folder", "--path", empty, "--out", out,
                        cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.startswith("prepare: ") and str(empty) in result.stderr

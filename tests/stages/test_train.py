@@ -91,8 +91,7 @@ def workspace(tmp_path_factory, fashion_dataset, train_params):
     root = tmp_path_factory.mktemp("train")
     train = load_split(fashion_dataset, "train")
     clusters = np.array(CLUSTER_IDS)[np.arange(len(train)) % 3]
-    write_assignments(root / "assignments.parquet", train.ids[::-1].copy(), clusters,  # any row order
-                      np.zeros(len(train), np.float32))
+    write_assignments(root / "assignments.parquet", train.ids, clusters, np.zeros(len(train), np.float32))
     init_checkpoint(train_params, fashion_dataset, root / "epoch_0000.pt")
     stats = run_train(train_params, fashion_dataset, root / "assignments.parquet", root / "epoch_0000.pt",
                       root / "epoch_0001.pt", epoch=1, stats_out=root / "train.json")
@@ -197,14 +196,25 @@ def test_mismatched_checkpoint_epoch_is_refused(workspace, fashion_dataset, trai
     assert not (tmp_path / "epoch_0003.pt").exists()
 
 
-def test_assignments_for_unknown_images_are_refused(workspace, fashion_dataset, train_params, tmp_path):
+def test_assignments_of_other_images_or_order_are_refused(workspace, fashion_dataset, train_params, tmp_path):
     root, _ = workspace
-    known = load_split(fashion_dataset, "train").ids[0]
-    write_assignments(tmp_path / "a.parquet", np.array([known, "not-in-dataset"]), np.array([0, 1]),
-                      np.zeros(2, np.float32))
-    with pytest.raises(StageError, match="names 1 images that are not in"):
-        run_train(train_params, fashion_dataset, tmp_path / "a.parquet", root / "epoch_0000.pt",
+    ids = load_split(fashion_dataset, "train").ids
+    for name, listed in (("other", np.array([ids[0], "not-in-dataset"])), ("order", ids[::-1].copy())):
+        write_assignments(tmp_path / f"{name}.parquet", listed, np.arange(len(listed)) % 2,
+                          np.zeros(len(listed), np.float32))
+        with pytest.raises(StageError, match="does not list .* training images in their order"):
+            run_train(train_params, fashion_dataset, tmp_path / f"{name}.parquet", root / "epoch_0000.pt",
+                      tmp_path / "epoch_0001.pt", epoch=1)
+    assert not (tmp_path / "epoch_0001.pt").exists()
+
+
+def test_train_crop_size_other_than_the_networks_input_is_refused(workspace, fashion_dataset, train_params, tmp_path):
+    root, _ = workspace
+    params = {**train_params, "train": {**train_params["train"], "crop_size": 24}}
+    with pytest.raises(StageError, match=r"train.crop_size=24, but the network .* 28 px"):
+        run_train(params, fashion_dataset, root / "assignments.parquet", root / "epoch_0000.pt",
                   tmp_path / "epoch_0001.pt", epoch=1)
+    assert not (tmp_path / "epoch_0001.pt").exists()
 
 
 def test_missing_or_corrupt_checkpoint_is_a_stage_error(tmp_path):

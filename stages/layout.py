@@ -1,0 +1,97 @@
+"""Where a run's files live and which of them are kept: the one place that names them.
+
+    data/dataset/                 the canonical dataset (stages/data.py)
+    data/epochs/run.json          the run's identity and parameters (pipeline/workspace.py)
+    data/epochs/<epoch>/          features.npy, pca.npz, pca_features.npy, kmeans.npz, assignments.parquet,
+                                  one <stage>.json report per stage, and metrics.json once the epoch is done
+    models/checkpoints/           epoch_<epoch>.pt, and last.pt (a hard link to the newest)
+    data/ablations/<name>/        single-stage reruns (pipeline/ablate.py)
+    data/eval/                    the final evaluation
+
+Retention: fc features are N x D floats per epoch and an AlexNet checkpoint with its momentum is
+about half a gigabyte, so only every n-th epoch keeps them (`extract.keep_features_every`,
+`train.keep_checkpoint_every`); assignments, reports and metrics are always kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASET = "data/dataset"
+EPOCHS_ROOT = "data/epochs"
+CHECKPOINTS = "models/checkpoints"
+ABLATIONS_ROOT = "data/ablations"
+EVAL = "data/eval"
+
+RUN_FILE = "run.json"
+FEATURES = "features.npy"
+PCA = "pca.npz"
+PCA_FEATURES = "pca_features.npy"
+CLUSTERING = "kmeans.npz"
+ASSIGNMENTS = "assignments.parquet"
+METRICS = "metrics.json"  # written last: the epoch is done
+LAST_CHECKPOINT = "last.pt"
+# Large, and recomputable from a kept checkpoint: what retention may delete from an epoch.
+DISPOSABLE = (FEATURES, PCA_FEATURES)
+
+
+def report(stage: str) -> str:
+    """A stage's report, written last and atomically: its presence means the stage finished."""
+    return f"{stage}.json"
+
+
+def epoch_dir(epochs_root: str | Path, epoch: int) -> Path:
+    return Path(epochs_root) / f"{epoch:04d}"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.pt"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    dataset: Path = Path(DATASET)
+    epochs_root: Path = Path(EPOCHS_ROOT)
+    checkpoints: Path = Path(CHECKPOINTS)
+
+    def epoch(self, e: int) -> Path:
+        return epoch_dir(self.epochs_root, e)
+
+    def checkpoint(self, e: int) -> Path:
+        return self.checkpoints / checkpoint_name(e)
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def run_file(self) -> Path:
+        return self.epochs_root / RUN_FILE
+
+    def stage_done(self, e: int, stage: str) -> bool:
+        return (self.epoch(e) / report(stage)).exists()
+
+    def completed_epochs(self) -> list[int]:
+        return sorted(int(p.parent.name) for p in self.epochs_root.glob(f"[0-9][0-9][0-9][0-9]/{METRICS}"))
+
+
+def keeps_features(params: dict, epoch: int) -> bool:
+    every = params["extract"].get("keep_features_every") or 0
+    return bool(every) and epoch % every == 0
+
+
+def keeps_checkpoint(params: dict, epoch: int) -> bool:
+    every = params["train"].get("keep_checkpoint_every") or 0
+    return epoch == 0 or (bool(every) and epoch % every == 0)
+
+
+def apply_retention(params: dict, layout: RunLayout, epoch: int) -> None:
+    """Drop what the retention policy does not keep, once `epoch` is complete.
+
+    The epoch's own checkpoint stays until the next epoch is done: the next epoch starts from it.
+    """
+    if not keeps_features(params, epoch):
+        for name in DISPOSABLE:
+            (layout.epoch(epoch) / name).unlink(missing_ok=True)
+    if epoch > 1 and not keeps_checkpoint(params, epoch - 1):
+        layout.checkpoint(epoch - 1).unlink(missing_ok=True)

@@ -7,11 +7,10 @@ import mlflow
 import pytest
 
 from pipeline import tracking
-from pipeline.ablate import ablate
+from pipeline.ablate import ablate, provide_features
 from stages.common import StageError, read_json, write_json
 from stages.layout import RunLayout
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -34,6 +33,7 @@ def snapshot(client: mlflow.MlflowClient, run_id: str) -> tuple[dict, list]:
     return run.data.metrics, paths
 
 
+@pytest.mark.slow
 def test_evaluate_ablation_logs_into_its_own_nested_run_and_leaves_the_main_run_alone(main_run, tmp_path, mlflow_uri):
     layout, main_id = main_run
     client = mlflow.MlflowClient(mlflow_uri)
@@ -48,6 +48,7 @@ def test_evaluate_ablation_logs_into_its_own_nested_run_and_leaves_the_main_run_
         pytest.approx(rec["metrics"]["eval.knn.trained"])
 
 
+@pytest.mark.slow
 def test_labels_ablation_against_the_main_runs_previous_epoch(main_run, tmp_path):
     layout, _ = main_run
     rec = ablate("labels", 2, {}, "same", epochs_root=layout.epochs_root, dataset=layout.dataset,
@@ -58,9 +59,18 @@ def test_labels_ablation_against_the_main_runs_previous_epoch(main_run, tmp_path
     assert rec["metrics"]["nmi_labels"] == pytest.approx(main["nmi_labels"])
 
 
+@pytest.mark.slow
 def test_an_override_that_cannot_change_the_rerun_is_refused(main_run, tmp_path):
     layout, _ = main_run
     with pytest.raises(StageError, match="train.lr cannot change a cluster rerun"):
         ablate("cluster", 2, {"train.lr": 0.1}, "lr", epochs_root=layout.epochs_root, dataset=layout.dataset,
                checkpoints=layout.checkpoints, root=tmp_path / "ablations", dvc=False)
     assert not (tmp_path / "ablations").exists()
+
+
+def test_ablation_without_features_or_checkpoint_explains_what_to_do(tmp_path):
+    params = {"extract": {"keep_features_every": 0}, "train": {"keep_checkpoint_every": 5}}
+    layout = RunLayout(tmp_path / "dataset", tmp_path / "ablation", tmp_path / "ckpt")
+    layout.epoch(7).mkdir(parents=True)
+    with pytest.raises(StageError, match=r"keep_features_every=0.*epoch_0006.pt.*keep_checkpoint_every=5"):
+        provide_features(params, layout, tmp_path / "main" / "0007", 7, print)

@@ -372,35 +372,3 @@ def test_retry_condition_retries_only_unexpected_errors():
 
     assert retry_unless_stage_error(None, None, Failed(data=StageFailed("stage train, epoch 3: OSError")))
     assert not retry_unless_stage_error(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))
-
-
-def test_compare_pairs_clusters_one_to_one():
-    import pandas as pd
-
-    from pipeline import inspect
-    from pipeline.inspect import compare_assignments, size_histogram
-    from stages import labels
-
-    assert inspect.ASSIGNMENTS == labels.ASSIGNMENTS
-
-    ids = [f"i{n}" for n in range(8)]
-    a = pd.DataFrame({"image_id": ids, "cluster": [0, 0, 0, 1, 1, 1, 2, 2]})
-    relabelled = pd.DataFrame({"image_id": ids, "cluster": [5, 5, 5, 3, 3, 3, 9, 9]})
-    assert compare_assignments(a, relabelled)["changed"] == 0
-    assert compare_assignments(a, relabelled)["nmi"] == pytest.approx(1.0)
-    moved = relabelled.assign(cluster=[5, 5, 3, 3, 3, 3, 9, 9])  # one image moved
-    assert compare_assignments(a, moved)["changed"] == 1
-    hist = size_histogram([0, 1, 3, 3, 8])
-    assert hist.to_dict("records") == [{"size": "0 (empty)", "clusters": 1, "images": 0},
-                                       {"size": "1", "clusters": 1, "images": 1},
-                                       {"size": "2-3", "clusters": 2, "images": 6},
-                                       {"size": "8-15", "clusters": 1, "images": 8}]
-
-
-def test_ablation_without_features_or_checkpoint_explains_what_to_do(tmp_path):
-    from pipeline.ablate import features_for
-    from stages.common import StageError
-
-    params = {"extract": {"keep_features_every": 0}, "train": {"keep_checkpoint_every": 5}}
-    with pytest.raises(StageError, match="keep_features_every=0.*keep_checkpoint_every=5"):
-        features_for(params, tmp_path / "0007", 7, tmp_path / "dataset", tmp_path / "ckpt", tmp_path / "out", print)

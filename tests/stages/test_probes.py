@@ -40,12 +40,11 @@ def tiny_fashion(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- linear probe
-def test_linear_probe_on_digits_learns_and_reports_accuracies_in_range(digits_split):
+def test_linear_probe_on_digits_learns_and_reports_its_choice(digits_split):
     r = linear_probe(*digits_split, seed=0)
-    assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["train_accuracy"] <= 1.0
     assert r["accuracy"] > 0.9  # 8x8 digits_split are almost linearly separable
-    assert r["weight_decay"] in (1e-4, 1e-3, 1e-2) and 0.0 <= r["val_accuracy"] <= 1.0
-    assert r["dim"] == 64
+    assert r["train_accuracy"] >= r["accuracy"] - 0.02 and r["val_accuracy"] > 0.9
+    assert r["weight_decay"] in (1e-4, 1e-3, 1e-2) and r["dim"] == 64
 
 
 def test_linear_probe_is_deterministic(digits_split):
@@ -138,7 +137,7 @@ def test_kmeans_quality_on_digits_pixels_and_whitened(digits_split):
     for pca_dim in (None, 32):
         q = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0, runs=3, pca_dim=pca_dim)
         assert set(q) == {"nmi", "ari", "acc", "nmi_std"}
-        assert 0.3 < q["nmi"] <= 1.0 and -1.0 <= q["ari"] <= 1.0 and 0.1 <= q["acc"] <= 1.0 and q["nmi_std"] >= 0.0
+        assert q["nmi"] > 0.3 and q["ari"] > 0.1 and q["acc"] > 0.3 and q["nmi_std"] > 0.0  # 3 seeds differ
     one = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0)
     assert one["nmi_std"] == 0.0 and one["nmi"] == pytest.approx(clustering_scores(digits_split[3], run_kmeans(
         np.ascontiguousarray(digits_split[2]), 10, 20, 0).labels)["nmi"])
@@ -183,23 +182,46 @@ def test_layer_features_refuse_an_unknown_layer(tiny_fashion):
                                device=torch.device("cpu"), max_dim=64)
 
 
-def test_trained_vs_random_probes_run_side_by_side_on_fashion(tiny_fashion):
-    """The comparison the evaluation makes, on a few hundred real images: every probe in range."""
+def test_trained_vs_random_probes_tell_a_trained_network_from_its_random_init(tiny_fashion):
+    """The comparison `evaluate final` makes. Here the trained network is the random one after a few hundred
+    supervised steps: its fc probe and kNN must come out clearly ahead, or the measures cannot see learning."""
+    import copy
+
     train, test = tiny_fashion
-    ytr, yte = train.labels, test.labels
-    results = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        model = build_model({"arch": "small_alexnet", "sobel": True, "width": 4, "fc_dim": 16}, 1, 28)
-        kw = dict(crop_size=28, batch_size=128, device=torch.device("cpu"), max_dim=256)
-        ftr = extract_layer_features(model, train, np.arange(len(train)), ["conv3", "fc"], **kw)
-        fte = extract_layer_features(model, test, np.arange(len(test)), ["conv3", "fc"], **kw)
-        results[name] = {layer: linear_probe(ftr.pooled[layer], ytr, fte.pooled[layer], yte, n_classes=10)["accuracy"]
-                         for layer in ("conv3", "fc")}
-    px_tr = pixel_features(train, np.arange(len(train)), crop_size=28, max_dim=2048)
-    px_te = pixel_features(test, np.arange(len(test)), crop_size=28, max_dim=2048)
-    assert px_tr.shape == (300, 784)
-    results["pixels"] = {"input": linear_probe(px_tr, ytr, px_te, yte, n_classes=10)["accuracy"]}
-    for accs in results.values():
-        for acc in accs.values():
-            assert 0.3 < acc <= 1.0  # far above the 0.1 of chance, even with 300 training images
+    torch.manual_seed(0)
+    random_net = build_model({"arch": "small_alexnet", "sobel": True, "width": 4, "fc_dim": 16}, 1, 28)
+    trained = copy.deepcopy(random_net)
+    trained.reset_top_layer(10)
+    x = normalize(torch.from_numpy(np.array(train.pixels)).permute(0, 3, 1, 2), train.meta["mean"], train.meta["std"])
+    y = torch.from_numpy(train.labels)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    trained.train()
+    for _ in range(400):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(trained(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    kw = dict(crop_size=28, batch_size=128, device=torch.device("cpu"), max_dim=256)
+    scores = {}
+    for name, model in (("random", random_net), ("trained", trained)):
+        ftr = extract_layer_features(model, train, np.arange(len(train)), ["fc"], **kw).pooled["fc"]
+        fte = extract_layer_features(model, test, np.arange(len(test)), ["fc"], **kw).pooled["fc"]
+        scores[name] = (linear_probe(ftr, train.labels, fte, test.labels, n_classes=10)["accuracy"],
+                        knn_accuracy(ftr, train.labels, fte, test.labels, k=10, n_classes=10))
+    assert scores["trained"][0] > scores["random"][0] + 0.1, scores
+    assert scores["trained"][1] > scores["random"][1] + 0.1, scores
+
+
+def test_raw_pixel_features_are_the_normalised_crop(tiny_fashion):
+    train, test = tiny_fashion
+    px = pixel_features(train, np.arange(len(train)), crop_size=28, max_dim=2048)
+    assert px.shape == (300, 784)
+    x = normalize(torch.from_numpy(np.array(train.pixels)).permute(0, 3, 1, 2), train.meta["mean"], train.meta["std"])
+    np.testing.assert_allclose(px, x.flatten(1).numpy(), rtol=1e-5, atol=1e-5)
+    pooled = pixel_features(train, np.arange(len(train)), crop_size=28, max_dim=200)
+    assert pooled.shape == (300, 196)  # 14 x 14 average-pooled
+    acc = linear_probe(px, train.labels, pixel_features(test, np.arange(len(test)), crop_size=28, max_dim=2048),
+                       test.labels, n_classes=10)["accuracy"]
+    assert acc > 0.5  # raw pixels of Fashion-MNIST are linearly separable to a good degree

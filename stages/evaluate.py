@@ -7,7 +7,8 @@ counts and sizes, seconds per stage.
 `final`: judges the run's last network on the held-out labelled split, side by side with the same
 network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
 weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the paper's pictures.
-Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3: the DVC metrics),
+Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3), headline.json (the
+few that `dvc metrics show` and `dvc exp show` list),
 scores/*.json (the same, one file per feature source: `dvc metrics show data/eval/scores/*.json`
 prints the probe table),
 epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png. The `publish` stage
@@ -61,6 +62,11 @@ EVALUATE_DEFAULTS = {
     "ascent_lr": 0.1, "picture_queries": 8, "picture_neighbours": 8, "picture_clusters": 8, "picture_cluster_images": 10,
 }
 NETWORKS = ("trained", "random")
+# The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
+# one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
+HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "knn.trained", "knn.random", "knn.pixels",
+            *(f"cluster.{s}.{m}" for s in ("trained", "random", "pixels") for m in ("acc", "nmi")),
+            "last_nmi_previous")
 
 
 def evaluate_settings(params: dict) -> dict:
@@ -260,6 +266,18 @@ def _image_shape(images: ImageSet) -> tuple[int, int, int]:
     return images.image_size, images.image_size, images.channels
 
 
+def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
+    """a - b (accuracies in points, NMI as it is), with the combined spread of the two k-means means."""
+    if metrics.get(a) is None or metrics.get(b) is None:
+        return "n/a"
+    scale = 1 if a.endswith(".nmi") else 100
+    text = f"{scale * (metrics[a] - metrics[b]):+.{3 if scale == 1 else 1}f}"
+    if std:
+        spread = np.hypot(metrics.get(a.rsplit(".", 1)[0] + "." + std) or 0.0, metrics.get(b.rsplit(".", 1)[0] + "." + std) or 0.0)
+        text += f" +- {scale * spread:.{3 if scale == 1 else 1}f}"
+    return text
+
+
 def write_report(path: Path, metrics: dict, info: dict) -> None:
     """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
@@ -297,7 +315,17 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
                   "| features | NMI | ARI | ACC (Hungarian) |", "|---|---:|---:|---:|"]
         for name, title in (("trained", "trained fc"), ("random", "random init fc"), ("pixels", "raw pixels")):
             lines.append(f"| {title} | {f3(metrics.get(f'cluster.{name}.nmi'))} +- {f3(metrics.get(f'cluster.{name}.nmi_std'))} | "
-                         f"{f3(metrics.get(f'cluster.{name}.ari'))} | {f3(metrics.get(f'cluster.{name}.acc'))} |")
+                         f"{f3(metrics.get(f'cluster.{name}.ari'))} | {f3(metrics.get(f'cluster.{name}.acc'))} +- "
+                         f"{f3(metrics.get(f'cluster.{name}.acc_std'))} |")
+        lines += ["", "## Margins: trained minus random init, and minus raw pixels", "",
+                  "| measure | vs random init | vs raw pixels |", "|---|---:|---:|"]
+        for title, t, r, p, std in (
+                ("best conv probe, points", "probe.trained.best", "probe.random.best", "probe.pixels", None),
+                ("weighted kNN, points", "knn.trained", "knn.random", "knn.pixels", None),
+                ("k-means ACC, points", "cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "acc_std"),
+                ("k-means NMI", "cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "nmi_std")):
+            lines.append(f"| {title} | {margin(metrics, t, r, std)} | {margin(metrics, t, p, std)} |")
+        lines += ["", "k-means margins: difference of the means over the seeds, +- the two seed spreads combined."]
     else:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
@@ -401,6 +429,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / "metrics.json", summary)
+    write_json(out_dir / "headline.json", {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)
     layers = probe_layers(cfg, nets["trained"])

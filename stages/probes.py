@@ -281,7 +281,8 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict:
 
 def kmeans_quality(x: np.ndarray, labels: np.ndarray, *, k: int, niter: int, seed: int, runs: int = 1,
                    pca_dim: int | None = None, eps: float = 1e-5) -> dict:
-    """k-means (k clusters) on x, scored against labels: mean NMI, ARI, ACC over `runs` seeds, and NMI's spread.
+    """k-means (k clusters) on x, scored against labels: mean NMI, ARI, ACC over `runs` seeds, and the
+    spread (standard deviation over the seeds) of NMI and ACC.
 
     With k = 10 a single k-means run's NMI moves by a few hundredths with its seed alone (README,
     "Figures of the default run"): one run cannot tell two close feature sets apart.
@@ -295,4 +296,5 @@ def kmeans_quality(x: np.ndarray, labels: np.ndarray, *, k: int, niter: int, see
     scores = [clustering_scores(labels, run_kmeans(x, k, niter, seed + i).labels) for i in range(runs)]
     out = {key: float(np.mean([s[key] for s in scores])) for key in ("nmi", "ari", "acc")}
     out["nmi_std"] = float(np.std([s["nmi"] for s in scores]))
+    out["acc_std"] = float(np.std([s["acc"] for s in scores]))
     return out

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SMALL
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DVC, PREFECT, PY = str(BIN / "dvc"), str(BIN / "prefect"), sys.executable
@@ -30,7 +32,8 @@ TINY = {"prepare.max_train_images": 200, "prepare.max_test_images": 100, "model.
         "pca.dim": 16, "cluster.k": 10, "run.epochs": 2, "extract.batch_size": 100, "train.batch_size": 64,
         # enough draws that `train` lasts ~1-2 s, so a test can kill the run inside it
         "train.samples_per_epoch": 3000,
-        "extract.keep_features_every": 2, "train.keep_checkpoint_every": 1}
+        "extract.keep_features_every": 2, "train.keep_checkpoint_every": 1,
+        **{k: v for k, v in SMALL.items() if k.startswith("evaluate.")}}  # a small final evaluation
 K = 8  # the runs under test override cluster.k = 10 -> 8, as a user would
 TIMING = ("seconds", "peak_rss_mb", "images_per_second")
 
@@ -135,7 +138,8 @@ def template(tmp_path_factory) -> Path:
     p.mkdir()
     ignore = ["--exclude=__pycache__"]
     subprocess.run(["tar", "-C", str(ROOT), *ignore, "-cf", str(p / "src.tar"), "stages", "pipeline", "dvc.yaml",
-                    "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"], check=True)
+                    "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "data/.gitignore",
+                    "models/.gitignore"], check=True)
     subprocess.run(["tar", "-C", str(p), "-xf", str(p / "src.tar")], check=True)
     (p / "src.tar").unlink()
     set_params(p, TINY)
@@ -232,6 +236,23 @@ def test_dvc_metrics_and_plots_show_per_epoch_curves(repro):
     assert sorted({r["epoch"] for r in rows}) == ["1", "2"]
     metrics = json.loads(sh([DVC, "metrics", "show", "--json"], repro).stdout)
     assert "data/eval/metrics.json" in json.dumps(metrics)
+
+
+def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path):
+    p = copy_project(repro, tmp_path / "project")
+    sh(["git", "add", "-A"], p)
+    sh(["git", "commit", "-qm", "the tiny run"], p)
+    sh([DVC, "exp", "run", "-n", "knn3", "-S", "evaluate.knn_k=3"], p)  # only evaluate and publish rerun
+    rows = json.loads(sh([DVC, "exp", "show", "--json"], p).stdout)
+    exps = {e["name"]: e for row in rows for e in [row, *[x["revs"][0] for x in row.get("experiments") or []]]
+            if e.get("name")}
+    data = exps["knn3"]["data"]
+    headline = data["metrics"]["data/eval/headline.json"]["data"]
+    assert {"probe.trained.best", "knn.trained", "cluster.trained.acc", "cluster.pixels.nmi"} <= set(headline)
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["knn_k"] == 3
+    assert headline["knn.trained"] == read(p, "data/eval/metrics.json")["knn.trained"]
+    diff = json.loads(sh([DVC, "exp", "diff", "HEAD", "knn3", "--json"], p).stdout)
+    assert diff["params"]["params.yaml"]["evaluate.knn_k"] == {"old": 20, "new": 3}
 
 
 def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):

@@ -13,13 +13,11 @@ import yaml
 
 from stages.checkpoints import load_checkpoint
 from stages.common import StageError, apply_overrides
-from stages.evaluate import (EVALUATE_DEFAULTS, evaluate_settings, main, random_init_network, run_final_evaluation,
-                             score_tables)
+from stages.evaluate import (EVALUATE_DEFAULTS, evaluate_settings, main, margin, random_init_network,
+                             run_final_evaluation, score_tables)
 from stages.layout import RunLayout
 from stages.prepare import prepare
 from tests.conftest import run_epochs
-
-pytestmark = pytest.mark.slow  # a two-epoch run and its evaluation: tens of seconds
 
 REPO = Path(__file__).resolve().parents[2]
 PICTURES = {"conv1_filters.png", "filters_conv1.png", "filters_conv3.png", "filters_conv5.png", "neighbours.png",
@@ -27,6 +25,7 @@ PICTURES = {"conv1_filters.png", "filters_conv1.png", "filters_conv3.png", "filt
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"]
 
 
+@pytest.mark.slow  # a two-epoch run and its evaluation
 def test_final_evaluation_scores_every_layer_of_both_networks_and_pixels(tiny_eval):
     out, m = tiny_eval
     for net in ("trained", "random"):
@@ -41,7 +40,7 @@ def test_final_evaluation_scores_every_layer_of_both_networks_and_pixels(tiny_ev
 
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
     scores = {n: json.loads((out / "scores" / f"{n}.json").read_text()) for n in ("trained", "random", "pixels")}
-    assert set(scores["trained"]) == {"acc", "ari", "knn", "nmi", "nmi_std", "probe_best", *[f"probe_{x}" for x in LAYERS]}
+    assert set(scores["trained"]) == {"acc", "acc_std", "ari", "knn", "nmi", "nmi_std", "probe_best", *[f"probe_{x}" for x in LAYERS]}
     assert scores["pixels"]["probe_input"] == m["probe.pixels"]
     report = (out / "report.md").read_text()
     assert "| conv3 |" in report and "raw pixels" in report and "pictures/neighbours.png" in report
@@ -50,6 +49,7 @@ def test_final_evaluation_scores_every_layer_of_both_networks_and_pixels(tiny_ev
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
 
 
+@pytest.mark.slow  # a two-epoch run and its evaluation
 def test_random_network_is_rebuilt_identically_when_epoch_0_was_deleted(tiny_run, small_params, tmp_path):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -62,6 +62,7 @@ def test_random_network_is_rebuilt_identically_when_epoch_0_was_deleted(tiny_run
     assert body and all(torch.equal(rebuilt.state_dict()[k], v) for k, v in body.items())
 
 
+@pytest.mark.slow  # a two-epoch run and its evaluation
 def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, small_params, tmp_path):
     """evaluate.pictures: false used to leave out data/eval/pictures, and `dvc repro` failed on it."""
     params = apply_overrides(small_params, {"evaluate.pictures": False, "evaluate.probe_layers": ["conv5"]})
@@ -80,6 +81,7 @@ def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, sm
     assert not list((out / "pictures").iterdir())
 
 
+@pytest.mark.slow  # a two-epoch run and its evaluation
 def test_extract_crop_size_other_than_the_networks_input_is_a_stage_error(tiny_run, small_params, tmp_path):
     params = apply_overrides(small_params, {"extract.crop_size": 24})
     with pytest.raises(StageError, match=r"extract.crop_size=24.*28 px"):
@@ -126,6 +128,7 @@ def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[Run
     return run_epochs(params, RunLayout(root / "dataset", root / "epochs", root / "ckpt"), (1,)), params
 
 
+@pytest.mark.slow  # a two-epoch run and its evaluation
 def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path):
     layout, params = unlabelled_run
     out = tmp_path / "eval"
@@ -136,3 +139,13 @@ def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path)
         {"trained": {}, "random": {}, "pixels": {}}
     assert {p.name for p in (out / "pictures").glob("*.png")} == PICTURES
     assert "No labelled held-out split" in (out / "report.md").read_text()
+
+
+def test_margins_are_differences_in_points_with_the_seed_spreads_combined():
+    m = {"knn.trained": 0.81, "knn.random": 0.75, "cluster.trained.acc": 0.6, "cluster.trained.acc_std": 0.03,
+         "cluster.random.acc": 0.5, "cluster.random.acc_std": 0.04, "cluster.trained.nmi": 0.6,
+         "cluster.trained.nmi_std": 0.0, "cluster.random.nmi": 0.65, "cluster.random.nmi_std": 0.0}
+    assert margin(m, "knn.trained", "knn.random", None) == "+6.0"
+    assert margin(m, "cluster.trained.acc", "cluster.random.acc", "acc_std") == "+10.0 +- 5.0"
+    assert margin(m, "cluster.trained.nmi", "cluster.random.nmi", "nmi_std") == "-0.050 +- 0.000"
+    assert margin(m, "knn.trained", "knn.pixels", None) == "n/a"

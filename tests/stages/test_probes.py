@@ -136,7 +136,7 @@ def test_hungarian_accuracy_refuses_mismatched_lengths():
 def test_kmeans_quality_on_digits_pixels_and_whitened(digits_split):
     for pca_dim in (None, 32):
         q = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0, runs=3, pca_dim=pca_dim)
-        assert set(q) == {"nmi", "ari", "acc", "nmi_std"}
+        assert set(q) == {"nmi", "ari", "acc", "nmi_std", "acc_std"}
         assert q["nmi"] > 0.3 and q["ari"] > 0.1 and q["acc"] > 0.3 and q["nmi_std"] > 0.0  # 3 seeds differ
     one = kmeans_quality(digits_split[2], digits_split[3], k=10, niter=20, seed=0)
     assert one["nmi_std"] == 0.0 and one["nmi"] == pytest.approx(clustering_scores(digits_split[3], run_kmeans(

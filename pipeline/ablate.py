@@ -7,22 +7,12 @@
     python -m pipeline.ablate list                                              # side by side
     python -m pipeline.inspect compare 6 k50:6                                  # vs the main run
 
-What each stage reruns, on epoch E's stored inputs, with the main run's parameters (data/epochs/
-run.json) plus the overrides:
-  pca, cluster  PCA (from features.npy) -> k-means -> labels (NMI with the main run's epoch E-1,
-                with the labels, and with the main run's epoch E). `cluster` reuses the epoch's
-                pca_features.npy when no pca.* is overridden and it was kept. Features exist only for
-                epochs kept by extract.keep_features_every; otherwise they are re-extracted with
-                epoch E-1's checkpoint when train.keep_checkpoint_every kept it.
-  labels        assignments and NMI from the epoch's k-means result, against --previous.
-  evaluate      `stages.evaluate final` on epoch E's checkpoint (kept by train.keep_checkpoint_every,
-                or the last epoch's).
-
-Results go to data/ablations/<name>/ (the epoch's files under <epoch>/, plus ablation.json and the
-effective params.yaml), built in a temp directory and renamed into place, then `dvc add`-ed
-(data/ablations/<name>.dvc, to commit with git) and logged as an MLflow run nested under the main
-run (metrics with step=E, beside the main run's). The main run's files are only read: they stay
-byte-identical. Large intermediates (features, pca_features) are not kept.
+Each reruns the named stage and the chain after it up to `labels` (or `evaluate final` on the epoch's
+checkpoint) on epoch E's stored inputs, with the main run's parameters (data/epochs/run.json) plus the
+overrides; `pca`/`cluster` re-extract features that retention did not keep from epoch E-1's checkpoint.
+Results go to data/ablations/<name>/, built in a hidden temp directory and renamed into place, then
+`dvc add`-ed and logged as an MLflow run nested under the main run (metrics at step E). The main run's
+files are only read.
 """
 from __future__ import annotations
 

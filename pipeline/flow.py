@@ -1,13 +1,8 @@
-"""The DeepCluster Prefect flow: every epoch runs extract -> pca -> cluster -> labels -> train -> evaluate.
+"""The DeepCluster Prefect flow: every epoch runs the stage chain of stages/epoch.py, one task per stage.
 
-Each stage reads and writes files only (data/epochs/<epoch>/...), so any stage can also be run on its
-own with `python -m stages.<name>`. A stage counts as done when its report (<stage>.json) exists: it
-is written last and atomically, after the stage's artifacts (themselves written to a temp file and
-renamed), so a run killed at any point (kill -9 included) and started again continues after the
-last finished stage, and a half-written file is never taken for a finished one. An epoch is done
-when its metrics.json exists, written after the epoch was logged and versioned.
-
-Entry points (all run this flow with parameters from params.yaml):
+A stage counts as done when its report (<stage>.json, written last and atomically) exists, an epoch
+when its metrics.json exists, so a run killed at any point (kill -9 included) continues after the last
+finished stage. Entry points, all on params.yaml:
 
     dvc repro                                     # the deepcluster stage runs `python -m pipeline.flow`
     prefect deployment run 'deepcluster/local' --param epochs=3 --param overrides='{"cluster.k": 50}'
@@ -15,8 +10,7 @@ Entry points (all run this flow with parameters from params.yaml):
 
 Outside `dvc repro`, overrides are written into params.yaml first (as `dvc exp run -S` does) and the
 run ends with `dvc commit deepcluster` + `dvc repro` (final evaluation, publishing), so dvc.lock
-describes the workspace whichever entry point ran. Under `dvc repro` the flow resumes a run made
-with the same parameters, code and dataset, and starts over otherwise, as DVC expects of a stage.
+describes the workspace whichever entry point ran.
 """
 from __future__ import annotations
 

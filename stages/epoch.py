@@ -17,37 +17,26 @@ from stages.pca import run_pca
 from stages.train import run_train
 
 
-def _extract(params: dict, layout: RunLayout, epoch: int, previous: Path) -> dict:
-    return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), layout.epoch(epoch))
-
-
-def _pca(params: dict, layout: RunLayout, epoch: int, previous: Path) -> dict:
-    return run_pca(params, layout.epoch(epoch) / FEATURES, layout.epoch(epoch), epoch)
-
-
-def _cluster(params: dict, layout: RunLayout, epoch: int, previous: Path) -> dict:
-    return run_cluster(params, layout.epoch(epoch) / PCA_FEATURES, layout.epoch(epoch), epoch)
-
-
-def _labels(params: dict, layout: RunLayout, epoch: int, previous: Path) -> dict:
-    return run_labels(params, layout.epoch(epoch), layout.dataset, previous)
-
-
-def _train(params: dict, layout: RunLayout, epoch: int, previous: Path) -> dict:
-    d = layout.epoch(epoch)
-    return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1), layout.checkpoint(epoch),
-                     epoch, d / report("train"))
-
-
 # The order is the method's: each stage consumes what the one before it wrote.
-EPOCH_STAGES = {"extract": _extract, "pca": _pca, "cluster": _cluster, "labels": _labels, "train": _train}
+EPOCH_STAGES = ("extract", "pca", "cluster", "labels", "train")
 
 
 def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> dict:
-    """Run one stage of `epoch`; `previous` is the epoch directory NMI(t-1, t) compares with
-    (default: epoch - 1 of the same layout; an ablation compares with the main run's)."""
-    prev = Path(previous) if previous is not None else layout.epoch(epoch - 1)
-    return EPOCH_STAGES[name](params, layout, epoch, prev)
+    """Run one stage of `epoch` on the layout's files; `previous` is the epoch directory NMI(t-1, t)
+    compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's)."""
+    d = layout.epoch(epoch)
+    if name == "extract":
+        return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), d)
+    if name == "pca":
+        return run_pca(params, d / FEATURES, d, epoch)
+    if name == "cluster":
+        return run_cluster(params, d / PCA_FEATURES, d, epoch)
+    if name == "labels":
+        return run_labels(params, d, layout.dataset, previous if previous is not None else layout.epoch(epoch - 1))
+    if name == "train":
+        return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1),
+                         layout.checkpoint(epoch), epoch, d / report("train"))
+    raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
 
 
 def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:

@@ -38,12 +38,6 @@ from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_fe
 from stages.train import init_checkpoint
 
 
-def run_epoch_evaluation(epoch_dir: str | Path, epoch: int) -> dict:
-    metrics = epoch_metrics(epoch_dir, epoch)
-    write_json(Path(epoch_dir) / METRICS, metrics)
-    return metrics
-
-
 def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
     files = sorted(Path(epochs_root).glob(f"[0-9][0-9][0-9][0-9]/{METRICS}"))
     if not files:
@@ -233,7 +227,9 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
         for name, title in (("random", "random init"), ("trained", "trained")):
             _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], k)
             bank_rows = data["train_rows"][idx]
-            imgs = load_images(data["train"], bank_rows.ravel()).reshape(*idx.shape, *_image_shape(data["train"]))
+            train = data["train"]
+            imgs = load_images(train, bank_rows.ravel()).reshape(*idx.shape, train.image_size, train.image_size,
+                                                                  train.channels)
             labels = data["y_train"][idx] if data["labelled"] else None
             panels[title] = (imgs, labels)
         queries = load_images(test, test_rows[q])
@@ -260,10 +256,6 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
             written.append(pictures.plot_cluster_samples([(t, load_images(train, m)) for t, m in chosen],
                                                          out / "cluster_samples.png"))
     return written
-
-
-def _image_shape(images: ImageSet) -> tuple[int, int, int]:
-    return images.image_size, images.image_size, images.channels
 
 
 def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
@@ -459,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.mode == "epoch":
-            m = run_epoch_evaluation(args.epoch_dir, args.epoch)
+            m = epoch_metrics(args.epoch_dir, args.epoch)
+            write_json(Path(args.epoch_dir) / METRICS, m)
         else:
             m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
     except StageError as e:

@@ -1,16 +1,9 @@
 """Where a run's files live and which of them are kept: the one place that names them.
 
-    data/dataset/                 the canonical dataset (stages/data.py)
-    data/epochs/run.json          the run's identity and parameters (pipeline/workspace.py)
-    data/epochs/<epoch>/          features.npy, pca.npz, pca_features.npy, kmeans.npz, assignments.parquet,
-                                  one <stage>.json report per stage, and metrics.json once the epoch is done
-    models/checkpoints/           epoch_<epoch>.pt, and last.pt (a hard link to the newest)
-    data/ablations/<name>/        single-stage reruns (pipeline/ablate.py)
-    data/eval/                    the final evaluation
-
-Retention: fc features are N x D floats per epoch and an AlexNet checkpoint with its momentum is
-about half a gigabyte, so only every n-th epoch keeps them (`extract.keep_features_every`,
-`train.keep_checkpoint_every`); assignments, reports and metrics are always kept.
+data/epochs/<epoch>/ holds each stage's outputs and its <stage>.json report (metrics.json once the epoch
+is done), data/epochs/run.json the run's identity, models/checkpoints/ epoch_<epoch>.pt and last.pt.
+Retention: fc features are N x D floats per epoch and an AlexNet checkpoint with its momentum about
+half a gigabyte, so only every n-th epoch keeps them; assignments, reports and metrics are always kept.
 """
 from __future__ import annotations
 

@@ -234,8 +234,12 @@ def test_dvc_metrics_and_plots_show_per_epoch_curves(repro):
     assert set(plots) >= {"nmi_per_epoch", "loss_per_epoch"}
     rows = plots["nmi_per_epoch"][0]["content"]["data"]["values"]
     assert sorted({r["epoch"] for r in rows}) == ["1", "2"]
-    metrics = json.loads(sh([DVC, "metrics", "show", "--json"], repro).stdout)
-    assert "data/eval/metrics.json" in json.dumps(metrics)
+    shown = json.loads(sh([DVC, "metrics", "show", "--json"], repro).stdout)[""]["data"]
+    assert list(shown) == ["data/eval/headline.json"]  # one screen: the headline figures
+    headline = shown["data/eval/headline.json"]["data"]
+    assert {"probe.trained.best", "probe.random.best", "knn.pixels", "cluster.trained.acc"} <= set(headline)
+    full = json.loads(sh([DVC, "metrics", "show", "data/eval/metrics.json", "--json"], repro).stdout)
+    assert "probe.trained.conv3" in full[""]["data"]["data/eval/metrics.json"]["data"]  # the full table on request
 
 
 def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path):
@@ -252,7 +256,8 @@ def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path
     assert data["params"]["params.yaml"]["data"]["evaluate"]["knn_k"] == 3
     assert headline["knn.trained"] == read(p, "data/eval/metrics.json")["knn.trained"]
     diff = json.loads(sh([DVC, "exp", "diff", "HEAD", "knn3", "--json"], p).stdout)
-    assert diff["params"]["params.yaml"]["evaluate.knn_k"] == {"old": 20, "new": 3}
+    change = diff["params"]["params.yaml"]["evaluate.knn_k"]
+    assert (change["old"], change["new"]) == (20, 3)
 
 
 def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):

@@ -73,7 +73,7 @@ def test_run_cluster_seeds_kmeans_from_run_seed_and_epoch(tmp_path, small_params
     x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
     np.save(tmp_path / "pca_features.npy", x)
     s1 = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
-    s1_again = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e1_again", epoch=1)
+    run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e1_again", epoch=1)
     s2 = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e2", epoch=2)
     assert s1["seed"] == seed_for(small_params["run"]["seed"], 1, "cluster")
     assert s2["seed"] == seed_for(small_params["run"]["seed"], 2, "cluster") != s1["seed"]

@@ -59,6 +59,23 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: b
     return Clustering(labels.ravel().astype(np.int64), distances.ravel(), km.centroids.copy(), objective, seed)
 
 
+def number_of_clusters(section: dict, n: int) -> int:
+    """cluster.k, or with `k: auto` one cluster per `images_per_cluster` images (at least 2).
+
+    DeepCluster over-segments (paper Fig. 2c): k well above the number of classes. What carries over
+    between data sets of different sizes is how many images a cluster holds, not k itself: the paper's
+    ImageNet k = 10,000 is 128 images per cluster; on small grey images fewer, larger-k clusters
+    learnt better (README, "The recipe").
+    """
+    k = section["k"]
+    if k == "auto":
+        return max(2, round(n / section["images_per_cluster"]))
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise StageError(f"cluster.k={k!r}: use a whole number of clusters, or auto (one per "
+                         "cluster.images_per_cluster images)")
+    return k
+
+
 def save_clustering(path: str | Path, c: Clustering) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, labels=c.labels, distances=c.distances, centroids=c.centroids, objective=c.objective, seed=c.seed)
@@ -80,7 +97,8 @@ def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: 
     out_dir = Path(out_dir)
     with Timer() as t:
         x = np.load(features)
-        c = run_kmeans(x, section["k"], section["niter"], seed_for(params["run"]["seed"], epoch, "cluster"))
+        k = number_of_clusters(section, len(x))
+        c = run_kmeans(x, k, section["niter"], seed_for(params["run"]["seed"], epoch, "cluster"))
         save_clustering(out_dir / CLUSTERING, c)
     stats = {"k": c.k, "empty_clusters": c.n_empty(), "objective": float(c.objective[-1]), "seed": c.seed,
              "gpu": faiss.get_num_gpus() > 0, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}

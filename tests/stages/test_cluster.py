@@ -6,7 +6,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
-from stages.cluster import Clustering, load_clustering, run_cluster, run_kmeans, save_clustering
+from stages.cluster import Clustering, load_clustering, number_of_clusters, run_cluster, run_kmeans, save_clustering
 from stages.common import StageError, read_json, seed_for
 
 
@@ -164,3 +164,22 @@ def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, write
     assert result.returncode != 0
     assert result.stderr.startswith("cluster: ") and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_k_auto_is_one_cluster_per_images_per_cluster_images():
+    section = {"k": "auto", "images_per_cluster": 64}
+    assert number_of_clusters(section, 20000) == 312
+    assert number_of_clusters(section, 4000) == 62
+    assert number_of_clusters(section, 50) == 2  # never fewer than two clusters
+    assert number_of_clusters({"k": 100, "images_per_cluster": 64}, 20000) == 100
+    for bad in (10.5, "many", True):
+        with pytest.raises(StageError, match="whole number of clusters, or auto"):
+            number_of_clusters({"k": bad, "images_per_cluster": 64}, 1000)
+
+
+def test_run_cluster_with_k_auto_reports_the_k_it_used(tmp_path, small_params):
+    x = np.random.default_rng(0).normal(size=(240, 8)).astype(np.float32)
+    np.save(tmp_path / "pca_features.npy", x)
+    params = {**small_params, "cluster": {**small_params["cluster"], "k": "auto", "images_per_cluster": 24}}
+    stats = run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
+    assert stats["k"] == 10 and len(load_clustering(tmp_path / "e1" / "kmeans.npz").centroids) == 10

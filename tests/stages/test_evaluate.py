@@ -13,7 +13,7 @@ import yaml
 
 from stages.checkpoints import load_checkpoint
 from stages.common import StageError, apply_overrides
-from stages.evaluate import (EVALUATE_DEFAULTS, evaluate_settings, main, margin, random_init_network,
+from stages.evaluate import (evaluate_settings, main, margin, random_init_network,
                              run_final_evaluation, score_tables)
 from stages.layout import RunLayout
 from stages.prepare import prepare
@@ -88,15 +88,17 @@ def test_extract_crop_size_other_than_the_networks_input_is_a_stage_error(tiny_r
         run_final_evaluation(params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint, tmp_path / "e")
 
 
-def test_unknown_evaluate_parameter_is_refused():
-    with pytest.raises(StageError, match="probe_epochz"):
-        evaluate_settings({"evaluate": {"probe_epochz": 3}})
-    assert evaluate_settings({}) == EVALUATE_DEFAULTS  # params files from before the section existed
+def test_unknown_or_missing_evaluate_parameters_are_refused(repo_params):
+    with pytest.raises(StageError, match="unknown \\['probe_epochz'\\]"):
+        evaluate_settings(apply_overrides(repo_params, {}) | {"evaluate": {**repo_params["evaluate"], "probe_epochz": 3}})
+    with pytest.raises(StageError, match="missing \\['knn_k'\\]"):
+        evaluate_settings({"evaluate": {k: v for k, v in repo_params["evaluate"].items() if k != "knn_k"}})
+    with pytest.raises(StageError, match="missing"):
+        evaluate_settings({})
 
 
-def test_repo_params_name_every_evaluate_setting():
-    with open(REPO / "params.yaml") as f:
-        assert set(yaml.safe_load(f)["evaluate"]) == set(EVALUATE_DEFAULTS)
+def test_repo_params_name_every_evaluate_setting(repo_params):
+    assert evaluate_settings(repo_params) == repo_params["evaluate"]
 
 
 def test_score_tables_are_one_row_per_feature_source():

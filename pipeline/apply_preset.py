@@ -30,6 +30,8 @@ def load_preset(name: str) -> dict:
 
 def apply_preset(params_file: str | Path, overrides: dict) -> None:
     rt = YAML()  # round-trip: keeps comments and key order
+    # ruamel writes None as an empty value; keep the file's `null`, so `git diff params.yaml` shows only real edits
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     with open(params_file) as f:
         doc = rt.load(f)
     apply_overrides(yaml.safe_load(Path(params_file).read_text()), overrides)  # refuses unknown keys first

@@ -1,0 +1,31 @@
+"""pipeline.apply_preset: params.yaml edited in place, comments and untouched values kept as written."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.apply_preset import apply_preset, load_preset
+from stages.common import StageError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_only_the_overridden_lines_change(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_preset(tmp_path / "params.yaml", {"cluster.niter": 21, "train.samples_per_epoch": 5000})
+    before = (REPO / "params.yaml").read_text().splitlines()
+    after = (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 2  # nulls elsewhere stay `null`, comments stay
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["samples_per_epoch"] == 5000
+
+
+def test_the_imagenet_preset_names_only_existing_keys(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_preset(tmp_path / "params.yaml", load_preset("imagenet"))
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["model"]["arch"] == "alexnet"
+    with pytest.raises(StageError, match="unknown parameter 'cluster.kk'"):
+        apply_preset(tmp_path / "params.yaml", {"cluster.kk": 3})

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_fingerprint_ignores_the_epoch_count_and_the_evaluation(small_params):
     same = [{"run.epochs": 50}, {"evaluate.knn_k": 5, "evaluate.pictures": False}, {"prepare.num_workers": 1},
             {"train.keep_checkpoint_every": 3}]
-    other = [{"run.seed": 1}, {"cluster.k": 11}, {"pca.dim": 8}, {"train.lr": 0.1}, {"model.sobel": False}]
+    other = [{"run.seed": 1}, {"cluster.k": 11}, {"pca.dim": 8}, {"train.lr": 0.3}, {"model.sobel": False}]
     base = run_fingerprint(small_params)
     assert all(run_fingerprint(apply_overrides(small_params, o)) == base for o in same)
     assert all(run_fingerprint(apply_overrides(small_params, o)) != base for o in other)

@@ -6,18 +6,10 @@
     python -m pipeline.inspect compare 2 3                # NMI, images that changed cluster, sizes
     python -m pipeline.inspect compare 7 k50:7            # main run vs the ablation named k50
 
-An epoch is named by its number (the main run, data/epochs/<epoch>) or `<ablation>:<epoch>`
-(data/ablations/<ablation>/<epoch>, see pipeline.ablate). With `--rev`, files are read through DVC
-(`dvc.api.DVCFileSystem`) at that git revision: dvc.lock of that commit names the files' hashes
-and DVC reads them from its cache, so they need not be in the workspace. `dvc get . <path> --rev
-<rev>` does the same for a whole file.
-
-"Changed cluster" (compare): cluster ids mean nothing across epochs (k-means is reseeded), so the
-clusters of the two epochs are first paired one-to-one to maximise the number of images that land
-in paired clusters (the Hungarian algorithm on the k x k contingency table); an image changed
-cluster when its cluster in B is not the partner of its cluster in A. Above MAX_DENSE_PAIRS
-cluster pairs (stages.labels.MAX_DENSE_PAIRS, e.g. k = 10,000) the pairing is greedy (largest
-overlaps first), which can only overstate the changes; the output says which was used.
+An epoch is its number (the main run) or `<ablation>:<epoch>`. With `--rev`, files are read through
+DVC (`dvc.api.DVCFileSystem`) at that git revision, from DVC's cache. "Changed cluster": the two
+epochs' clusters are first paired one-to-one (stages.labels.match_clusters), since cluster ids mean
+nothing across epochs; an image changed cluster when its cluster in B is not its A cluster's partner.
 """
 from __future__ import annotations
 

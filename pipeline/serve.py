@@ -6,11 +6,8 @@
     python -m pipeline.serve status
     python -m pipeline.serve stop
 
-Both processes bind to 127.0.0.1 and keep their state in the project's .prefect/ (PREFECT_HOME: the
-server's SQLite database, pid files, logs). The deployment is served by `flow.serve()` in a
-background process: each run executes in a subprocess started in the project root, so it uses the
-project's params.yaml, data and DVC repository. Runs started from the CLI or `dvc repro` while the
-server is up report to it too (pipeline.project_server_url).
+Both processes bind to 127.0.0.1 and keep their state (database, pid files, logs) in .prefect/; each
+deployment run executes in a subprocess in the project root, on its params.yaml, data and DVC repository.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """Tracking: one MLflow run per DeepCluster run (per-epoch figures with step=epoch) and the Prefect
 artifacts of a flow run (per-epoch cluster sizes and summary under stable keys, a progress bar).
 
-`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: after the final evaluation it
-logs that evaluation (figures as `final.<key>` at step = last epoch, report, scores and pictures) and
-the last model into the run's MLflow run, so both entry points (`dvc repro` and a deployment run,
-which ends with `dvc repro`) publish the same way. The stages themselves never talk to MLflow.
+`python -m pipeline.tracking publish` is the dvc.yaml stage `publish`: it logs the final evaluation
+(figures as `final.<key>` at step = last epoch, report, scores, pictures) and the last model into the
+run's MLflow run, whichever entry point ran. The stages themselves never talk to MLflow.
 """
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
 """DVC versioning of a DeepCluster run while it runs, whichever entry point started it.
 
-DVC pipelines cannot loop, so the whole epoch loop is one DVC stage (`deepcluster`, outs
-data/epochs and models/checkpoints, `persist: true`). One stage per epoch would not scale (3,000
-stages make every `dvc repro` and `dvc status` slow; see the README). Versioning therefore happens at two levels:
-
-* per epoch, the flow puts the finished epoch's files (assignments, k-means result, PCA
-  transform, stage reports, metrics, a retained checkpoint) into DVC's content-addressed cache as
-  soon as they exist (`cache_paths`: the same build + transfer that `dvc commit` does, but without
-  writing dvc.lock, so a half-finished run never looks finished to `dvc status`/`dvc repro`);
-* at the end of the run, dvc.lock records the whole run: `dvc repro` does this itself after the
-  stage command; a deployment or CLI run calls `commit_stage` and then `repro` for the downstream
-  stages, so the workspace and dvc.lock agree either way.
-
-Only one DVC command may hold a workspace at a time (".dvc/tmp/lock"), so every call here takes the
-repo lock and retries for a while when another DVC command (a user's `dvc status`, an ablation's
-`dvc add`) holds it. During `dvc repro`, DVC releases that lock while the stage command runs, so
-the flow can cache its epochs from inside the stage.
+The epoch loop is one DVC stage (`deepcluster`, outs data/epochs and models/checkpoints, `persist:
+true`): DVC pipelines cannot loop, and one stage per epoch does not scale. Per epoch, the flow puts the
+finished epoch's files into DVC's content-addressed cache (`cache_paths`: the build + transfer of `dvc
+commit`, without writing dvc.lock, so a half-finished run never looks finished); at the end of the run
+dvc.lock records it (`dvc repro` itself, or `commit_stage` + `repro` for the other entry points).
+One DVC command may hold a workspace at a time, so every call takes the repo lock and waits a while
+for another DVC command; `dvc repro` releases it while the stage command runs.
 """
 from __future__ import annotations
 

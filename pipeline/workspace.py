@@ -1,10 +1,8 @@
 """One DeepCluster run per workspace: the run lock, the run's identity and whether it can be
 resumed, leftovers of killed runs.
 
-The lock is an `fcntl.flock` on a file beside the epochs directory. The kernel releases it when
-the holding process dies, however it dies (kill -9, OOM killer, reboot), so a crashed run never
-leaves a stale lock behind and no pid-liveness guessing is needed; the file's content (pid,
-command, start time) only serves the error message of a refused second run.
+The lock is an `fcntl.flock` beside the epochs directory: the kernel releases it however the holder
+dies, so a crashed run never leaves a stale lock; the file's content only serves the refusal message.
 """
 from __future__ import annotations
 

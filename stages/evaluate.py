@@ -1,18 +1,13 @@
 """Stage `evaluate`.
 
-`epoch`: gathers what the epoch's stages measured (their <stage>.json files) into
-data/epochs/<epoch>/metrics.json: losses, NMI with the previous epoch and with the labels, cluster
-counts and sizes, seconds per stage.
+`epoch`: the epoch's stage reports gathered into data/epochs/<epoch>/metrics.json (stages.epoch).
 
-`final`: judges the run's last network on the held-out labelled split, side by side with the same
-network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
-weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy); draws the paper's pictures.
-Writes data/eval/metrics.json (every figure, flat keys such as probe.trained.conv3), headline.json (the
-few that `dvc metrics show` and `dvc exp show` list),
-scores/*.json (the same, one file per feature source: `dvc metrics show data/eval/scores/*.json`
-prints the probe table),
-epochs.csv (the per-epoch curves, DVC plots), report.md and pictures/*.png. The `publish` stage
-(pipeline/tracking.py) logs them into the run's MLflow run.
+`final`: the run's last network on the held-out labelled split, side by side with the same network at
+random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc, weighted kNN,
+k-means with k = classes (NMI, ARI, Hungarian accuracy), and the paper's pictures. Writes data/eval/:
+metrics.json (every figure, flat keys such as probe.trained.conv3), headline.json (the few `dvc metrics
+show` and `dvc exp show` list), scores/*.json (one row per feature source), epochs.csv (the per-epoch
+curves), report.md and pictures/*.png; the `publish` stage logs them into the run's MLflow run.
 """
 from __future__ import annotations
 

@@ -41,6 +41,14 @@ def healthy(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def alive(pid: int | None, marker: str) -> bool:
+    """pid is running and is the process we started (its command line names `marker`), not a reused pid."""
+    try:
+        return bool(pid) and marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def project_server_url() -> str | None:
     """The API URL of this project's Prefect server (`make serve`) if it is up, else None.
 
@@ -49,7 +57,6 @@ def project_server_url() -> str | None:
     """
     try:
         info = json.loads((prefect_state_dir() / "server.json").read_text())
-        cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    return info["url"] if b"prefect" in cmdline and healthy(info["url"]) else None
+    return info["url"] if alive(info.get("pid"), "prefect") and healthy(info["url"]) else None

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import PROJECT_ROOT, healthy, prefect_state_dir, project_server_url
+from pipeline import PROJECT_ROOT, alive, healthy, prefect_state_dir, project_server_url
 
 DEFAULT_PORT = 4200
 DEFAULT_NAME = "local"
@@ -47,18 +47,6 @@ def service_env(port: int) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ processes
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int | None, marker: str) -> bool:
-    """pid is running and is the process we started (its command line names `marker`), not a reused pid."""
-    return bool(pid) and marker in _cmdline(pid)
-
-
 def _read_pid(name: str) -> int | None:
     try:
         return int(_file(name).read_text().split()[0])
@@ -108,7 +96,7 @@ def start(port: int, name: str) -> None:
     env = service_env(port)
     url = env["PREFECT_API_URL"]
     server_pid = _read_pid("server.pid")
-    if _alive(server_pid, "prefect") and healthy(url):
+    if alive(server_pid, "prefect") and healthy(url):
         print(f"serve: Prefect server already running (pid {server_pid}) at {url}")
     else:
         if healthy(url):
@@ -124,7 +112,7 @@ def start(port: int, name: str) -> None:
         f"export PREFECT_API_URL={url}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\nexport DO_NOT_TRACK=1\n")
 
     runner_pid = _read_pid("runner.pid")
-    if _alive(runner_pid, "pipeline.serve") and deployment_exists(name, env):
+    if alive(runner_pid, "pipeline.serve") and deployment_exists(name, env):
         print(f"serve: deployment {FLOW_NAME}/{name} already served (pid {runner_pid})")
     else:
         proc = _spawn([sys.executable, "-m", "pipeline.serve", "_runner", "--name", name], "runner", env)
@@ -138,7 +126,7 @@ def start(port: int, name: str) -> None:
 
 def _stop(name: str, marker: str) -> None:
     pid = _read_pid(f"{name}.pid")
-    if not _alive(pid, marker):
+    if not alive(pid, marker):
         print(f"serve: {name} not running")
         _file(f"{name}.pid").unlink(missing_ok=True)
         return
@@ -148,9 +136,9 @@ def _stop(name: str, marker: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid, marker) and time.monotonic() < deadline:
+        while alive(pid, marker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _alive(pid, marker):
+        if not alive(pid, marker):
             break
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # anything left in the group (a flow run's children)
@@ -168,10 +156,10 @@ def stop() -> None:
 def status() -> int:
     server, runner = _read_pid("server.pid"), _read_pid("runner.pid")
     url = project_server_url()
-    print(f"server: {'up at ' + url if url else 'down'}" + (f" (pid {server})" if _alive(server, "prefect") else ""))
-    print(f"runner: {'up (pid %d)' % runner if _alive(runner, 'pipeline.serve') else 'down'}")
+    print(f"server: {'up at ' + url if url else 'down'}" + (f" (pid {server})" if alive(server, "prefect") else ""))
+    print(f"runner: {'up (pid %d)' % runner if alive(runner, 'pipeline.serve') else 'down'}")
     print(f"state and logs: {prefect_state_dir()}")
-    return 0 if url and _alive(runner, "pipeline.serve") else 1
+    return 0 if url and alive(runner, "pipeline.serve") else 1
 
 
 def _runner(name: str) -> None:

@@ -415,7 +415,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
             seconds["pictures"] = tpic.seconds
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
-    write_json(out_dir / "metrics.json", summary)
+    write_json(out_dir / METRICS, summary)
     write_json(out_dir / "headline.json", {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)

@@ -100,6 +100,9 @@ def read_assignments(path: str | Path) -> pd.DataFrame:
 
 def nmi_between(current: pd.DataFrame, previous: pd.DataFrame) -> float:
     """NMI of two epochs' assignments, matched by image_id (so reordering or subsets can't fool it)."""
+    if len(current) == len(previous) and np.array_equal(current["image_id"].to_numpy(), previous["image_id"].to_numpy()):
+        # Both in the dataset's row order (what the labels stage writes): no join over N string ids.
+        return nmi(current["cluster"].to_numpy(), previous["cluster"].to_numpy())
     joined = current.merge(previous, on="image_id", suffixes=("", "_prev"))
     if len(joined) == 0:
         raise StageError("the two epochs share no image_id: were they run on different datasets?")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
 from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
                                 workspace_lock)
 from stages.common import StageError, flatten, load_params, parse_override, read_json, write_json
-from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage
+from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage
 from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
                            report)
 from stages.train import init_checkpoint
@@ -74,6 +75,8 @@ def stage_task(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
 
 
 def publish_last_checkpoint(layout: RunLayout, epoch: int) -> None:
+    if any(e > epoch for e in layout.completed_epochs()):
+        return  # an earlier epoch redone (its files were deleted): last.pt stays the newest network
     last, ckpt = layout.last_checkpoint, layout.checkpoint(epoch)
     if last.exists() and os.path.samefile(last, ckpt):
         # Already published (a resumed run redoes this step). Also required for correctness: renaming a
@@ -161,8 +164,9 @@ def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: Dv
     logger = get_run_logger()
     start = time.perf_counter()
     ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
-    for name in EPOCH_STAGES:
-        if layout.stage_done(epoch, name):
+    start_at = first_stage_to_run(params, layout, epoch, log=logger.warning)
+    for i, name in enumerate(EPOCH_STAGES):
+        if i < start_at:
             logger.info(f"epoch {epoch}: {name} already done, skipping")
             continue
         logger.info(f"epoch {epoch}: {name} starting")
@@ -170,7 +174,7 @@ def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: Dv
         ran += stats["seconds"]
         logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {summarize(stats)}")
     metrics = epoch_metrics(layout.epoch(epoch), epoch)
-    metrics.update(finish_epoch(params, layout, epoch, n_epochs, metrics, ws, run_id))
+    metrics.update(finish_epoch(params, layout, epoch, n_epochs, metrics, ws, run_id, resumed=start_at > 0))
     # Orchestration overhead: wall time of the epoch in this process minus the stages' own compute,
     # i.e. Prefect task calls, reading reports, MLflow, Prefect artifacts and DVC caching.
     metrics["seconds_overhead"] = time.perf_counter() - start - ran
@@ -236,6 +240,8 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 state["mlflow_run_id"] = run.info.run_id
                 write_json(layout.run_file, state)
             done = [e for e in layout.completed_epochs() if e <= n_epochs]
+            if done and reopen_damaged_epoch(params, layout, done[-1], log=logger.warning):
+                done = done[:-1]
             metrics = read_json(layout.epoch(done[-1]) / METRICS) if done else {}
             if done:
                 # The last finished epoch may have been killed between its metrics.json and the end
@@ -248,10 +254,56 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                     continue
                 metrics = run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
                 progress.update(epoch)
+            finished = [e for e in layout.completed_epochs() if e <= n_epochs]
+            if finished:  # an earlier epoch whose files were deleted may have been redone: return the newest
+                metrics = read_json(layout.epoch(finished[-1]) / METRICS)
         if records_lock:
             ws.commit_stage()  # dvc.lock <- params.yaml, the dataset, the code and the finished run
             ws.repro(log=logger.info)  # the stages downstream: final evaluation, publishing to MLflow
     return metrics
+
+
+# ------------------------------------------------------------------ the temporary Prefect server
+def die_with(parent: int):
+    """A subprocess preexec_fn: the child gets SIGTERM when `parent` dies, however it dies (kill -9 included)."""
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def start_temporary_server() -> str:
+    """Start the temporary Prefect server a run without a server reports to, tied to this process;
+    returns its API URL.
+
+    Prefect starts one itself on the first API call (prefect.server.api.server.SubprocessASGIServer,
+    a uvicorn child on a random port) and stops it at exit, but a flow killed with kill -9 (or by the
+    OOM killer) never exits normally, and its server (about 200 MB) would run on forever. Here it is
+    started before the flow as Prefect would, registered as Prefect's own instance (so Prefect reuses
+    it), with PR_SET_PDEATHSIG: the kernel stops it when this process dies.
+    """
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ServerDyingWithFlow(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, preexec_fn=die_with(os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    server = ServerDyingWithFlow()  # SubprocessASGIServer() now returns it: one instance per port (None: any)
+    server.start()
+    return server.api_url
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         overrides = dict(parse_override(s) for s in args.set)
         url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
+        if not url and not PREFECT_API_URL.value():
+            start_temporary_server()  # instead of Prefect, so that it dies with this process
         # report to `make serve`'s Prefect server when it is up, so the run shows in its UI
         with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():
             deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from stages.common import StageError, atomic_path
+from stages.artifacts import check_architecture, nbytes, require_free_space, write_failed
+from stages.common import DamagedArtifact, StageError, atomic_path
 from stages.models import DeepClusterNet, build_model
 
 
@@ -27,8 +28,19 @@ def save_checkpoint(path: str | Path, *, model: DeepClusterNet, epoch: int, mode
         "cluster_ids": cluster_ids,  # head output j <-> cluster_ids[j] of this epoch's k-means
         "rng_cpu": torch.get_rng_state(),
     }
+    needed = nbytes(state) + (1 << 20)  # the tensors, plus the archive's own records
+    require_free_space(path, needed)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (RuntimeError, OSError) as e:  # torch reports a refused write as "enforce fail ... file write failed"
+            raise write_failed(path, needed, e) from e
+
+
+# A kept checkpoint is never rewritten in place, so the way back is the epoch before's.
+RECOVER_CHECKPOINT = ("rerun the flow: it recomputes an epoch's checkpoint from the epoch before's, which is kept "
+                      "until the next epoch is done; if that one is gone too, restore the checkpoints with "
+                      "`dvc checkout models/checkpoints`, or start over with --fresh")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -36,9 +48,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise StageError(f"checkpoint {path} not found: run the previous epoch's train stage (or `train --init`) first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise StageError(f"checkpoint {path} is unreadable ({e}); delete it and rerun the epoch that wrote it") from e
+        raise DamagedArtifact(path, f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})",
+                              RECOVER_CHECKPOINT) from e
+    missing = [k for k in ("epoch", "model_params", "in_channels", "image_size", "model") if k not in (
+        ckpt if isinstance(ckpt, dict) else {})]
+    if missing:
+        raise DamagedArtifact(path, f"not a DeepCluster checkpoint (it lacks {missing})", RECOVER_CHECKPOINT)
+    return ckpt
+
+
+def verify_checkpoint(path: str | Path, model_params: dict, in_channels: int, epoch: int) -> dict:
+    """`epoch`'s checkpoint, complete and of this run's network."""
+    ckpt = load_checkpoint(path)
+    check_architecture(ckpt, model_params, in_channels, path)
+    if ckpt["epoch"] != epoch:
+        raise DamagedArtifact(path, f"holds epoch {ckpt['epoch']}'s network, not epoch {epoch}'s", RECOVER_CHECKPOINT)
+    return ckpt
 
 
 def check_input_size(ckpt: dict, crop_size: int, setting: str) -> None:
@@ -51,7 +78,10 @@ def check_input_size(ckpt: dict, crop_size: int, setting: str) -> None:
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> DeepClusterNet:
     model = build_model(ckpt["model_params"], ckpt["in_channels"], ckpt["image_size"])
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # a layer of another size: another network under the same settings
+        raise StageError(f"checkpoint does not match model {ckpt['model_params']}: {str(e).splitlines()[0]}") from e
     if unexpected or any(not k.startswith("top_layer.") for k in missing):
         raise StageError(f"checkpoint does not match model {ckpt['model_params']}: missing {missing}, unexpected {unexpected}")
     return model.to(device)

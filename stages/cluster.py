@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from stages.artifacts import check_npy, check_npz
 from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, write_json
 from stages.layout import CLUSTERING, report
 
@@ -81,19 +82,23 @@ def save_clustering(path: str | Path, c: Clustering) -> None:
         np.savez(tmp, labels=c.labels, distances=c.distances, centroids=c.centroids, objective=c.objective, seed=c.seed)
 
 
+# what save_clustering writes, for stages.artifacts.check_npz
+CLUSTERING_ARRAYS = {"labels": ("n",), "distances": ("n",), "centroids": ("k", None), "objective": (None,), "seed": ()}
+
+
 def load_clustering(path: str | Path) -> Clustering:
-    if not Path(path).exists():
-        raise StageError(f"{path} not found: run the cluster stage for this epoch first")
+    check_npz(path, CLUSTERING_ARRAYS, fix="run the cluster stage for this epoch (again)")
     with np.load(path) as z:
         return Clustering(z["labels"], z["distances"], z["centroids"], z["objective"], int(z["seed"]))
 
 
-def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: int) -> dict:
+def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: int,
+                n_images: int | None = None) -> dict:
+    """n_images: the dataset's training images, the rows `features` must have (None: not checked)."""
     section = params["cluster"]
     if section.get("method", "kmeans") != "kmeans":
         raise StageError(f"cluster.method={section['method']!r} is not available: use kmeans")
-    if not Path(features).exists():
-        raise StageError(f"{features} not found: run pca for this epoch first")
+    check_npy(features, rows=n_images, fix="run pca for this epoch (again)")
     out_dir = Path(out_dir)
     with Timer() as t:
         x = np.load(features)

@@ -22,6 +22,16 @@ class StageError(RuntimeError):
     """A problem with a stage's input that the user must fix; the message says what and how."""
 
 
+class DamagedArtifact(StageError):
+    """A file a stage reads is incomplete, corrupt or another run's; `path` names it."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
+        self.path = Path(path)
+        super().__init__(f"{path} is damaged: {problem}; "
+                         + (fix or "delete it and rerun the stage that wrote it (the flow reruns it by itself "
+                                   "in an unfinished epoch), or restore it from DVC with `dvc checkout`"))
+
+
 # ---------------------------------------------------------------- params
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
     """Read params.yaml and apply dotted overrides such as {"cluster.k": 100}."""
@@ -106,8 +116,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text at all
+        raise DamagedArtifact(path, f"not valid JSON ({e})") from e
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

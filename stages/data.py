@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from stages.common import StageError, read_json
+from stages.artifacts import check_npy
+from stages.common import DamagedArtifact, StageError, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -47,12 +48,18 @@ class ImageSet:
         return bool((self.labels >= 0).all()) and len(self.labels) > 0
 
 
+RERUN_PREPARE = "rerun `python -m stages.prepare` (or `dvc repro prepare`)"
+
+
 def load_split(root: str | Path, split: str = "train") -> ImageSet:
     root = Path(root)
     if not (root / "manifest.parquet").exists():
         raise StageError(f"no dataset at {root}: run `python -m stages.prepare` (or `dvc repro prepare`) first")
     meta = read_json(root / "dataset.json")
-    manifest = pd.read_parquet(root / "manifest.parquet")
+    try:
+        manifest = pd.read_parquet(root / "manifest.parquet")
+    except Exception as e:  # Arrow raises several types for a damaged file
+        raise DamagedArtifact(root / "manifest.parquet", f"not a readable parquet file ({e})", RERUN_PREPARE) from e
     rows = np.flatnonzero(manifest["split"].to_numpy() == split)
     if len(rows) == 0:
         raise StageError(f"dataset {root} has no images in split {split!r} (splits: {sorted(manifest['split'].unique())})")
@@ -60,6 +67,11 @@ def load_split(root: str | Path, split: str = "train") -> ImageSet:
     labels = part["label"].fillna(-1).to_numpy().astype(np.int64)
     pixels = paths = None
     if meta["kind"] == "array":
+        shape = check_npy(root / "pixels.npy", rows=len(manifest), dtype=np.uint8, ndim=4, fix=RERUN_PREPARE)
+        size, channels = int(meta["image_size"]), int(meta["channels"])
+        if shape[1:] != (size, size, channels):
+            raise DamagedArtifact(root / "pixels.npy", f"holds {shape[1]}x{shape[2]} images with {shape[3]} channels, "
+                                  f"but dataset.json says {size}x{size} with {channels}", RERUN_PREPARE)
         all_pixels = np.load(root / "pixels.npy", mmap_mode="r")
         # splits are written contiguously, so a slice keeps this a memmap instead of a copy
         if not np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)):
@@ -82,13 +94,37 @@ class _FileImages(torch.utils.data.Dataset):
         return decode_image(self.paths[i], self.size, self.channels)
 
 
+def to_8bit(im: "PIL.Image.Image") -> "PIL.Image.Image":
+    """16-bit and float grey images scaled to 8 bits; other images as they are.
+
+    PIL's convert("L") clips instead of scaling: a 16-bit PNG comes out near-white, a float TIFF in
+    [0, 1] black. 16-bit values keep their top byte (v >> 8); floats must lie in [0, 1] (the usual
+    convention) and are rounded from v * 255. Anything else has no 8-bit meaning and is refused.
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        v = np.asarray(im).astype(np.int64)
+        if v.size and (v.min() < 0 or v.max() > 65535):
+            raise StageError(f"{im.mode} image with values in [{v.min()}, {v.max()}]: only 8- and 16-bit integer "
+                             "images can be scaled to 8 bits; convert it to an 8- or 16-bit image")
+        return Image.fromarray((v >> 8).astype(np.uint8), "L")
+    if im.mode == "F":
+        v = np.asarray(im, dtype=np.float64)
+        if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
+            raise StageError(f"float image with values in [{np.nanmin(v):g}, {np.nanmax(v):g}]: only floats in "
+                             "[0, 1] can be scaled to 8 bits; rescale it, or save it as an 8- or 16-bit image")
+        return Image.fromarray(np.rint(v * 255.0).astype(np.uint8), "L")
+    return im
+
+
 def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
     """File -> uint8 C x size x size: resize the short side to `size`, centre crop."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
+        im = to_8bit(im).convert("L" if channels == 1 else "RGB")
         t = TF.pil_to_tensor(im)
     t = TF.resize(t, size, antialias=True)
     return TF.center_crop(t, [size, size])

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Callable
+
+from stages.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
+from stages.checkpoints import verify_checkpoint
+from stages.cluster import CLUSTERING_ARRAYS, run_cluster
 from stages.common import StageError, read_json
-from stages.cluster import run_cluster
+from stages.data import load_split
 from stages.extract import run_extract
 from stages.labels import run_labels
-from stages.layout import ASSIGNMENTS, FEATURES, PCA_FEATURES, RunLayout, report
-from stages.pca import run_pca
+from stages.layout import ASSIGNMENTS, CLUSTERING, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout, report
+from stages.pca import PCAWhitening, run_pca
 from stages.train import run_train
 
 
@@ -28,15 +33,75 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
     if name == "extract":
         return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), d)
     if name == "pca":
-        return run_pca(params, d / FEATURES, d, epoch)
+        return run_pca(params, d / FEATURES, d, epoch, train_rows(layout.dataset))
     if name == "cluster":
-        return run_cluster(params, d / PCA_FEATURES, d, epoch)
+        return run_cluster(params, d / PCA_FEATURES, d, epoch, train_rows(layout.dataset))
     if name == "labels":
         return run_labels(params, d, layout.dataset, previous if previous is not None else layout.epoch(epoch - 1))
     if name == "train":
         return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1),
                          layout.checkpoint(epoch), epoch, d / report("train"))
     raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
+
+
+def output_problem(name: str, params: dict, layout: RunLayout, epoch: int) -> StageError | None:
+    """Why the outputs of stage `name` of `epoch` cannot be used (its report included), or None."""
+    d = layout.epoch(epoch)
+    checks = [lambda: check_json(d / report(name))]
+    if name == "extract":
+        checks.append(lambda: check_npy(d / FEATURES, rows=train_rows(layout.dataset)))
+    elif name == "pca":
+        checks += [lambda: check_npz(d / PCA, PCAWhitening.ARRAYS),
+                   lambda: check_npy(d / PCA_FEATURES, rows=train_rows(layout.dataset))]
+    elif name == "cluster":
+        checks.append(lambda: check_npz(d / CLUSTERING, CLUSTERING_ARRAYS))
+    elif name == "labels":
+        checks.append(lambda: check_assignments(d / ASSIGNMENTS, load_split(layout.dataset).ids))
+    elif name == "train":
+        checks.append(lambda: verify_checkpoint(layout.checkpoint(epoch), params["model"],
+                                                load_split(layout.dataset).channels, epoch))
+    return first_problem(checks)
+
+
+def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> int:
+    """Where an unfinished epoch resumes: the index in EPOCH_STAGES after the last finished stage whose
+    outputs are intact (a damaged one is recomputed, not trusted). The reports from there on are
+    removed, so every later stage reruns on the recomputed files.
+    """
+    done = [layout.stage_done(epoch, s) for s in EPOCH_STAGES]
+    start = done.index(False) if False in done else len(EPOCH_STAGES)
+    # Every report is read again at the end (epoch_metrics); the outputs are read by the next stage.
+    for i, name in enumerate(EPOCH_STAGES[:start]):
+        if (problem := first_problem([lambda: check_json(layout.epoch(epoch) / report(name))])) is not None:
+            log(f"epoch {epoch}: {problem}; rerunning {name}")
+            start = i
+            break
+    while start > 0 and (problem := output_problem(EPOCH_STAGES[start - 1], params, layout, epoch)) is not None:
+        log(f"epoch {epoch}: {problem}; rerunning {EPOCH_STAGES[start - 1]}")
+        start -= 1
+    for name in EPOCH_STAGES[start:]:
+        (layout.epoch(epoch) / report(name)).unlink(missing_ok=True)
+    return start
+
+
+def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> bool:
+    """A finished epoch whose metrics.json or checkpoint is damaged becomes unfinished, so the flow
+    recomputes them (first_stage_to_run); True if it did. Refused, with the way back, when the
+    checkpoint cannot be recomputed because the epoch before's is gone or damaged too."""
+    problem = first_problem([lambda: check_json(layout.epoch(epoch) / METRICS)])
+    ckpt_problem = output_problem("train", params, layout, epoch)
+    if problem is None and ckpt_problem is None:
+        return False
+    if ckpt_problem is not None:
+        channels = load_split(layout.dataset).channels
+        before = first_problem([lambda: verify_checkpoint(layout.checkpoint(epoch - 1), params["model"], channels,
+                                                          epoch - 1)])
+        if before is not None:
+            raise StageError(f"{ckpt_problem}. It cannot be recomputed, as the checkpoint it starts from is not usable "
+                             f"either: {before}")
+    log(f"epoch {epoch}: {problem or ckpt_problem}; recomputing it")
+    (layout.epoch(epoch) / METRICS).unlink()
+    return True
 
 
 def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:

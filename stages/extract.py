@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.artifacts import allocate_npy, check_architecture
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
 from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, pick_device, write_json
 from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
@@ -61,9 +62,10 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
         images = load_split(dataset, "train")
         ckpt = load_checkpoint(checkpoint, device)
         check_input_size(ckpt, section["crop_size"], "extract.crop_size")
+        check_architecture(ckpt, params["model"], images.channels, checkpoint)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
         with atomic_path(out_dir / FEATURES) as tmp:
-            feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), model.feature_dim))
+            feats = allocate_npy(tmp, (len(images), model.feature_dim), np.float32)
             extract_features(model, images, feats, crop_size=section["crop_size"], batch_size=section["batch_size"],
                              device=device, amp=section["amp"], num_workers=section["num_workers"])
             if not np.isfinite(feats).all():

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from stages.common import StageError, Timer, atomic_path, load_params, write_json
+from stages.common import DamagedArtifact, StageError, Timer, atomic_path, load_params, write_json
 from stages.layout import ASSIGNMENTS, CLUSTERING, report
 
 MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
@@ -92,10 +92,19 @@ def write_assignments(path: str | Path, image_ids: np.ndarray, clusters: np.ndar
         pq.write_table(table, tmp)
 
 
-def read_assignments(path: str | Path) -> pd.DataFrame:
+def read_assignments(path: str | Path, fix: str | None = None) -> pd.DataFrame:
     if not Path(path).exists():
         raise StageError(f"{path} not found: run the labels stage for that epoch first")
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DamagedArtifact(path, f"not a readable parquet file ({str(e).splitlines()[0]})", fix) from e
+
+
+def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
+    """How to get a finished epoch's assignments back: they are a function of its kmeans.npz."""
+    return (f"recompute it from that epoch's {CLUSTERING} with `python -m stages.labels --epoch-dir {epoch_dir} "
+            f"--dataset {dataset}`, or restore it with `dvc checkout`, then rerun")
 
 
 def nmi_between(current: pd.DataFrame, previous: pd.DataFrame) -> float:
@@ -128,7 +137,7 @@ def run_labels(params: dict, epoch_dir: str | Path, dataset: str | Path, previou
         prev_file = Path(previous) / ASSIGNMENTS if previous else None
         if prev_file is not None and prev_file.exists():
             current = pd.DataFrame({"image_id": images.ids, "cluster": c.labels})
-            stats["nmi_previous"] = nmi_between(current, read_assignments(prev_file))
+            stats["nmi_previous"] = nmi_between(current, read_assignments(prev_file, recompute_assignments(previous, dataset)))
         stats["nmi_labels"] = nmi(images.labels, c.labels) if images.has_labels else None
     stats["seconds"] = t.seconds
     write_json(epoch_dir / report("labels"), stats)

@@ -81,10 +81,11 @@ def keeps_checkpoint(params: dict, epoch: int) -> bool:
 def apply_retention(params: dict, layout: RunLayout, epoch: int) -> None:
     """Drop what the retention policy does not keep, once `epoch` is complete.
 
-    The epoch's own checkpoint stays until the next epoch is done: the next epoch starts from it.
+    The last two finished epochs keep their checkpoints: the next epoch starts from the last one,
+    and the one before is what the last one is recomputed from if it is damaged.
     """
     if not keeps_features(params, epoch):
         for name in DISPOSABLE:
             (layout.epoch(epoch) / name).unlink(missing_ok=True)
-    if epoch > 1 and not keeps_checkpoint(params, epoch - 1):
-        layout.checkpoint(epoch - 1).unlink(missing_ok=True)
+    if epoch > 2 and not keeps_checkpoint(params, epoch - 2):
+        layout.checkpoint(epoch - 2).unlink(missing_ok=True)

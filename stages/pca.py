@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from stages.artifacts import allocate_npy, check_npy, check_npz
 from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, seeded_subset, write_json
 from stages.layout import PCA, PCA_FEATURES, report
 
@@ -47,8 +48,12 @@ class PCAWhitening:
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues, eps=self.eps)
 
+    # what save() writes, for stages.artifacts.check_npz
+    ARRAYS = {"mean": ("d_in",), "components": ("d_in", "d"), "eigenvalues": ("d",), "eps": ()}
+
     @classmethod
     def load(cls, path: str | Path) -> "PCAWhitening":
+        check_npz(path, cls.ARRAYS, fix="rerun pca for that epoch")
         with np.load(path) as z:
             return cls(z["mean"], z["components"], z["eigenvalues"], float(z["eps"]))
 
@@ -84,18 +89,19 @@ def apply_in_chunks(pca: PCAWhitening, x: np.ndarray, out: np.ndarray, chunk: in
         out[start : start + len(block)] = pca.transform(block)
 
 
-def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int = 0) -> dict:
+def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int = 0,
+            n_images: int | None = None) -> dict:
+    """n_images: the dataset's training images, the rows `features` must have (None: not checked)."""
     section = params["pca"]
     out_dir = Path(out_dir)
-    if not Path(features).exists():
-        raise StageError(f"features file {features} not found: run extract for this epoch first")
+    check_npy(features, rows=n_images, fix="run extract for this epoch (again)")
     with Timer() as t:
         x = np.load(features, mmap_mode="r")
         rows = seeded_subset(len(x), section["max_fit_rows"], seed_for(params["run"]["seed"], epoch, "pca"))
         pca = fit_pca_whitening(x[rows], section["dim"], section["eps"])
         pca.save(out_dir / PCA)
         with atomic_path(out_dir / PCA_FEATURES) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(x), pca.components.shape[1]))
+            out = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32)
             apply_in_chunks(pca, x, out)
             out.flush()
             del out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -71,18 +72,35 @@ def _find(root: Path, stem: str) -> Path:
 
 
 # ---------------------------------------------------------------- image trees
-def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def list_images(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under `root`, and the folders that could not be listed, with the reason.
+
+    Path.rglob skips a folder it cannot open without a word; os.walk reports it.
+    """
+    images, skipped = [], []
+
+    def unreadable(error: OSError) -> None:
+        skipped.append((str(Path(error.filename).resolve()), f"folder not readable: {type(error).__name__}: "
+                                                             f"{error.strerror}"))
+
+    for folder, _, files in os.walk(root, onerror=unreadable):
+        images += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in images if p.is_file()), skipped
 
 
-def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str]]:
-    """Manifest rows for an image tree. Labels come from the class folder; splits from train/val/test folders."""
+def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
+    """Manifest rows for an image tree, its classes and the folders skipped (path, reason).
+
+    Labels come from the class folder; splits from train/val/test folders.
+    """
     split_roots = [(s, root / d) for s, d in (("train", "train"), ("test", "val"), ("test", "test")) if (root / d).is_dir()]
     if not any(s == "train" for s, _ in split_roots):
         split_roots = [("train", root)]
-    rows, classes = [], set()
+    rows, classes, skipped = [], set(), []
     for split, split_root in split_roots:
-        for path in list_images(split_root):
+        paths, unlisted = list_images(split_root)
+        skipped += unlisted
+        for path in paths:
             rel = path.relative_to(split_root)
             label_name = rel.parts[0] if labelled and len(rel.parts) > 1 else None
             if label_name:
@@ -95,18 +113,21 @@ def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str]
     df["label"] = pd.array([index.get(c) if c else None for c in df["label_name"]], dtype="Int64")
     df["source"] = "imagefolder" if labelled else "folder"
     df["path"] = df["path"].astype("string")
-    return df.drop(columns="label_name")[["image_id", "split", "label", "source", "path"]], classes
+    return df.drop(columns="label_name")[["image_id", "split", "label", "source", "path"]], classes, skipped
 
 
 def check_image(path: str) -> str | None:
-    """None if PIL can decode the file, else the reason it cannot."""
+    """None if PIL can decode the file into 8-bit pixels, else the reason it cannot."""
     from PIL import Image
+
+    from stages.data import to_8bit
 
     try:
         with Image.open(path) as im:
             im.load()
             if im.width < 1 or im.height < 1:
                 return "empty image"
+            to_8bit(im)
         return None
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
@@ -138,15 +159,17 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
         meta.update(kind="array", image_size=int(pixels.shape[1]), channels=int(pixels.shape[-1]))
         mean, std = channel_stats(pixels[(manifest["split"] == "train").to_numpy()])
     elif source in ("imagefolder", "folder"):
-        manifest, classes = scan_image_tree(path, labelled=source == "imagefolder")
+        manifest, classes, skipped = scan_image_tree(path, labelled=source == "imagefolder")
         if manifest.empty:
-            raise StageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: check prepare.path")
+            raise StageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: check prepare.path"
+                             + "".join(f"; skipped {p} ({e})" for p, e in skipped))
         manifest, report = drop_unreadable(manifest, params.get("num_workers", 8))
+        report = pd.concat([pd.DataFrame(skipped, columns=["path", "error"]), report], ignore_index=True)
         if manifest.empty:
             examples = "; ".join(f"{p}: {e}" for p, e in report.head(3).itertuples(index=False))
             raise StageError(f"none of the {len(report)} images under {path} could be read, e.g. {examples}")
         for p, e in report.itertuples(index=False):
-            print(f"prepare: skipping unreadable image {p} ({e})", file=sys.stderr)
+            print(f"prepare: skipping unreadable {p} ({e})", file=sys.stderr)
         parts = []
         for split in ("train", "test"):
             part = manifest[manifest["split"] == split]

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.artifacts import check_architecture, check_assignments
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stages.common import StageError, Timer, load_params, peak_rss_mb, pick_device, seed_for, write_json
 from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
 from stages.extract import autocast
-from stages.labels import read_assignments
 from stages.layout import report
 from stages.models import DeepClusterNet, build_model
 
@@ -114,14 +114,13 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         images = load_split(dataset, "train")
-        assign = read_assignments(assignments)
-        if len(assign) != len(images) or not np.array_equal(assign["image_id"].to_numpy().astype(str), images.ids):
-            raise StageError(f"{assignments} does not list {dataset}'s training images in their order: the dataset "
-                             "changed since clustering; rerun the epoch from extract")
+        assign = check_assignments(assignments, images.ids, fix="rerun the epoch's labels stage (the dataset changed "
+                                                                "since clustering: rerun the epoch from extract)")
         targets, cluster_ids = contiguous_targets(assign["cluster"].to_numpy())
 
         ckpt = load_checkpoint(checkpoint_in, device)
         check_input_size(ckpt, p["crop_size"], "train.crop_size")
+        check_architecture(ckpt, params["model"], images.channels, checkpoint_in)
         if ckpt["epoch"] != epoch - 1:
             raise StageError(f"{checkpoint_in} is from epoch {ckpt['epoch']}, but epoch {epoch} must start from "
                              f"epoch {epoch - 1}'s checkpoint")

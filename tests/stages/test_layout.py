@@ -8,8 +8,9 @@ from stages.layout import RunLayout, apply_retention
 
 
 @pytest.mark.parametrize("keep_features, keep_checkpoints, features_kept, checkpoints_kept", [
-    (0, 5, [], [0, 5, 6]),  # the defaults: no features, every 5th checkpoint (and the newest)
-    (2, 0, [2, 4, 6], [0, 6]),
+    (0, 5, [], [0, 5, 6]),  # the defaults: no features, every 5th checkpoint (and the last two)
+    (2, 0, [2, 4, 6], [0, 5, 6]),
+    (0, 4, [], [0, 4, 5, 6]),
 ])
 def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoints, features_kept, checkpoints_kept):
     params = apply_overrides(small_params, {"extract.keep_features_every": keep_features,

@@ -27,7 +27,7 @@ class DamagedArtifact(StageError):
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
         self.path = Path(path)
-        super().__init__(f"{path} is damaged: {problem}; "
+        super().__init__(f"{path} cannot be used: {problem}; "
                          + (fix or "delete it and rerun the stage that wrote it (the flow reruns it by itself "
                                    "in an unfinished epoch), or restore it from DVC with `dvc checkout`"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from stages.artifacts import check_architecture, nbytes, require_free_space, write_failed
-from stages.common import DamagedArtifact, StageError, atomic_path
+from stages.common import DamagedArtifact, StageError, atomic_path, first_line
 from stages.models import DeepClusterNet, build_model
 
 
@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise DamagedArtifact(path, f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})",
+        raise DamagedArtifact(path, f"not a readable checkpoint ({type(e).__name__}: {first_line(e)})",
                               RECOVER_CHECKPOINT) from e
     missing = [k for k in ("epoch", "model_params", "in_channels", "image_size", "model") if k not in (
         ckpt if isinstance(ckpt, dict) else {})]
@@ -81,7 +81,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Dee
     try:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     except RuntimeError as e:  # a layer of another size: another network under the same settings
-        raise StageError(f"checkpoint does not match model {ckpt['model_params']}: {str(e).splitlines()[0]}") from e
+        raise StageError(f"checkpoint does not match model {ckpt['model_params']}: {first_line(e)}") from e
     if unexpected or any(not k.startswith("top_layer.") for k in missing):
         raise StageError(f"checkpoint does not match model {ckpt['model_params']}: missing {missing}, unexpected {unexpected}")
     return model.to(device)

@@ -32,6 +32,11 @@ class DamagedArtifact(StageError):
                                    "in an unfinished epoch), or restore it from DVC with `dvc checkout`"))
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (Arrow and torch append pages of context)."""
+    return str(error).strip().split("\n")[0]
+
+
 # ---------------------------------------------------------------- params
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
     """Read params.yaml and apply dotted overrides such as {"cluster.k": 100}."""

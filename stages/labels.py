@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from stages.common import DamagedArtifact, StageError, Timer, atomic_path, load_params, write_json
+from stages.common import DamagedArtifact, StageError, Timer, atomic_path, first_line, load_params, write_json
 from stages.layout import ASSIGNMENTS, CLUSTERING, report
 
 MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
@@ -98,7 +98,7 @@ def read_assignments(path: str | Path, fix: str | None = None) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DamagedArtifact(path, f"not a readable parquet file ({str(e).splitlines()[0]})", fix) from e
+        raise DamagedArtifact(path, f"not a readable parquet file ({first_line(e)})", fix) from e
 
 
 def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:

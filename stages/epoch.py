@@ -17,7 +17,7 @@ from stages.common import StageError, read_json
 from stages.data import load_split
 from stages.extract import run_extract
 from stages.labels import run_labels
-from stages.layout import ASSIGNMENTS, CLUSTERING, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout, report
+from stages.layout import ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout, report
 from stages.pca import PCAWhitening, run_pca
 from stages.train import run_train
 
@@ -45,14 +45,23 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
 
 
 def output_problem(name: str, params: dict, layout: RunLayout, epoch: int) -> StageError | None:
-    """Why the outputs of stage `name` of `epoch` cannot be used (its report included), or None."""
+    """Why the outputs of stage `name` of `epoch` cannot be used (its report included), or None.
+
+    Features files that retention deleted (DISPOSABLE) may be missing once the stage reading them is done.
+    """
     d = layout.epoch(epoch)
+    consumed = name != EPOCH_STAGES[-1] and layout.stage_done(epoch, EPOCH_STAGES[EPOCH_STAGES.index(name) + 1])
+
+    def features(file: str) -> Callable[[], object]:
+        path = d / file
+        return lambda: None if consumed and file in DISPOSABLE and not path.exists() else check_npy(
+            path, rows=train_rows(layout.dataset))
+
     checks = [lambda: check_json(d / report(name))]
     if name == "extract":
-        checks.append(lambda: check_npy(d / FEATURES, rows=train_rows(layout.dataset)))
+        checks.append(features(FEATURES))
     elif name == "pca":
-        checks += [lambda: check_npz(d / PCA, PCAWhitening.ARRAYS),
-                   lambda: check_npy(d / PCA_FEATURES, rows=train_rows(layout.dataset))]
+        checks += [lambda: check_npz(d / PCA, PCAWhitening.ARRAYS), features(PCA_FEATURES)]
     elif name == "cluster":
         checks.append(lambda: check_npz(d / CLUSTERING, CLUSTERING_ARRAYS))
     elif name == "labels":
@@ -64,21 +73,17 @@ def output_problem(name: str, params: dict, layout: RunLayout, epoch: int) -> St
 
 
 def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> int:
-    """Where an unfinished epoch resumes: the index in EPOCH_STAGES after the last finished stage whose
-    outputs are intact (a damaged one is recomputed, not trusted). The reports from there on are
-    removed, so every later stage reruns on the recomputed files.
+    """Where an unfinished epoch resumes: the index in EPOCH_STAGES of the first stage not done, or of
+    the first done stage whose outputs are damaged (recomputed, not trusted). The reports from there
+    on are removed, so every later stage reruns on the recomputed files.
     """
     done = [layout.stage_done(epoch, s) for s in EPOCH_STAGES]
     start = done.index(False) if False in done else len(EPOCH_STAGES)
-    # Every report is read again at the end (epoch_metrics); the outputs are read by the next stage.
     for i, name in enumerate(EPOCH_STAGES[:start]):
-        if (problem := first_problem([lambda: check_json(layout.epoch(epoch) / report(name))])) is not None:
+        if (problem := output_problem(name, params, layout, epoch)) is not None:
             log(f"epoch {epoch}: {problem}; rerunning {name}")
             start = i
             break
-    while start > 0 and (problem := output_problem(EPOCH_STAGES[start - 1], params, layout, epoch)) is not None:
-        log(f"epoch {epoch}: {problem}; rerunning {EPOCH_STAGES[start - 1]}")
-        start -= 1
     for name in EPOCH_STAGES[start:]:
         (layout.epoch(epoch) / report(name)).unlink(missing_ok=True)
     return start

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stages.common import StageError, read_json
-from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage
+from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage
 from stages.layout import RunLayout
 
 
@@ -43,3 +43,108 @@ def test_metrics_of_an_unfinished_epoch_name_the_missing_stage(tiny_run, tmp_pat
     (tmp_path / "0001" / "train.json").unlink()
     with pytest.raises(StageError, match="stage 'train' has not finished for epoch 1"):
         epoch_metrics(tmp_path / "0001", 1)
+
+
+# ---------------------------------------------------------------- damaged files when a run resumes
+def copy_run(run: RunLayout, dest) -> RunLayout:
+    import shutil
+
+    layout = RunLayout(run.dataset, dest / "epochs", dest / "checkpoints")
+    shutil.copytree(run.epochs_root, layout.epochs_root)
+    shutil.copytree(run.checkpoints, layout.checkpoints)
+    return layout
+
+
+def cut(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def finish(params: dict, layout: RunLayout, epoch: int, start: int) -> None:
+    """What the flow does after first_stage_to_run: the stages from `start`, then metrics.json."""
+    from stages.common import write_json
+
+    for name in EPOCH_STAGES[start:]:
+        run_stage(name, params, layout, epoch)
+    write_json(layout.epoch(epoch) / "metrics.json", epoch_metrics(layout.epoch(epoch), epoch))
+
+
+def same_epoch(a: RunLayout, b: RunLayout, epoch: int) -> None:
+    import pandas as pd
+    import torch
+
+    for name in ("features.npy", "pca_features.npy"):
+        np.testing.assert_array_equal(np.load(a.epoch(epoch) / name), np.load(b.epoch(epoch) / name))
+    pd.testing.assert_frame_equal(pd.read_parquet(a.epoch(epoch) / "assignments.parquet"),
+                                  pd.read_parquet(b.epoch(epoch) / "assignments.parquet"))
+    ka, kb = (torch.load(x.checkpoint(epoch), weights_only=True) for x in (a, b))
+    assert ka["model"].keys() == kb["model"].keys()
+    assert all(torch.equal(ka["model"][k], kb["model"][k]) for k in ka["model"])
+
+
+@pytest.mark.parametrize("damaged, rerun_from", [
+    ("features.npy", "extract"),       # read by pca, which has not run: extract reruns
+    ("pca_features.npy", "pca"),
+    ("pca.npz", "pca"),
+    ("kmeans.npz", "cluster"),
+    ("assignments.parquet", "labels"),
+    ("pca.json", "pca"),                # a damaged report: its stage reruns
+])
+def test_a_damaged_file_of_an_unfinished_epoch_is_recomputed_not_trusted(tiny_run, small_params, tmp_path, damaged,
+                                                                         rerun_from):
+    layout = copy_run(tiny_run, tmp_path)
+    d = layout.epoch(2)
+    for name in ("train.json", "metrics.json"):  # killed during epoch 2's train
+        (d / name).unlink()
+    layout.checkpoint(2).unlink()
+    cut(d / damaged)
+    logged = []
+    start = first_stage_to_run(small_params, layout, 2, log=logged.append)
+    assert EPOCH_STAGES[start] == rerun_from
+    assert len(logged) >= 1 and f"{damaged} cannot be used" in logged[0] and "rerunning" in logged[0]
+    assert not any(layout.stage_done(2, s) for s in EPOCH_STAGES[start:])  # everything after reruns too
+    finish(small_params, layout, 2, start)
+    same_epoch(layout, tiny_run, 2)  # the result of the uninterrupted run
+
+
+def test_intact_unfinished_epoch_resumes_after_its_last_stage(tiny_run, small_params, tmp_path):
+    layout = copy_run(tiny_run, tmp_path)
+    (layout.epoch(2) / "train.json").unlink()
+    (layout.epoch(2) / "metrics.json").unlink()
+    assert EPOCH_STAGES[first_stage_to_run(small_params, layout, 2, log=pytest.fail)] == "train"
+
+
+def test_damaged_checkpoint_of_the_last_finished_epoch_is_recomputed(tiny_run, small_params, tmp_path):
+    layout = copy_run(tiny_run, tmp_path)
+    cut(layout.checkpoint(2))  # a half-written last checkpoint (last.pt is a hard link to it in a flow run)
+    logged = []
+    assert reopen_damaged_epoch(small_params, layout, 2, log=logged.append)
+    assert "epoch_0002.pt cannot be used" in logged[0] and layout.completed_epochs() == [1]
+    start = first_stage_to_run(small_params, layout, 2, log=logged.append)
+    assert EPOCH_STAGES[start] == "train"  # only train reruns, from epoch 1's kept checkpoint
+    finish(small_params, layout, 2, start)
+    same_epoch(layout, tiny_run, 2)
+    assert layout.completed_epochs() == [1, 2]
+
+
+def test_damaged_last_checkpoint_without_the_one_before_is_refused_keeping_the_epoch(tiny_run, small_params,
+                                                                                     tmp_path):
+    layout = copy_run(tiny_run, tmp_path)
+    cut(layout.checkpoint(2))
+    layout.checkpoint(1).unlink()
+    with pytest.raises(StageError, match=r"epoch_0002.pt cannot be used: not a readable checkpoint.*cannot be "
+                                         r"recomputed.*epoch_0001.pt not found"):
+        reopen_damaged_epoch(small_params, layout, 2)
+    assert layout.completed_epochs() == [1, 2]  # the finished epoch is still finished: nothing lost
+
+
+def test_damaged_metrics_of_the_last_epoch_are_rebuilt_from_its_reports(tiny_run, small_params, tmp_path):
+    layout = copy_run(tiny_run, tmp_path)
+    cut(layout.epoch(2) / "metrics.json")
+    for name in ("features.npy", "pca_features.npy"):  # as retention leaves a finished epoch
+        (layout.epoch(2) / name).unlink()
+    assert reopen_damaged_epoch(small_params, layout, 2, log=lambda m: None)
+    assert first_stage_to_run(small_params, layout, 2, log=pytest.fail) == len(EPOCH_STAGES)  # nothing reruns
+    finish(small_params, layout, 2, len(EPOCH_STAGES))
+    assert read_json(layout.epoch(2) / "metrics.json") == read_json(tiny_run.epoch(2) / "metrics.json")
+    assert not reopen_damaged_epoch(small_params, tiny_run, 2, log=pytest.fail)  # an intact epoch stays finished

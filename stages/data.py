@@ -111,9 +111,11 @@ def to_8bit(im: "PIL.Image.Image") -> "PIL.Image.Image":
         return Image.fromarray((v >> 8).astype(np.uint8), "L")
     if im.mode == "F":
         v = np.asarray(im, dtype=np.float64)
-        if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
-            raise StageError(f"float image with values in [{np.nanmin(v):g}, {np.nanmax(v):g}]: only floats in "
-                             "[0, 1] can be scaled to 8 bits; rescale it, or save it as an 8- or 16-bit image")
+        if not np.isfinite(v).all():
+            raise StageError("float image with NaN or infinite values: they have no 8-bit value; fix or remove it")
+        if v.size and (v.min() < 0.0 or v.max() > 1.0):
+            raise StageError(f"float image with values in [{v.min():g}, {v.max():g}]: only floats in [0, 1] can be "
+                             "scaled to 8 bits; rescale it, or save it as an 8- or 16-bit image")
         return Image.fromarray(np.rint(v * 255.0).astype(np.uint8), "L")
     return im
 

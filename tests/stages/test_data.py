@@ -82,3 +82,58 @@ def test_load_split_and_batches_of_the_prepared_dataset(fashion_dataset):
     assert torch.equal(batch[0, 0], torch.from_numpy(np.array(train.pixels[5, :, :, 0])))
     with pytest.raises(StageError, match="no dataset at"):
         load_split(fashion_dataset.parent / "missing", "train")
+
+
+# ---------------------------------------------------------------- 16-bit and float images
+def test_16_bit_png_decodes_to_the_top_byte_of_each_value(tmp_path):
+    from PIL import Image
+
+    from stages.data import decode_image
+
+    v16 = np.random.default_rng(0).integers(0, 65536, (32, 32)).astype(np.uint16)
+    Image.fromarray(v16).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode == "I;16"  # a real 16-bit PNG: PIL's convert("L") clips it to near-white
+    expected = (v16 >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "grey16.png"), 32, 1)[0].numpy(), expected)
+    rgb = decode_image(str(tmp_path / "grey16.png"), 32, 3).numpy()
+    assert all((rgb[c] == expected).all() for c in range(3))
+
+
+def test_float_tiff_in_0_1_decodes_to_rounded_times_255(tmp_path):
+    from PIL import Image
+
+    from stages.data import decode_image
+
+    f = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    f[0, :3] = [0.0, 1.0, 0.5]
+    Image.fromarray(f).save(tmp_path / "float.tif")
+    out = decode_image(str(tmp_path / "float.tif"), 32, 1)[0].numpy()
+    np.testing.assert_array_equal(out, np.rint(f.astype(np.float64) * 255).astype(np.uint8))
+    assert out[0, :3].tolist() == [0, 255, 128]  # before: convert("L") truncated all of [0, 1] to 0 or 1: black
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.linspace(0, 300, 64, dtype=np.float32), r"float image with values in \[0, 300\]: only floats in \[0, 1\]"),
+    (np.full(64, np.nan, dtype=np.float32), "float image with NaN or infinite values"),
+    (np.linspace(0, 70000, 64).astype(np.int32), r"I image with values in \[0, 70000\]: only 8- and 16-bit"),
+])
+def test_images_with_no_8_bit_meaning_are_refused(tmp_path, values, message):
+    from PIL import Image
+
+    from stages.data import decode_image
+
+    Image.fromarray(values.reshape(8, 8)).save(tmp_path / "odd.tif")
+    with pytest.raises(StageError, match=message):
+        decode_image(str(tmp_path / "odd.tif"), 8, 1)
+
+
+def test_8_bit_images_are_unchanged(tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from stages.data import decode_image
+
+    camera = skdata.camera()[:64, :64]
+    Image.fromarray(camera).save(tmp_path / "camera.png")
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "camera.png"), 64, 1)[0].numpy(), camera)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +240,42 @@ def test_image_ids_stay_unique_when_val_and_test_hold_the_same_file_name(tmp_pat
     prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 3 and manifest["image_id"].is_unique
+
+
+# ---------------------------------------------------------------- every skipped file or folder is listed
+def without_file_permission_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that even root gets EACCES on a
+    chmod 000 folder (the build machine runs the tests as root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0 and os.geteuid() == 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_unreadable_folder_and_unscalable_images_are_listed_with_their_reason(tmp_path, params_file):
+    root = tmp_path / "tree"
+    save(root / "cats" / "chelsea.png", skdata.chelsea())
+    v16 = (skdata.camera().astype(np.uint16) * 257)  # 16-bit, full range
+    save(root / "cats" / "camera16.png", v16)
+    save(root / "cats" / "bright.tif", np.full((16, 16), 300.0, np.float32))  # a float image outside [0, 1]
+    save(root / "locked" / "coins.png", skdata.coins())
+    (root / "locked").chmod(0)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(params_file), "--source",
+                               "imagefolder", "--path", str(root), "--out", str(tmp_path / "out")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              preexec_fn=without_file_permission_override)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    listed = pd.read_csv(tmp_path / "out" / "unreadable.csv").set_index("path")["error"].to_dict()
+    assert listed == {
+        str((root / "locked").resolve()): "folder not readable: PermissionError: Permission denied",
+        str((root / "cats" / "bright.tif").resolve()): "StageError: float image with values in [300, 300]: only "
+        "floats in [0, 1] can be scaled to 8 bits; rescale it, or save it as an 8- or 16-bit image",
+    }
+    assert "2 unreadable, listed in" in proc.stdout and f"skipping unreadable {root.resolve() / 'locked'}" in proc.stderr
+    images = load_split(tmp_path / "out", "train")
+    assert sorted(images.ids) == ["cats/camera16.png", "cats/chelsea.png"]  # the 16-bit image is kept, scaled

@@ -165,8 +165,10 @@ def write_failed(path: str | Path, needed: int, error: BaseException) -> StageEr
                       "and rerun: the run resumes at this stage")
 
 
-def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.memmap:
-    """A writable .npy memmap at `path` whose blocks are reserved on disk up front.
+def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | type = np.float32,
+                 name: str | Path | None = None) -> np.memmap:
+    """A writable .npy memmap at `path` whose blocks are reserved on disk up front; `name`: the
+    file's final name, for the messages (`path` is usually atomic_path's temp file).
 
     np.lib.format.open_memmap makes a sparse file: on a full disk the first write to a page with no
     block behind it kills the process with SIGBUS. posix_fallocate reserves the blocks first, so a
@@ -176,13 +178,13 @@ def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | typ
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + 128
-    require_free_space(path, needed)
+    require_free_space(Path(name or path), needed)
     try:
         with open(path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             os.posix_fallocate(f.fileno(), 0, f.tell() + needed - 128)
     except OSError as e:
-        raise write_failed(path, needed, e) from e
+        raise write_failed(name or path, needed, e) from e
     return np.lib.format.open_memmap(path, mode="r+")
 
 

@@ -65,7 +65,7 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
         check_architecture(ckpt, params["model"], images.channels, checkpoint)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
         with atomic_path(out_dir / FEATURES) as tmp:
-            feats = allocate_npy(tmp, (len(images), model.feature_dim), np.float32)
+            feats = allocate_npy(tmp, (len(images), model.feature_dim), np.float32, out_dir / FEATURES)
             extract_features(model, images, feats, crop_size=section["crop_size"], batch_size=section["batch_size"],
                              device=device, amp=section["amp"], num_workers=section["num_workers"])
             if not np.isfinite(feats).all():

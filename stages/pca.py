@@ -101,7 +101,7 @@ def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int 
         pca = fit_pca_whitening(x[rows], section["dim"], section["eps"])
         pca.save(out_dir / PCA)
         with atomic_path(out_dir / PCA_FEATURES) as tmp:
-            out = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32)
+            out = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32, out_dir / PCA_FEATURES)
             apply_in_chunks(pca, x, out)
             out.flush()
             del out

@@ -1,6 +1,8 @@
 """stages.extract: pre-ReLU fc features of every training image, eval mode, dataset order."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +62,32 @@ def test_crop_size_other_than_the_networks_input_is_refused_before_any_output(ex
     with pytest.raises(StageError, match=r"extract.crop_size=24, but the network .* 28 px"):
         run_extract(params, fashion_dataset, root / "epoch_0000.pt", tmp_path / "0001")
     assert not (tmp_path / "0001").exists()
+
+
+def file_size_limit(max_bytes: int):
+    """preexec_fn: no file of the process may grow past max_bytes, as on a full disk (EFBIG instead of ENOSPC)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+
+@pytest.mark.slow
+def test_full_disk_during_extract_is_a_clear_error_and_the_rerun_gives_the_same_features(tiny_run, params_file,
+                                                                                        tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "0001"
+    cmd = [sys.executable, "-m", "stages.extract", "--params", str(params_file), "--dataset", str(tiny_run.dataset),
+           "--checkpoint", str(tiny_run.checkpoint(0)), "--out", str(out)]
+    # 240 x 32 float32 features do not fit in 20 kB; before, a memmap on a full disk died of SIGBUS
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=file_size_limit(20_000))
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(rf"extract: could not write {out}/features.npy \(OSError: \[Errno 27\] File too large\): "
+                     r"30,848 bytes needed, [\d,]+ bytes free on its disk .* rerun: the run resumes at this stage",
+                     proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no partial features, no temp file
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the disk has room again
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tiny_run.epoch(1) / "features.npy"))

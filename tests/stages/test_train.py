@@ -235,3 +235,33 @@ def test_init_checkpoint_is_seeded_by_the_run_seed(fashion_dataset, train_params
     w = "features.0.weight"
     assert torch.equal(a["model"][w], b["model"][w])
     assert not torch.equal(a["model"][w], c["model"][w])
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_write_is_a_clear_error_and_the_rerun_gives_the_same_network(tiny_run,
+                                                                                                 params_file,
+                                                                                                 tmp_path):
+    import re
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "epoch_0001.pt"
+    cmd = [sys.executable, "-m", "stages.train", "--params", str(params_file), "--dataset", str(tiny_run.dataset),
+           "--assignments", str(tiny_run.epoch(1) / "assignments.parquet"), "--checkpoint-in",
+           str(tiny_run.checkpoint(0)), "--checkpoint-out", str(out), "--epoch", "1", "--stats-out",
+           str(tmp_path / "train.json")]
+    size = tiny_run.checkpoint(1).stat().st_size
+    # the write stops half-way, as on a full disk; before, torch's raw "enforce fail ... file write failed"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))  # noqa: E731
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(rf"train: could not write {out} \(RuntimeError: .*\): [\d,]+ bytes needed, [\d,]+ bytes free "
+                     r"on its disk \(a full disk, a quota or a file-size limit\)\. Free some space and rerun",
+                     proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no half checkpoint, no temp, no report
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_checkpoint(out), load_checkpoint(tiny_run.checkpoint(1))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

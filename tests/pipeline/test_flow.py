@@ -255,3 +255,121 @@ def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_pa
     shutil.copy(ws.checkpoints / "epoch_0001.pt", ws.checkpoints / "last.pt")
     ws.run()
     assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# ------------------------------------------------------------------ damaged files, deleted epochs, killed flows
+def cut(path: Path) -> None:
+    """Truncate in place (a hard link such as last.pt is cut too), as a full disk or a bad copy leaves a file."""
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def same_network(a: Path, b: Path) -> bool:
+    ka, kb = (torch.load(p, weights_only=True) for p in (a, b))
+    return ka["epoch"] == kb["epoch"] and all(torch.equal(ka["model"][k], kb["model"][k]) for k in ka["model"])
+
+
+def test_deleting_a_middle_epoch_redoes_it_and_last_pt_never_moves_back(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    original = pd.read_parquet(ws.epochs / "0001" / "assignments.parquet")
+    shutil.rmtree(ws.epochs / "0001")
+    metrics = ws.run()
+    assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2  # before: back to epoch 1
+    assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
+    pd.testing.assert_frame_equal(pd.read_parquet(ws.epochs / "0001" / "assignments.parquet"), original)
+    assert metrics == read_json(ws.epochs / "0002" / "metrics.json")  # the newest epoch's figures
+
+
+def test_half_written_last_checkpoint_is_recomputed_by_the_next_run(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    cut(ws.checkpoints / "epoch_0002.pt")  # last.pt is a hard link to it: both are damaged
+    before = {k: v for k, v in ws.mtimes().items() if "0001" in k or k.endswith(("0002/labels.json",))}
+    ws.run()
+    assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
+    assert same_network(ws.checkpoints / "epoch_0002.pt", tracked.checkpoints / "epoch_0002.pt")
+    after = ws.mtimes()
+    assert all(after[k] == v for k, v in before.items())  # only epoch 2's train reran
+    assert read_json(ws.epochs / "0002" / "metrics.json")["train_loss"] == read_json(
+        tracked.epochs / "0002" / "metrics.json")["train_loss"]
+
+
+def test_damaged_file_of_an_unfinished_epoch_is_recomputed_by_the_flow(tracked, tmp_path):
+    ws = tracked.copy(tmp_path)
+    e2 = ws.epochs / "0002"
+    for name in ("train.json", "metrics.json"):  # killed during epoch 2's train ...
+        (e2 / name).unlink()
+    (ws.checkpoints / "epoch_0002.pt").unlink()
+    cut(e2 / "kmeans.npz")  # ... with a damaged clustering: before, a raw zipfile error, retried twice
+    ws.run()
+    for name in ("kmeans.npz", "assignments.parquet"):
+        assert (e2 / name).read_bytes() == (tracked.epochs / "0002" / name).read_bytes()
+    assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
+
+
+def test_checkpoint_of_another_network_swapped_in_is_not_trained_on(tracked, tmp_path, small_params):
+    from stages.common import apply_overrides
+    from stages.train import init_checkpoint
+
+    ws = tracked.copy(tmp_path)
+    e2 = ws.epochs / "0002"
+    for name in ("extract.json", "pca.json", "cluster.json", "labels.json", "train.json", "metrics.json"):
+        (e2 / name).unlink()
+    (ws.checkpoints / "epoch_0001.pt").unlink()  # epoch 1 is the last finished one; its network is replaced
+    init_checkpoint(apply_overrides(small_params, {"model.width": 8}), ws.dataset, ws.checkpoints / "epoch_0001.pt")
+    ws.run()  # refused as epoch 1's network, and recomputed from epoch 0's
+    assert same_network(ws.checkpoints / "epoch_0001.pt", tracked.checkpoints / "epoch_0001.pt")
+    assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
+    assert (e2 / "assignments.parquet").read_bytes() == (tracked.epochs / "0002" / "assignments.parquet").read_bytes()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_the_flow_leaves_no_process_behind(fashion_dataset, small_params, write_params, tmp_path):
+    """Without a server, the flow runs Prefect's temporary one (a uvicorn child, ~200 MB): it must die too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_params(tmp_path, small_params, {"train.samples_per_epoch": 100000})
+    shutil.copytree(fashion_dataset, tmp_path / "data" / "dataset")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.flow", "--no-dvc"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 1: train starting" in line:
+            break
+    children = descendants(proc.pid)
+    assert any("uvicorn" in Path(f"/proc/{c}/cmdline").read_text() for c in children if alive(c)), "".join(seen)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if alive(c)], "processes of the killed flow still run"

@@ -44,13 +44,15 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
     raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
 
 
-def output_problem(name: str, params: dict, layout: RunLayout, epoch: int) -> StageError | None:
+def output_problem(name: str, params: dict, layout: RunLayout, epoch: int, needed: bool = False) -> StageError | None:
     """Why the outputs of stage `name` of `epoch` cannot be used (its report included), or None.
 
-    Features files that retention deleted (DISPOSABLE) may be missing once the stage reading them is done.
+    Features files that retention deleted (DISPOSABLE) may be missing once the stage reading them is
+    done, unless `needed`: that stage is about to run again.
     """
     d = layout.epoch(epoch)
-    consumed = name != EPOCH_STAGES[-1] and layout.stage_done(epoch, EPOCH_STAGES[EPOCH_STAGES.index(name) + 1])
+    consumed = not needed and name != EPOCH_STAGES[-1] and layout.stage_done(
+        epoch, EPOCH_STAGES[EPOCH_STAGES.index(name) + 1])
 
     def features(file: str) -> Callable[[], object]:
         path = d / file
@@ -84,6 +86,10 @@ def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callabl
             log(f"epoch {epoch}: {problem}; rerunning {name}")
             start = i
             break
+    # The first stage to run reads the outputs of the one before, which retention may have deleted.
+    while start > 0 and (problem := output_problem(EPOCH_STAGES[start - 1], params, layout, epoch, True)) is not None:
+        log(f"epoch {epoch}: {problem}; rerunning {EPOCH_STAGES[start - 1]}")
+        start -= 1
     for name in EPOCH_STAGES[start:]:
         (layout.epoch(epoch) / report(name)).unlink(missing_ok=True)
     return start

@@ -148,3 +148,17 @@ def test_damaged_metrics_of_the_last_epoch_are_rebuilt_from_its_reports(tiny_run
     finish(small_params, layout, 2, len(EPOCH_STAGES))
     assert read_json(layout.epoch(2) / "metrics.json") == read_json(tiny_run.epoch(2) / "metrics.json")
     assert not reopen_damaged_epoch(small_params, tiny_run, 2, log=pytest.fail)  # an intact epoch stays finished
+
+
+def test_a_stage_rerun_after_retention_reruns_the_one_that_wrote_its_deleted_input(tiny_run, small_params, tmp_path):
+    layout = copy_run(tiny_run, tmp_path)
+    d = layout.epoch(2)
+    for name in ("train.json", "metrics.json", "features.npy"):  # retention had deleted the features
+        (d / name).unlink()
+    layout.checkpoint(2).unlink()
+    cut(d / "pca.json")
+    logged = []
+    start = first_stage_to_run(small_params, layout, 2, log=logged.append)
+    assert EPOCH_STAGES[start] == "extract" and "features.npy not found" in logged[-1]
+    finish(small_params, layout, 2, start)
+    same_epoch(layout, tiny_run, 2)

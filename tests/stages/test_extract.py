@@ -91,3 +91,20 @@ def test_full_disk_during_extract_is_a_clear_error_and_the_rerun_gives_the_same_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the disk has room again
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tiny_run.epoch(1) / "features.npy"))
+
+
+def test_a_disk_too_small_for_the_features_is_refused_before_any_compute(tiny_run, small_params, tmp_path):
+    """A real small disk: a 16 kB tmpfs (needs root; skipped where mounting is not allowed)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(StageError, match=rf"not enough disk space to write {disk}/0001/features.npy: 30,848 bytes "
+                                             r"needed, 16,384 bytes free on its disk"):
+            run_extract(small_params, tiny_run.dataset, tiny_run.checkpoint(0), disk / "0001")
+        assert [p.name for p in (disk / "0001").iterdir()] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

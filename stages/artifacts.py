@@ -104,9 +104,14 @@ def check_assignments(path: str | Path, image_ids: np.ndarray, fix: str | None =
     missing = sorted({"image_id", "cluster", "distance"} - set(df.columns))
     if missing:
         raise DamagedArtifact(path, f"lacks the columns {missing}", fix)
-    if len(df) != len(image_ids) or not np.array_equal(df["image_id"].to_numpy().astype(str), image_ids):
-        raise DamagedArtifact(path, f"lists {len(df)} images, not the dataset's {len(image_ids)} training images "
-                                    "in their order: it is from another dataset or run", fix)
+    listed = df["image_id"].to_numpy().astype(str)
+    if len(df) != len(image_ids):
+        raise DamagedArtifact(path, f"lists {len(df)} images, but the dataset has {len(image_ids)} training images: "
+                                    "it is from another dataset or run", fix)
+    if not np.array_equal(listed, image_ids):
+        what = "in another order than" if set(listed) == set(image_ids) else "other images than"
+        raise DamagedArtifact(path, f"lists the images {what} the dataset's training images: it is from another "
+                                    "dataset or run", fix)
     return df
 
 

@@ -138,8 +138,8 @@ def check_architecture(ckpt: dict, model_params: dict, in_channels: int, path: s
     if ckpt.get("in_channels") != in_channels:
         diff.append(f"input channels: {ckpt.get('in_channels')!r} in the checkpoint, {in_channels} in the dataset")
     if diff:
-        raise StageError(f"checkpoint {path} holds another network than this run's ({'; '.join(diff)}): it was not "
-                         "written by this run. Put this run's checkpoint back, or start over with --fresh")
+        raise DamagedArtifact(path, f"holds another network than this run's ({'; '.join(diff)}): it was not written "
+                                    "by this run", "put this run's checkpoint back, or start over with --fresh")
 
 
 # ---------------------------------------------------------------- large writes

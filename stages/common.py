@@ -26,10 +26,15 @@ class DamagedArtifact(StageError):
     """A file a stage reads is incomplete, corrupt or another run's; `path` names it."""
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         super().__init__(f"{path} cannot be used: {problem}; "
                          + (fix or "delete it and rerun the stage that wrote it (the flow reruns it by itself "
                                    "in an unfinished epoch), or restore it from DVC with `dvc checkout`"))
+
+
+def what_is_wrong(error: StageError) -> str:
+    """The message without the way back: for a log line saying the run takes that way itself."""
+    return f"{error.path} cannot be used: {error.problem}" if isinstance(error, DamagedArtifact) else str(error)
 
 
 def first_line(error: BaseException) -> str:

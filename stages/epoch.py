@@ -13,7 +13,7 @@ from typing import Callable
 from stages.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
 from stages.checkpoints import verify_checkpoint
 from stages.cluster import CLUSTERING_ARRAYS, run_cluster
-from stages.common import StageError, read_json
+from stages.common import StageError, read_json, what_is_wrong
 from stages.data import load_split
 from stages.extract import run_extract
 from stages.labels import run_labels
@@ -83,12 +83,12 @@ def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callabl
     start = done.index(False) if False in done else len(EPOCH_STAGES)
     for i, name in enumerate(EPOCH_STAGES[:start]):
         if (problem := output_problem(name, params, layout, epoch)) is not None:
-            log(f"epoch {epoch}: {problem}; rerunning {name}")
+            log(f"epoch {epoch}: {what_is_wrong(problem)}; rerunning {name}")
             start = i
             break
     # The first stage to run reads the outputs of the one before, which retention may have deleted.
     while start > 0 and (problem := output_problem(EPOCH_STAGES[start - 1], params, layout, epoch, True)) is not None:
-        log(f"epoch {epoch}: {problem}; rerunning {EPOCH_STAGES[start - 1]}")
+        log(f"epoch {epoch}: {what_is_wrong(problem)}; rerunning {EPOCH_STAGES[start - 1]}")
         start -= 1
     for name in EPOCH_STAGES[start:]:
         (layout.epoch(epoch) / report(name)).unlink(missing_ok=True)
@@ -110,7 +110,7 @@ def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Calla
         if before is not None:
             raise StageError(f"{ckpt_problem}. It cannot be recomputed, as the checkpoint it starts from is not usable "
                              f"either: {before}")
-    log(f"epoch {epoch}: {problem or ckpt_problem}; recomputing it")
+    log(f"epoch {epoch}: {what_is_wrong(problem or ckpt_problem)}; recomputing it")
     (layout.epoch(epoch) / METRICS).unlink()
     return True
 

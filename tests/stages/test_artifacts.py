@@ -144,7 +144,7 @@ def test_checkpoint_of_another_architecture_is_refused_not_trained_on(tiny_run, 
     swapped = tmp_path / "epoch_0001.pt"
     init_checkpoint(apply_overrides(small_params, other), tiny_run.dataset, swapped)
     key = next(iter(other))
-    message = rf"checkpoint {swapped} holds another network than this run's \({key}: .* in the checkpoint"
+    message = rf"{swapped} cannot be used: holds another network than this run's \({key}: .* in the checkpoint"
     with pytest.raises(StageError, match=message):
         run_extract(small_params, tiny_run.dataset, swapped, tmp_path / "0002")
     with pytest.raises(StageError, match=message):

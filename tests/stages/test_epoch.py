@@ -120,6 +120,7 @@ def test_damaged_checkpoint_of_the_last_finished_epoch_is_recomputed(tiny_run, s
     logged = []
     assert reopen_damaged_epoch(small_params, layout, 2, log=logged.append)
     assert "epoch_0002.pt cannot be used" in logged[0] and layout.completed_epochs() == [1]
+    assert "--fresh" not in logged[0]  # the log says what the run does about it, not what the user could do
     start = first_stage_to_run(small_params, layout, 2, log=logged.append)
     assert EPOCH_STAGES[start] == "train"  # only train reruns, from epoch 1's kept checkpoint
     finish(small_params, layout, 2, start)

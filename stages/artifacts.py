@@ -11,14 +11,13 @@ checked, then reserved) rather than a bus error inside a memmap.
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from stages.common import DamagedArtifact, StageError, read_json
+from stages.common import DamagedArtifact, StageError, free_bytes, read_json, write_refused
 
 
 # ---------------------------------------------------------------- .npy / .npz
@@ -143,14 +142,6 @@ def check_architecture(ckpt: dict, model_params: dict, in_channels: int, path: s
 
 
 # ---------------------------------------------------------------- large writes
-def free_bytes(path: Path) -> int:
-    """Free bytes on the disk `path` is (or will be) written to: its nearest existing folder's."""
-    folder = path.parent.absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
 def require_free_space(path: str | Path, needed: int) -> None:
     """Refuse a write of `needed` bytes beside `path` that the disk has no room for."""
     path = Path(path)
@@ -159,15 +150,6 @@ def require_free_space(path: str | Path, needed: int) -> None:
         raise StageError(f"not enough disk space to write {path}: {needed:,} bytes needed, {free:,} bytes free on its "
                          "disk. Free some space (or lower the retention settings, extract.keep_features_every and "
                          "train.keep_checkpoint_every) and rerun: the run resumes at this stage")
-
-
-def write_failed(path: str | Path, needed: int, error: BaseException) -> StageError:
-    """The error for a large write the disk refused half-way (full disk, file-size limit, quota)."""
-    path = Path(path)
-    free = free_bytes(path)
-    return StageError(f"could not write {path} ({type(error).__name__}: {error}): {needed:,} bytes needed, "
-                      f"{free:,} bytes free on its disk (a full disk, a quota or a file-size limit). Free some space "
-                      "and rerun: the run resumes at this stage")
 
 
 def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | type = np.float32,
@@ -189,7 +171,7 @@ def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | typ
             np.lib.format.write_array_header_1_0(f, header)
             os.posix_fallocate(f.fileno(), 0, f.tell() + needed - 128)
     except OSError as e:
-        raise write_failed(name or path, needed, e) from e
+        raise write_refused(name or path, e, needed) from e
     return np.lib.format.open_memmap(path, mode="r+")
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from stages.artifacts import check_architecture, nbytes, require_free_space, write_failed
-from stages.common import DamagedArtifact, StageError, atomic_path, first_line
+from stages.artifacts import check_architecture, nbytes, require_free_space
+from stages.common import DamagedArtifact, StageError, atomic_path, first_line, write_refused
 from stages.models import DeepClusterNet, build_model
 
 
@@ -34,7 +34,7 @@ def save_checkpoint(path: str | Path, *, model: DeepClusterNet, epoch: int, mode
         try:
             torch.save(state, tmp)
         except (RuntimeError, OSError) as e:  # torch reports a refused write as "enforce fail ... file write failed"
-            raise write_failed(path, needed, e) from e
+            raise write_refused(path, e, needed) from e
 
 
 # A kept checkpoint is never rewritten in place, so the way back is the epoch before's.

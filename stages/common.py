@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +91,26 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- atomic I/O
+# A write refused for want of room: a full disk, a quota, a file-size limit (RLIMIT_FSIZE).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the disk `path` is (or will be) written to: its nearest existing folder's."""
+    folder = Path(path).parent.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def write_refused(path: str | os.PathLike, error: BaseException, needed: int | None = None) -> StageError:
+    """The error for a write the disk refused half-way; the temp file is gone, the final name untouched."""
+    return StageError(f"could not write {path} ({type(error).__name__}: {first_line(error)}): "
+                      + (f"{needed:,} bytes needed, " if needed else "")
+                      + f"{free_bytes(path):,} bytes free on its disk (a full disk, a quota or a file-size limit). "
+                      "Free some space and rerun: the run resumes at this stage")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
@@ -115,6 +137,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise write_refused(path, e) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

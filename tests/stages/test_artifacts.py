@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from stages.artifacts import (allocate_npy, check_architecture, check_assignments, check_json, check_npy, check_npz,
-                              free_bytes, require_free_space, train_rows)
+                              require_free_space, train_rows)
 from stages.checkpoints import load_checkpoint, verify_checkpoint
 from stages.cluster import CLUSTERING_ARRAYS, load_clustering, run_cluster
-from stages.common import DamagedArtifact, StageError, apply_overrides, read_json
+from stages.common import DamagedArtifact, StageError, apply_overrides, free_bytes, read_json
 from stages.data import load_split
 from stages.extract import run_extract
 from stages.labels import run_labels

@@ -69,3 +69,25 @@ def test_seeded_subset_is_seeded_sorted_and_complete_without_a_limit():
     assert not np.array_equal(a, seeded_subset(1000, 50, seed=4))
     np.testing.assert_array_equal(seeded_subset(7, None, 0), np.arange(7))
     np.testing.assert_array_equal(seeded_subset(7, 100, 0), np.arange(7))
+
+
+def test_a_write_refused_for_want_of_room_is_a_stage_error_and_keeps_the_old_file(tmp_path):
+    """RLIMIT_FSIZE (in a subprocess) refuses the write half-way, as a full disk does (EFBIG instead of ENOSPC)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "report.json"
+    target.write_text('{"old": true}\n')
+    code = ("import resource, sys\n"
+            "from stages.common import StageError, write_json\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n"
+            f"    write_json({str(target)!r}, {{'x': list(range(10000))}})\n"
+            "except StageError as e:\n"
+            "    sys.exit(str(e))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"could not write {target} (OSError: [Errno 27] File too large): ")
+    assert "bytes free on its disk" in proc.stderr and "the run resumes at this stage" in proc.stderr
+    assert target.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left

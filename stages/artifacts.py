@@ -21,7 +21,7 @@ from stages.common import DamagedArtifact, StageError, free_bytes, read_json, wr
 
 
 # ---------------------------------------------------------------- .npy / .npz
-def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_header(path: str | Path, fix: str | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) from a .npy file's header, without reading the data."""
     path = Path(path)
     try:
@@ -31,7 +31,7 @@ def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
             shape, fortran, dtype = read(f)
             return tuple(shape), dtype, f.tell()
     except (ValueError, EOFError, OSError) as e:
-        raise DamagedArtifact(path, f"not a readable .npy file ({e})") from e
+        raise DamagedArtifact(path, f"not a readable .npy file ({e})", fix) from e
 
 
 def check_npy(path: str | Path, *, rows: int | None = None, dtype: np.dtype | type = np.float32, ndim: int = 2,
@@ -40,7 +40,7 @@ def check_npy(path: str | Path, *, rows: int | None = None, dtype: np.dtype | ty
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path} not found" + (f": {fix}" if fix else ""))
-    shape, found, offset = npy_header(path)
+    shape, found, offset = npy_header(path, fix)
     expected = offset + int(np.prod(shape, dtype=np.int64)) * found.itemsize
     size = path.stat().st_size
     if size != expected:

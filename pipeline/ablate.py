@@ -107,7 +107,7 @@ def ablation_metrics(out: Path, epoch: int, main_dir: Path) -> dict:
                        cluster_size_cv=lab["size_cv"])
         metrics["nmi_main"] = nmi_between(read_assignments(out / ASSIGNMENTS), read_assignments(main_dir / ASSIGNMENTS))
     if (out / report("cluster")).exists():
-        metrics["kmeans_loss"] = read_json(out / report("cluster"))["objective"]
+        metrics["kmeans_loss"] = read_json(out / report("cluster")).get("objective")
     if (out / report("pca")).exists():
         metrics["pca_explained_variance"] = read_json(out / report("pca"))["explained_variance"]
     if (out / "eval" / METRICS).exists():

@@ -180,7 +180,8 @@ def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: Dv
     write_json(layout.epoch(epoch) / METRICS, metrics)  # the epoch is done
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     logger.info(f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
-                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['empty_clusters']} empty clusters, "
+                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['n_clusters']} clusters "
+                f"({metrics['empty_clusters']} empty, {metrics['singleton_clusters']} singletons), "
                 f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration)")
     return metrics
 

@@ -53,11 +53,12 @@ def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
         "epoch": epoch,
         "train_loss": tr["loss"],
         "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
-        "kmeans_loss": reports["cluster"]["objective"],
+        "kmeans_loss": reports["cluster"].get("objective"),  # None with PIC: not logged
         "nmi_previous": lab["nmi_previous"],
         "nmi_labels": lab["nmi_labels"],
         "n_clusters": lab["n_clusters"],
         "empty_clusters": lab["empty_clusters"],
+        "singleton_clusters": lab["singleton_clusters"],
         "cluster_size_min": lab["size_min"],
         "cluster_size_median": lab["size_median"],
         "cluster_size_max": lab["size_max"],

@@ -33,6 +33,7 @@ def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
     sizes = np.bincount(labels, minlength=k)
     nonempty = sizes[sizes > 0]
     return {"k": k, "n_clusters": int(len(nonempty)), "empty_clusters": int(k - len(nonempty)),
+            "singleton_clusters": int((nonempty == 1).sum()),
             "size_min": int(nonempty.min()), "size_median": float(np.median(nonempty)), "size_max": int(nonempty.max()),
             # coefficient of variation: 0 = perfectly balanced clusters
             "size_cv": float(nonempty.std() / nonempty.mean()), "sizes": sizes.tolist()}
@@ -138,7 +139,7 @@ def run_labels(params: dict, epoch_dir: str | Path, dataset: str | Path, previou
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (this stage has no section of its own)")
-    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding kmeans.npz")
+    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding clusters.npz")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset (true labels, if any)")
     parser.add_argument("--previous", help="previous epoch directory, for NMI between consecutive epochs")
     args = parser.parse_args(argv)

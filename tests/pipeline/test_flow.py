@@ -19,7 +19,7 @@ from stages.evaluate import run_final_evaluation
 pytestmark = pytest.mark.slow
 
 EPOCH_FILES = ["features.npy", "extract.json", "pca.npz", "pca_features.npy", "pca.json",
-               "kmeans.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
+               "clusters.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
 
 
 class Workspace:
@@ -186,7 +186,7 @@ def test_resume_continues_after_the_last_finished_stage(tracked, tmp_path):
     before = ws.mtimes()
     ws.run(epochs=3)  # run.epochs is not part of the fingerprint: a run can be extended
     after = ws.mtimes()
-    for name in ("features.npy", "pca_features.npy", "kmeans.npz", "assignments.parquet", "labels.json"):
+    for name in ("features.npy", "pca_features.npy", "clusters.npz", "assignments.parquet", "labels.json"):
         key = f"data/epochs/0002/{name}"
         assert after[key] == before[key], f"{key} was recomputed"
     assert all(after[k] == v for k, v in before.items() if "/0001/" in k)
@@ -255,3 +255,23 @@ def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_pa
     shutil.copy(ws.checkpoints / "epoch_0001.pt", ws.checkpoints / "last.pt")
     ws.run()
     assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_pic_run_trains_a_head_sized_to_each_epochs_clusters(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                small_params, write_params, tmp_path):
+    from stages.checkpoints import load_checkpoint
+
+    params_file = write_params(tmp_path, small_params, {"cluster.method": "pic", "cluster.k": "auto"})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    ws.run()
+    for e in (1, 2):
+        epoch = ws.epochs / f"{e:04d}"
+        clusters = pd.read_parquet(epoch / "assignments.parquet")["cluster"]
+        n_clusters = clusters.nunique()
+        assert 2 <= n_clusters < 240 and clusters.value_counts().min() >= 2  # found, not given; no singleton
+        assert read_json(epoch / "cluster.json")["method"] == "pic"
+        assert read_json(epoch / "train.json")["n_clusters"] == n_clusters
+        assert load_checkpoint(ws.checkpoints / f"epoch_{e:04d}.pt")["top_layer"]["weight"].shape[0] == n_clusters
+        metrics = read_json(epoch / "metrics.json")
+        assert metrics["n_clusters"] == n_clusters and metrics["singleton_clusters"] == 0
+        assert "kmeans_loss" not in MlflowClient(mlflow_uri).get_run(read_json(ws.epochs / "run.json")["mlflow_run_id"]).data.metrics

@@ -119,7 +119,7 @@ def assert_same_run(a: Path, b: Path, epochs=(1, 2)) -> None:
     """Same assignments, k-means results and deterministic metrics, epoch by epoch."""
     for e in epochs:
         d = f"data/epochs/{e:04d}"
-        for name in ("assignments.parquet", "kmeans.npz", "pca.npz"):
+        for name in ("assignments.parquet", "clusters.npz", "pca.npz"):
             assert sha(a / d / name) == sha(b / d / name), f"{d}/{name} differs"
         assert deterministic(read(a, f"{d}/metrics.json")) == deterministic(read(b, f"{d}/metrics.json"))
     import torch
@@ -333,7 +333,7 @@ def test_killed_during_train_resumes_to_the_uninterrupted_result(template, serve
     assert (e2 / "labels.json").exists() and not (e2 / "train.json").exists()  # killed inside train
     assert not (p / "models/checkpoints/epoch_0002.pt").exists()
     # Epoch 1 went into DVC's cache as soon as it finished, before any dvc.lock was written.
-    assert in_dvc_cache(p, e1 / "assignments.parquet") and in_dvc_cache(p, e1 / "kmeans.npz")
+    assert in_dvc_cache(p, e1 / "assignments.parquet") and in_dvc_cache(p, e1 / "clusters.npz")
     epoch1 = [f for f in [*e1.iterdir(), p / "models/checkpoints/epoch_0001.pt"]]
     mtimes = {f: f.stat().st_mtime_ns for f in epoch1}
 

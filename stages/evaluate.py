@@ -27,7 +27,8 @@ from stages.common import (StageError, Timer, atomic_path, load_params, pick_dev
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
 from stages.epoch import epoch_metrics
 from stages.labels import read_assignments
-from stages.layout import ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report
+from stages.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, EVAL_HEADLINE,
+                           LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
                            linear_probe, pixel_features)
 from stages.train import init_checkpoint
@@ -230,13 +231,8 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
         written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data["class_names"]))
 
     last_epoch = int(curves["epoch"].iloc[-1])
-    last_dir = epoch_dir(epochs_root, last_epoch)
-    labels_json = last_dir / report("labels")
-    assign_file = last_dir / ASSIGNMENTS
-    if labels_json.exists() and "sizes" in read_json(labels_json):
-        sizes = np.asarray(read_json(labels_json)["sizes"])
-    else:
-        sizes = np.bincount(read_assignments(assign_file)["cluster"].to_numpy())
+    assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
+    sizes = cluster_sizes(epochs_root, last_epoch)
     written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
     written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
     if assign_file.exists():
@@ -362,6 +358,14 @@ def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
     return best
 
 
+def cluster_sizes(epochs_root: str | Path, epoch: int) -> np.ndarray:
+    """Images per cluster of an epoch (labels report, or counted from its assignments)."""
+    labels_json = epoch_dir(epochs_root, epoch) / report("labels")
+    if labels_json.exists() and "sizes" in read_json(labels_json):
+        return np.asarray(read_json(labels_json)["sizes"])
+    return np.bincount(read_assignments(epoch_dir(epochs_root, epoch) / ASSIGNMENTS)["cluster"].to_numpy())
+
+
 def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
                          out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
@@ -369,7 +373,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     seconds = {}
     with Timer() as t:
         curves = collect_epoch_metrics(epochs_root)
-        with atomic_path(out_dir / "epochs.csv") as tmp:
+        with atomic_path(out_dir / EVAL_CURVES) as tmp:
             curves.to_csv(tmp, index=False)
         last = curves.iloc[-1]
         nmi_prev = curves["nmi_previous"].dropna()
@@ -416,7 +420,11 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / METRICS, summary)
-    write_json(out_dir / "headline.json", {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+    write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+    # comparisons of runs (k-means vs PIC: pipeline.studies) read the last clustering's sizes from here
+    sizes = cluster_sizes(epochs_root, summary["epochs"])
+    write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params["cluster"]["method"],
+                                         "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)
     layers = probe_layers(cfg, nets["trained"])

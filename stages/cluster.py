@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import scipy.sparse
 
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, write_json
+from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, seeded_subset, write_json
 from stages.layout import CLUSTERING, report
 
 
@@ -71,22 +71,41 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: b
     return Clustering(labels.ravel().astype(np.int64), distances.ravel(), km.centroids.copy(), objective, seed)
 
 
-def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest neighbours of every row among the others: (indices, squared distances), N x neighbours,
+GRAPHS = ("exact", "ivf")
+
+
+def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None, graph: str = "exact",
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest neighbours of every row among the others: (indices, squared distances), N x neighbours,
     nearest first. Searches neighbours + 1 and drops the point itself (or, among exact duplicates that
-    hide it, the farthest hit), so each row keeps exactly `neighbours` other points."""
+    hide it, the farthest hit), so each row keeps exactly `neighbours` other points.
+
+    graph "exact" (the paper): brute force, O(N^2 d) time; on a GPU (what the paper used) it is fine at
+    ImageNet size, on a CPU it is not. "ivf": an inverted-file index with about 4 sqrt(N) lists, probing
+    16 of them: approximate neighbours in roughly O(N^1.5 d) (`python -m pipeline.benchmark --only pic`).
+    Memory is O(N x neighbours) either way besides the features."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if not 1 <= neighbours < n:
         raise StageError(f"cluster.pic.neighbours={neighbours} needs 1 <= neighbours < the number of images ({n}): "
                          "lower cluster.pic.neighbours")
-    index = faiss.IndexFlatL2(d)
+    if graph not in GRAPHS:
+        raise StageError(f"cluster.pic.graph={graph!r}: use exact (the paper) or ivf (approximate, for large N on a CPU)")
+    if graph == "exact":
+        index = faiss.IndexFlatL2(d)
+    else:
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        index.nprobe = min(16, nlist)
+        index.train(x[seeded_subset(n, 64 * nlist, seed)])
     if use_gpu is None:
         use_gpu = faiss.get_num_gpus() > 0
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(x)
     dist, idx = index.search(x, neighbours + 1)
+    if (idx < 0).any():  # an approximate search that found fewer neighbours: fall back to the exact one
+        return knn_graph(x, neighbours, use_gpu, "exact")
     is_self = idx == np.arange(n)[:, None]
     is_self[~is_self.any(axis=1), -1] = True
     keep = ~is_self
@@ -159,7 +178,7 @@ def absorb_singletons(labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float = 1e-3, iterations: int = 200,
-            use_gpu: bool | None = None) -> Clustering:
+            use_gpu: bool | None = None, graph: str = "exact") -> Clustering:
     """Power Iteration Clustering (paper appendix); the number of clusters is found, not given."""
     if sigma <= 0:
         raise StageError(f"cluster.pic.sigma={sigma}: the edge-weight scale must be > 0 (paper: 0.2)")
@@ -170,7 +189,7 @@ def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise StageError("features to cluster hold NaN or infinite values: rerun pca for this epoch")
-    idx, dist = knn_graph(x, neighbours, use_gpu)
+    idx, dist = knn_graph(x, neighbours, use_gpu, graph)
     w = pic_graph(idx, dist, sigma)
     v = power_iteration(w, alpha, iterations)
     labels = absorb_singletons(np.unique(forest_roots(w, v), return_inverse=True)[1], idx)
@@ -225,7 +244,7 @@ def cluster_features(section: dict, x: np.ndarray, seed: int) -> Clustering:
             raise StageError(f"cluster.k={section['k']!r} with cluster.method: pic, which finds the number of "
                              "clusters itself: set cluster.k: auto (it is not used by PIC) or use method: kmeans")
         pic = section["pic"]
-        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"])
+        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"], graph=pic.get("graph", "exact"))
     raise StageError(f"cluster.method={method!r} is not a clustering method: use one of {', '.join(METHODS)}")
 
 

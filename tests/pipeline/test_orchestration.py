@@ -260,6 +260,33 @@ def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path
     assert (change["old"], change["new"]) == (20, 3)
 
 
+def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
+    from pipeline.studies import PREFIX, queue_command
+
+    p = copy_project(repro, tmp_path / "project")
+    sh(["git", "add", "-A"], p)
+    sh(["git", "commit", "-qm", "the tiny run"], p)
+    run_now = [a for a in queue_command("pic") if a != "--queue"]  # the queued command, run in the foreground
+    sh(run_now, p, served[1], timeout=600)
+    out = sh([PY, "-m", "pipeline.studies", "report", "--out", str(tmp_path / "abl")], p).stdout
+    row = next(line for line in out.splitlines() if line.startswith(f"| clustering | `{PREFIX}pic`"))
+    n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
+    metrics = read(p, "data/eval/metrics.json")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "cluster.method=pic, cluster.k=auto" and int(cells[3]) == n_clusters != K
+    assert cells[5].startswith(f"{100 * metrics['probe.trained.best']:.1f} / ")
+    assert read(p, "data/eval/cluster_sizes.json")["method"] == "pic"
+    assert f"Not run yet: {PREFIX}defaults" in out
+    for picture in ("ablations.png", "nmi_and_sizes.png"):
+        assert (tmp_path / "abl" / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def pd_last(path: Path, column: str):
+    import pandas as pd
+
+    return pd.read_csv(path)[column].iloc[-1]
+
+
 def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):
     p = copy_project(repro, tmp_path / "project")
     sh(["git", "add", "dvc.lock", "params.yaml", "data/.gitignore", "models/.gitignore"], p)

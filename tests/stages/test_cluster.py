@@ -327,3 +327,16 @@ def test_run_cluster_with_pic_reports_clusters_and_singletons(tmp_path, small_pa
     c = load_clustering(tmp_path / "e1" / "clusters.npz")
     assert stats["method"] == "pic" and stats["k"] == c.k == len(np.unique(c.labels))
     assert stats["singleton_clusters"] == 0 and stats["empty_clusters"] == 0 and stats["objective"] is None
+
+
+def test_the_approximate_graph_finds_nearly_the_exact_neighbours():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 16)).astype(np.float32)
+    x = centres[rng.integers(0, 50, 4000)] + 0.3 * rng.standard_normal((4000, 16)).astype(np.float32)
+    exact, _ = knn_graph(x, 5, use_gpu=False, graph="exact")
+    approx, dist = knn_graph(x, 5, use_gpu=False, graph="ivf")
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, approx)])
+    assert recall > 0.9
+    assert all(i not in row for i, row in enumerate(approx)) and (np.diff(dist, axis=1) >= 0).all()
+    with pytest.raises(StageError, match="cluster.pic.graph='hnsw': use exact"):
+        knn_graph(x, 5, use_gpu=False, graph="hnsw")

@@ -66,10 +66,12 @@ def _dvc_env() -> dict:
 
 
 def queue(studies: list[str], start: bool) -> None:
-    done = finished_experiments()
+    known = experiments(states=("success", "queued", "running"))
     for row in rows_of(studies):
-        if PREFIX + row in done:
-            print(f"{PREFIX + row}: already run ({done[PREFIX + row]['rev'][:7]}); `dvc exp remove {PREFIX + row}` to rerun it")
+        name = PREFIX + row
+        if name in known:
+            print(f"{name}: already {known[name]['state']} ({known[name]['rev'][:7]}); `dvc exp remove {name}` "
+                  f"(or `dvc queue remove {name}`) to run it again")
             continue
         subprocess.run(queue_command(row), check=True, env=_dvc_env())
     if start:
@@ -78,8 +80,9 @@ def queue(studies: list[str], start: bool) -> None:
 
 
 # ------------------------------------------------------------------ report
-def finished_experiments(show: list | None = None) -> dict[str, dict]:
-    """name -> {rev, timestamp} of each finished experiment, from `dvc exp show --json -A` (newest per name)."""
+def experiments(show: list | None = None, states: tuple[str, ...] = ("success",)) -> dict[str, dict]:
+    """name -> {rev, timestamp, state} of each experiment in one of `states` (DVC's executor states: success,
+    queued, running, failed), from `dvc exp show --json -A`; the newest of a name wins."""
     if show is None:
         out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A", "--no-fetch"],
                              check=True, capture_output=True, text=True, env=_dvc_env()).stdout
@@ -88,12 +91,12 @@ def finished_experiments(show: list | None = None) -> dict[str, dict]:
     for commit in show:
         for exp in commit.get("experiments") or []:
             rev = exp["revs"][0]
-            executor = exp.get("executor") or {}
-            if executor.get("state", "success") != "success" or rev.get("error") or not rev.get("data"):
+            state = (exp.get("executor") or {}).get("state", "success")  # no executor: a finished, fetched one
+            if state not in states or (state == "success" and (rev.get("error") or not rev.get("data"))):
                 continue
-            name, stamp = exp.get("name") or rev.get("name"), rev["data"].get("timestamp") or ""
+            name, stamp = exp.get("name") or rev.get("name"), (rev.get("data") or {}).get("timestamp") or ""
             if name and (name not in found or stamp > found[name]["timestamp"]):
-                found[name] = {"rev": rev["rev"], "timestamp": stamp}
+                found[name] = {"rev": rev["rev"], "timestamp": stamp, "state": state}
     return found
 
 
@@ -221,7 +224,7 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
 
 
 def report(out: Path, show: list | None = None) -> str:
-    done = finished_experiments(show)
+    done = experiments(show)
     rows = {name: load_row(done[PREFIX + name]["rev"]) for name in ROWS if PREFIX + name in done}
     if not rows:
         raise StageError(f"no finished experiment named {PREFIX}<row>: run `python -m pipeline.studies queue all "

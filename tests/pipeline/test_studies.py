@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.studies import PREFIX, ROWS, STUDIES, finished_experiments, queue_command, rows_of, table
+from pipeline.studies import PREFIX, ROWS, STUDIES, experiments, queue_command, rows_of, table
 from stages.common import StageError
 
 
@@ -32,7 +32,7 @@ def test_queue_command_sets_each_change_as_a_yaml_value():
     assert [a for a in queue_command("raw") if a.startswith("model.")] == ["model.sobel=false"]
 
 
-def test_only_finished_experiments_count_and_the_newest_of_a_name_wins():
+def test_only_finished_experiments_are_reported_and_the_newest_of_a_name_wins():
     def exp(name, rev, stamp, state="success"):
         return {"name": name, "executor": {"state": state},
                 "revs": [{"rev": rev, "name": name, "error": None, "data": {"timestamp": stamp}}]}
@@ -40,8 +40,11 @@ def test_only_finished_experiments_count_and_the_newest_of_a_name_wins():
             {"rev": "c1", "experiments": [exp("abl-pic", "old", "2026-12-01T10:00:00")]},
             {"rev": "c2", "experiments": [exp("abl-pic", "new", "2026-12-02T10:00:00"),
                                           exp("abl-raw", "r", "2026-12-02T11:00:00", state="running"),
+                                          exp("abl-k30", "w", "2026-12-02T11:00:00", state="queued"),
                                           exp("abl-k10", "q", "2026-12-02T11:00:00", state="failed")]}]
-    assert finished_experiments(show) == {"abl-pic": {"rev": "new", "timestamp": "2026-12-02T10:00:00"}}
+    assert experiments(show) == {"abl-pic": {"rev": "new", "timestamp": "2026-12-02T10:00:00", "state": "success"}}
+    # queueing skips what is queued or running as well as what is done, and retries what failed
+    assert sorted(experiments(show, states=("success", "queued", "running"))) == ["abl-k30", "abl-pic", "abl-raw"]
 
 
 def test_table_puts_each_row_under_its_studies_with_trained_random_and_pixel_figures():

@@ -10,7 +10,9 @@ Studies (each row a whole DeepCluster run with the final evaluation of `dvc repr
 - k: the number of k-means clusters from 10 to 1,000, the defaults' `k: auto` among them (paper Fig. 2c).
 A row shared by several studies (the defaults) runs once. Experiments are named `abl-<row>`; `report`
 reads `dvc exp show --json -A` (every baseline commit; the newest finished experiment of each name wins),
-and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`.
+and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`. Without an
+`abl-defaults` experiment, the defaults row is HEAD's committed data/eval (what `dvc repro` of the committed
+params gave, when it was committed with them).
 """
 from __future__ import annotations
 
@@ -139,11 +141,12 @@ def table(rows: dict[str, dict]) -> str:
             if name not in rows:
                 continue
             m, curves = rows[name]["metrics"], rows[name]["curves"]
-            change = ", ".join(f"{k}={v}" for k, v in ROWS[name].items()) or "defaults"
+            change = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ROWS[name].items()) or "defaults"
             clusters = int(curves["n_clusters"].iloc[-1]) if curves is not None else "–"
             last = m.get("last_nmi_previous")
+            source = "`HEAD` (the committed run)" if rows[name].get("source") == "HEAD" else f"`{PREFIX}{name}`"
             lines.append(
-                f"| {study} | `{PREFIX}{name}` | {change} | {clusters} | {'–' if last is None else f'{last:.3f}'} | "
+                f"| {study} | {source} | {change} | {clusters} | {'–' if last is None else f'{last:.3f}'} | "
                 f"{_pct(m, 'probe.trained.best')} / {_pct(m, 'probe.random.best')} | "
                 f"{_pct(m, 'knn.trained')} / {_pct(m, 'knn.random')} / {_pct(m, 'knn.pixels')} | "
                 f"{_pct(m, 'cluster.trained.acc', 'cluster.trained.acc_std')} / {_pct(m, 'cluster.random.acc')} / "
@@ -226,6 +229,9 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
 def report(out: Path, show: list | None = None) -> str:
     done = experiments(show)
     rows = {name: load_row(done[PREFIX + name]["rev"]) for name in ROWS if PREFIX + name in done}
+    if "defaults" not in rows and committed_file("HEAD", f"{EVAL}/{METRICS}") is not None:
+        # the committed `dvc repro` of the committed params is the defaults row, when it was not run as an experiment
+        rows["defaults"] = {**load_row("HEAD"), "source": "HEAD"}
     if not rows:
         raise StageError(f"no finished experiment named {PREFIX}<row>: run `python -m pipeline.studies queue all "
                          "--start` first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")

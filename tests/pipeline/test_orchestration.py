@@ -276,7 +276,10 @@ def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
     assert cells[2] == "cluster.method=pic, cluster.k=auto" and int(cells[3]) == n_clusters != K
     assert cells[5].startswith(f"{100 * metrics['probe.trained.best']:.1f} / ")
     assert read(p, "data/eval/cluster_sizes.json")["method"] == "pic"
-    assert f"Not run yet: {PREFIX}defaults" in out
+    # no abl-defaults experiment: the defaults row is the committed run (HEAD's data/eval), with its k = 8
+    head_row = next(line for line in out.splitlines() if line.startswith("| clustering | `HEAD` (the committed run)"))
+    assert [c.strip() for c in head_row.strip("|").split("|")][2:4] == ["defaults", str(K)]
+    assert f"Not run yet: {PREFIX}raw, {PREFIX}k10" in out
     for picture in ("ablations.png", "nmi_and_sizes.png"):
         assert (tmp_path / "abl" / picture).read_bytes()[:4] == b"\x89PNG"
 

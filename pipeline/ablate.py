@@ -175,7 +175,8 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     epochs_root, root = Path(epochs_root), Path(root)
     run = main_run(epochs_root)
     src = finished_epoch_dir(epochs_root, epoch)
-    params = apply_overrides(run["params"], overrides)  # the main run's parameters, not today's params.yaml
+    # the main run's parameters, not today's params.yaml
+    params = apply_overrides(run["params"], overrides, source=str(epochs_root / RUN_FILE))
     final = root / name
     if final.exists() and not force:
         raise StageError(f"{final} exists: choose another --name, or --force to replace it")

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from ruamel.yaml import YAML
 
-from stages.common import StageError, apply_overrides, atomic_path
+from stages.common import StageError, atomic_path, load_params, yaml_problem
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -25,16 +25,20 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise StageError(f"no preset {name!r}: known presets are {known}")
-    return yaml.safe_load(path.read_text())
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StageError(yaml_problem(path, e)) from None
 
 
-def apply_preset(params_file: str | Path, overrides: dict) -> None:
+def apply_preset(params_file: str | Path, overrides: dict, origin: str = "preset") -> None:
+    """Set dotted keys in params.yaml, comments kept; refused (file untouched) unless the result is valid."""
     rt = YAML()  # round-trip: keeps comments and key order
     # ruamel writes None as an empty value; keep the file's `null`, so `git diff params.yaml` shows only real edits
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     with open(params_file) as f:
         doc = rt.load(f)
-    apply_overrides(yaml.safe_load(Path(params_file).read_text()), overrides)  # refuses unknown keys first
+    load_params(params_file, overrides, origin=origin)  # the schema refuses bad keys and values first
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = doc

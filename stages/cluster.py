@@ -8,14 +8,13 @@ sees a GPU.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, write_json
+from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, seed_for, write_json
 from stages.layout import CLUSTERING, report
 
 
@@ -113,10 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="epoch directory for kmeans.npz")
     parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch)
-    except StageError as e:
-        sys.exit(f"cluster: {e}")
     print(f"cluster: k={stats['k']}, {stats['empty_clusters']} empty, loss {stats['objective']:.4g}, {stats['seconds']:.1f}s")
 
 

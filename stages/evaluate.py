@@ -12,7 +12,6 @@ curves), report.md and pictures/*.png; the `publish` stage logs them into the ru
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch
 
 from stages import pictures
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import (StageError, Timer, atomic_path, load_params, pick_device, read_json, seed_for, seeded_subset,
-                           write_json)
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, pick_device, read_json, seed_for,
+                           seeded_subset, write_json)
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
 from stages.epoch import epoch_metrics
 from stages.labels import read_assignments
@@ -444,14 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     fin.add_argument("--checkpoint", default=f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
     fin.add_argument("--out", default=EVAL)
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("evaluate"):
         if args.mode == "epoch":
             m = epoch_metrics(args.epoch_dir, args.epoch)
             write_json(Path(args.epoch_dir) / METRICS, m)
         else:
             m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
-    except StageError as e:
-        sys.exit(f"evaluate: {e}")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 

@@ -206,8 +206,8 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
         logger.info("DVC versioning off: not run from the root of a DVC project with this run's paths in dvc.yaml")
     records_lock = ws is not None and not in_dvc  # under dvc repro, DVC writes dvc.lock itself
 
+    params = load_params(params_file, overrides, origin="flow override")  # validated before anything changes
     with workspace_lock(layout.epochs_root, entry_point()):
-        params = load_params(params_file, overrides, origin="flow override")  # validated before anything changes
         for tmp in remove_stale_temp_files(layout.epochs_root, layout.checkpoints):
             logger.info(f"removed {tmp}, left by a killed run")
         if records_lock:

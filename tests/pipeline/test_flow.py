@@ -255,3 +255,28 @@ def test_resume_after_a_kill_between_metrics_and_last_checkpoint(tracked, tmp_pa
     shutil.copy(ws.checkpoints / "epoch_0001.pt", ws.checkpoints / "last.pt")
     ws.run()
     assert torch.load(ws.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                           small_params, write_params, tmp_path):
+    from pipeline.apply_preset import apply_preset
+    from stages.common import load_params
+
+    params_file = write_params(tmp_path, small_params)
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    (ws.epochs / "0001").mkdir(parents=True)
+    (ws.epochs / "0001" / "metrics.json").write_text("{}")  # a run that --fresh would discard
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    bad = {"train.batch_size": 0}
+    with pytest.raises(StageError) as deployment:  # what `--param overrides='{"train.batch_size": 0}'` calls
+        ws.run(overrides=bad, fresh=True)
+    with pytest.raises(StageError) as preset:
+        apply_preset(params_file, bad)
+    with pytest.raises(StageError) as cli:
+        load_params(params_file, bad, origin="--set")
+    assert str(deployment.value).startswith("flow override train.batch_size=0 is not allowed")
+    assert str(preset.value).startswith("preset train.batch_size=0 is not allowed")
+    why = {str(e.value).split(" is not allowed: ", 1)[1] for e in (deployment, preset, cli)}
+    assert why == {"train.batch_size must be int ≥ 1; set it to an allowed value. Every key, its allowed values and "
+                   "its meaning: `python -m stages.schema --markdown` (the README's table)"}
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing deleted or edited

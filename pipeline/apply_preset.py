@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from ruamel.yaml import YAML
 
-from stages.common import StageError, atomic_path, load_params, yaml_problem
+from stages.common import StageError, atomic_path, flatten, load_params, yaml_problem
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -36,10 +36,12 @@ def apply_preset(params_file: str | Path, overrides: dict, origin: str = "preset
     rt = YAML()  # round-trip: keeps comments and key order
     # ruamel writes None as an empty value; keep the file's `null`, so `git diff params.yaml` shows only real edits
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    # The schema refuses bad keys and values first, and normalises the rest (e.g. "1e-3" -> 0.001).
+    valid = flatten(load_params(params_file, overrides, origin=origin))
     with open(params_file) as f:
         doc = rt.load(f)
-    load_params(params_file, overrides, origin=origin)  # the schema refuses bad keys and values first
-    for dotted, value in overrides.items():
+    for dotted in overrides:
+        value = valid[dotted]
         *parents, leaf = dotted.split(".")
         node = doc
         for key in parents:

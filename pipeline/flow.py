@@ -103,7 +103,7 @@ def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
     """Write the run's overrides into params.yaml (comments kept), so dvc.lock records what produced the run."""
     from pipeline.apply_preset import apply_preset
 
-    current = flatten(load_params(params_file))
+    current = flatten(yaml.safe_load(Path(params_file).read_text()))  # as written: the overrides may fix a bad value
     changed = {k: v for k, v in overrides.items() if current.get(k) != v}
     if changed:
         apply_preset(params_file, changed, origin="flow override")

@@ -327,7 +327,7 @@ def problems(params: Any, source: str = "params.yaml", overridden: dict | None =
             done.add(prefix + close[0])
             hint += f" ({prefix + close[0]} is missing: rename it)"
         else:
-            hint += " (remove it)" if not close else f" (rename it, or remove it: {prefix + close[0]} is set)"
+            hint += " (remove it)" if not close else f" ({prefix + close[0]} is set too: remove this one)"
         out.append(f"unknown {what} {_dotted(loc)!r} in {source}: {hint}")
     for err in (e for e in errors if e["type"] != "extra_forbidden"):
         loc, kind = tuple(err["loc"]), err["type"]

@@ -33,7 +33,7 @@ from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_tem
                                 workspace_lock)
 from stages.common import (StageError, TransientError, cli_errors, failure_message, flatten, is_transient, load_params,
                            parse_override, read_json, write_json)
-from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage
+from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage, stage_inputs
 from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
                            report)
 from stages.train import init_checkpoint
@@ -66,8 +66,13 @@ def stage_task(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
     except StageError as e:
         raise StageError(f"stage {name}, epoch {epoch}: {e}") from e
     except Exception as e:
-        error = TransientError if is_transient(e) else StageError
-        raise error(f"stage {name}, epoch {epoch}: {failure_message(e)}") from e
+        if is_transient(e):
+            raise TransientError(f"stage {name}, epoch {epoch}: {failure_message(e)}") from e
+        inputs = ", ".join(str(p) for p in stage_inputs(name, layout, epoch))
+        damaged = (f"The stage read {inputs}: if one of them is damaged (truncated, or from another run), delete "
+                   f"{layout.epoch(epoch)} and rerun (an unfinished epoch is recomputed; a finished epoch's file needs "
+                   "`dvc checkout` or --fresh)")
+        raise StageError(f"stage {name}, epoch {epoch}: {failure_message(e, damaged)}") from e
 
 
 def publish_last_checkpoint(layout: RunLayout, epoch: int) -> None:

@@ -77,8 +77,9 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def failure_message(exc: BaseException) -> str:
-    """An error that is not a StageError, as one line a user can act on: what, which file, the fix."""
+def failure_message(exc: BaseException, damaged: str | None = None) -> str:
+    """An error that is not a StageError, as one line a user can act on: what, which file, the fix.
+    damaged: what to do if an input file is damaged, where the caller knows the inputs."""
     if isinstance(exc, (StageError, TransientError)):
         return str(exc)
     what = f"{type(exc).__name__}: {exc}"
@@ -90,9 +91,10 @@ def failure_message(exc: BaseException) -> str:
                 "GPU and rerun; the run resumes after its last finished stage")
     if isinstance(exc, OSError) and exc.errno in ERRNO_FIXES:
         return f"{what}. {ERRNO_FIXES[exc.errno]}"
-    return (f"unexpected {what}. Not retried: it is not a transient fault. If it names a file of the run, that "
-            "file is damaged or from another run: delete it and rerun (the run resumes without it); otherwise "
-            "report it with the traceback (rerun with DEEPCLUSTER_TRACEBACK=1)")
+    damaged = damaged or ("If it names a file of the run, that file is damaged or from another run: delete it "
+                          "and rerun the stage that wrote it")
+    return (f"unexpected {what}. Not retried: it is not a transient fault. {damaged}; otherwise report it with the "
+            "traceback (rerun with DEEPCLUSTER_TRACEBACK=1)")
 
 
 @contextlib.contextmanager

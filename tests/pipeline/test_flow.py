@@ -280,3 +280,29 @@ def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefe
     assert why == {"train.batch_size must be int ≥ 1; set it to an allowed value. Every key, its allowed values and "
                    "its meaning: `python -m stages.schema --markdown` (the README's table)"}
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing deleted or edited
+
+
+def test_a_damaged_input_is_not_retried_and_names_stage_epoch_and_file(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                         small_params, write_params, tmp_path):
+    import numpy as np
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    params_file = write_params(tmp_path, small_params, {"run.epochs": 1})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    d = ws.epochs / "0001"  # an unfinished epoch whose pca finished, then its output was truncated
+    d.mkdir(parents=True)
+    for stage in ("extract", "pca"):
+        (d / f"{stage}.json").write_text('{"seconds": 0}')
+    np.save(d / "pca_features.npy", np.zeros((240, 16), np.float32))
+    (d / "pca_features.npy").write_bytes((d / "pca_features.npy").read_bytes()[:1000])
+    with pytest.raises(StageError) as e:  # before: StageFailed, retried twice, then a raw ValueError
+        ws.run()
+    msg = str(e.value)
+    assert msg.startswith("stage cluster, epoch 1: unexpected ValueError") and "Not retried" in msg
+    assert f"The stage read {d / 'pca_features.npy'}" in msg and f"delete {d} and rerun" in msg
+    with get_client(sync_client=True) as client:
+        [run] = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["cluster-epoch-0001"])),
+                                      sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    assert run.state.is_failed() and run.run_count == 1  # one try: no retry

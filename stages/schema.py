@@ -347,8 +347,8 @@ def problems(params: Any, source: str = "params.yaml", overridden: dict | None =
         if key is None or key in done:
             continue
         done.add(key)
-        value, given = (overridden[key], f"{origin} {key}={overridden[key]!r}") if key in overridden else \
-            (_value_at(params, key), f"{key}: {_value_at(params, key)!r} in {source}")
+        given = (f"{origin} {key}={overridden[key]!r}" if key in overridden
+                 else f"{key}: {_value_at(params, key)!r} in {source}")
         out.append(f"{given} is not allowed: {key} must be {allowed(key)}; set it to an allowed value")
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -256,6 +257,29 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
     return metrics
 
 
+class _WithoutTracebackForKnownErrors(logging.Formatter):
+    """Prefect logs a failed flow run with its traceback; on the console a StageError or TransientError
+    shows as its message only, which says what to do (the Prefect UI keeps the traceback)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], (StageError, TransientError)):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def quiet_known_errors_on_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
+                                                                         _WithoutTracebackForKnownErrors):
+            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file")
@@ -272,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = dict(parse_override(s) for s in args.set)
         # Before anything starts or is deleted (--fresh): a bad value fails now, not hours into the run.
         load_params(args.params, overrides, origin="--set")
+        quiet_known_errors_on_console()
         url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
         # report to `make serve`'s Prefect server when it is up, so the run shows in its UI
         with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():

@@ -388,6 +388,7 @@ def test_stage_error_names_stage_and_epoch_and_is_not_retried(template, served, 
     assert out.returncode == 1
     assert "stage pca, epoch 1: pca.dim=64 must be between 1 and the feature dimension 32" in out.stdout
     assert "Retry" not in out.stdout and out.stdout.count("Task run 'pca-epoch-0001'") == 1
+    assert "Traceback" not in out.stdout  # the message says what to do; the Prefect UI keeps the traceback
 
 
 def test_retry_condition_retries_only_transient_faults():

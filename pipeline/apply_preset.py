@@ -9,13 +9,12 @@ params.yaml` shows exactly what the preset changed and `git checkout params.yaml
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 from ruamel.yaml import YAML
 
-from stages.common import StageError, atomic_path, flatten, load_params, yaml_problem
+from stages.common import StageError, atomic_path, cli_errors, flatten, load_params, yaml_problem
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -57,13 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", help="sets prepare.path: where the preset's dataset lives")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("apply_preset"):
         overrides = load_preset(args.preset)
         if args.path:
             overrides["prepare.path"] = args.path
         apply_preset(args.params, overrides)
-    except StageError as e:
-        sys.exit(f"apply_preset: {e}")
     print(f"{args.params}: applied {len(overrides)} settings of preset {args.preset!r}; `git diff {args.params}` shows them")
 
 

@@ -41,6 +41,18 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _whole(value: Any) -> Any:
+    # 1e4 (a string to YAML 1.1) or 10000.0 is the whole number 10000; 10.5 or true is not a count.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("not a finite number")
@@ -56,7 +68,7 @@ def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) 
 def Int(ge: int, *, null: str | None = None, word: str | None = None) -> Any:
     """A whole number ≥ ge; `null` / `word`: what null / that word means instead."""
     text = f"int ≥ {ge}" + (f", or {word}" if word else "") + (f", or null ({null})" if null else "")
-    core: Any = Annotated[StrictInt, at.Ge(ge)]
+    core: Any = Annotated[StrictInt, BeforeValidator(_whole), at.Ge(ge)]
     if word:
         core = Union[core, Literal[word]]
     if null:
@@ -273,7 +285,7 @@ def suggestion(dotted: str) -> str:
     if close:
         return f"did you mean {close[0]!r}?"
     parent = dotted.rpartition(".")[0]
-    known = [k for k in keys if k.startswith(parent + ".")] if parent in sections() else list(Params.model_fields)
+    known = [k for k in keys if k.startswith(parent + ".")] if parent and parent in sections() else list(Params.model_fields)
     return f"the known ones are {', '.join(known)}"
 
 

@@ -145,8 +145,12 @@ def test_numbers_written_like_1e_3_are_floats(tmp_path):
     assert load_params(REPO / "params.yaml", {"pca.eps": "2e-5"})["pca"]["eps"] == 2e-5
 
 
-def test_a_whole_float_is_not_an_int_and_an_int_is_a_float():
+def test_counts_are_whole_numbers_and_an_int_is_a_float():
     assert load_params(REPO / "params.yaml", {"train.lr": 1})["train"]["lr"] == 1.0
+    # 1e4 (a string to YAML 1.1) and 10000.0 are the whole number 10000: the paper's ImageNet k
+    for k in ("1e4", 10000.0):
+        got = load_params(REPO / "params.yaml", {"cluster.k": k})["cluster"]["k"]
+        assert got == 10000 and type(got) is int
     with pytest.raises(StageError, match="cluster.k=10.5 is not allowed: cluster.k must be int ≥ 2, or auto"):
         load_params(REPO / "params.yaml", {"cluster.k": 10.5})
     with pytest.raises(StageError, match="run.epochs=True is not allowed"):  # YAML's true is not 1
@@ -193,6 +197,8 @@ BAD_FILES = {
     "bad --set": (None, ["--set", "cluster.k=abc"], ["--set cluster.k='abc' is not allowed"]),
     "unknown --set": (None, ["--set", "cluster.kk=3"], ["unknown parameter 'cluster.kk' (--set cluster.kk=3): "
                                                        "did you mean 'cluster.k'?"]),
+    "unknown --set section": (None, ["--set", "foo=1"], ["unknown parameter 'foo' (--set foo=1): the known ones are "
+                                                         "run, prepare, model, extract, pca, cluster, train, evaluate"]),
     "--fresh with a bad --set": (None, ["--fresh", "--set", "cluster.k=abc"], ["--set cluster.k='abc' is not allowed"]),
     "--fresh with a bad file": (_edit("  lr: 0.1 ", "  lr: -0.1 "), ["--fresh"], ["train.lr: -0.1 in {path}"]),
 }

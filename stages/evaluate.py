@@ -29,6 +29,7 @@ from stages.labels import read_assignments
 from stages.layout import ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
                            linear_probe, pixel_features)
+from stages.schema import Evaluate
 from stages.train import init_checkpoint
 
 
@@ -40,11 +41,8 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- final evaluation
-# The settings `evaluate final` reads; their values and documentation live in params.yaml only.
-EVALUATE_KEYS = ("train_images", "test_images", "probe_layers", "probe_dim", "probe_weight_decays", "probe_iters",
-                 "probe_val_fraction", "knn_k", "knn_temperature", "kmeans_runs", "pictures", "picture_layers",
-                 "picture_filters", "ascent_steps", "ascent_lr", "picture_queries", "picture_neighbours",
-                 "picture_clusters", "picture_cluster_images")
+# The settings `evaluate final` reads: stages/schema.py holds their types and ranges, params.yaml their values.
+EVALUATE_KEYS = tuple(Evaluate.model_fields)
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.

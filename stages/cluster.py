@@ -19,7 +19,6 @@ centroid (the mean of its members for PIC).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import faiss
 import numpy as np
 import scipy.sparse
 
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, seeded_subset, write_json
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, seed_for, seeded_subset,
+                           write_json)
 from stages.layout import CLUSTERING, report
 
 
@@ -272,10 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="epoch directory for clusters.npz")
     parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it (PIC is deterministic)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch)
-    except StageError as e:
-        sys.exit(f"cluster: {e}")
     loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
     print(f"cluster ({stats['method']}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
           f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")

@@ -12,7 +12,7 @@ from stages.common import StageError, read_json
 from stages.cluster import run_cluster
 from stages.extract import run_extract
 from stages.labels import run_labels
-from stages.layout import ASSIGNMENTS, FEATURES, PCA_FEATURES, RunLayout, report
+from stages.layout import ASSIGNMENTS, CLUSTERING, FEATURES, PCA_FEATURES, RunLayout, report
 from stages.pca import run_pca
 from stages.train import run_train
 
@@ -37,6 +37,14 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
         return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1),
                          layout.checkpoint(epoch), epoch, d / report("train"))
     raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
+
+
+def stage_inputs(name: str, layout: RunLayout, epoch: int) -> list[Path]:
+    """The files stage `name` of `epoch` reads (as run_stage wires them), for error messages."""
+    d, prev = layout.epoch(epoch), layout.epoch(epoch - 1)
+    return {"extract": [layout.dataset, layout.checkpoint(epoch - 1)], "pca": [d / FEATURES],
+            "cluster": [d / PCA_FEATURES], "labels": [d / CLUSTERING, layout.dataset, prev / ASSIGNMENTS],
+            "train": [layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1)]}[name]
 
 
 def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:

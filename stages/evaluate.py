@@ -12,7 +12,6 @@ curves), report.md and pictures/*.png; the `publish` stage logs them into the ru
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch
 
 from stages import pictures
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import (StageError, Timer, atomic_path, load_params, pick_device, read_json, seed_for, seeded_subset,
-                           write_json)
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, pick_device, read_json, seed_for,
+                           seeded_subset, write_json)
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
 from stages.epoch import epoch_metrics
 from stages.labels import read_assignments
@@ -31,6 +30,7 @@ from stages.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL,
                            LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
                            linear_probe, pixel_features)
+from stages.schema import Evaluate
 from stages.train import init_checkpoint
 
 
@@ -42,11 +42,8 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- final evaluation
-# The settings `evaluate final` reads; their values and documentation live in params.yaml only.
-EVALUATE_KEYS = ("train_images", "test_images", "probe_layers", "probe_dim", "probe_weight_decays", "probe_iters",
-                 "probe_val_fraction", "knn_k", "knn_temperature", "kmeans_runs", "pictures", "picture_layers",
-                 "picture_filters", "ascent_steps", "ascent_lr", "picture_queries", "picture_neighbours",
-                 "picture_clusters", "picture_cluster_images")
+# The settings `evaluate final` reads: stages/schema.py holds their types and ranges, params.yaml their values.
+EVALUATE_KEYS = tuple(Evaluate.model_fields)
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
@@ -452,14 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     fin.add_argument("--checkpoint", default=f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
     fin.add_argument("--out", default=EVAL)
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("evaluate"):
         if args.mode == "epoch":
             m = epoch_metrics(args.epoch_dir, args.epoch)
             write_json(Path(args.epoch_dir) / METRICS, m)
         else:
             m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
-    except StageError as e:
-        sys.exit(f"evaluate: {e}")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 

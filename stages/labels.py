@@ -8,7 +8,6 @@ for monitoring only, never used for model selection).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from stages.common import StageError, Timer, atomic_path, load_params, write_json
+from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, write_json
 from stages.layout import ASSIGNMENTS, CLUSTERING, report
 
 MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
@@ -143,10 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset (true labels, if any)")
     parser.add_argument("--previous", help="previous epoch directory, for NMI between consecutive epochs")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("labels"):
         s = run_labels(load_params(args.params), args.epoch_dir, args.dataset, args.previous)
-    except StageError as e:
-        sys.exit(f"labels: {e}")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     print(f"labels: {s['n_clusters']} clusters ({s['empty_clusters']} empty), sizes {s['size_min']}/"
           f"{s['size_median']:.0f}/{s['size_max']}, NMI prev {fmt(s['nmi_previous'])}, NMI labels {fmt(s['nmi_labels'])}")

@@ -275,3 +275,54 @@ def test_a_pic_run_trains_a_head_sized_to_each_epochs_clusters(prefect_harness, 
         metrics = read_json(epoch / "metrics.json")
         assert metrics["n_clusters"] == n_clusters and metrics["singleton_clusters"] == 0
         assert "kmeans_loss" not in MlflowClient(mlflow_uri).get_run(read_json(ws.epochs / "run.json")["mlflow_run_id"]).data.metrics
+
+
+def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                           small_params, write_params, tmp_path):
+    from pipeline.apply_preset import apply_preset
+    from stages.common import load_params
+
+    params_file = write_params(tmp_path, small_params)
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    (ws.epochs / "0001").mkdir(parents=True)
+    (ws.epochs / "0001" / "metrics.json").write_text("{}")  # a run that --fresh would discard
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    bad = {"train.batch_size": 0}
+    with pytest.raises(StageError) as deployment:  # what `--param overrides='{"train.batch_size": 0}'` calls
+        ws.run(overrides=bad, fresh=True)
+    with pytest.raises(StageError) as preset:
+        apply_preset(params_file, bad)
+    with pytest.raises(StageError) as cli:
+        load_params(params_file, bad, origin="--set")
+    assert str(deployment.value).startswith("flow override train.batch_size=0 is not allowed")
+    assert str(preset.value).startswith("preset train.batch_size=0 is not allowed")
+    why = {str(e.value).split(" is not allowed: ", 1)[1] for e in (deployment, preset, cli)}
+    assert why == {"train.batch_size must be int ≥ 1; set it to an allowed value. Every key, its allowed values and "
+                   "its meaning: `python -m stages.schema --markdown` (the README's table)"}
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing deleted or edited
+
+
+def test_a_damaged_input_is_not_retried_and_names_stage_epoch_and_file(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                         small_params, write_params, tmp_path):
+    import numpy as np
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    params_file = write_params(tmp_path, small_params, {"run.epochs": 1})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    d = ws.epochs / "0001"  # an unfinished epoch whose pca finished, then its output was truncated
+    d.mkdir(parents=True)
+    for stage in ("extract", "pca"):
+        (d / f"{stage}.json").write_text('{"seconds": 0}')
+    np.save(d / "pca_features.npy", np.zeros((240, 16), np.float32))
+    (d / "pca_features.npy").write_bytes((d / "pca_features.npy").read_bytes()[:1000])
+    with pytest.raises(StageError) as e:  # before: StageFailed, retried twice, then a raw ValueError
+        ws.run()
+    msg = str(e.value)
+    assert msg.startswith("stage cluster, epoch 1: unexpected ValueError") and "Not retried" in msg
+    assert f"The stage read {d / 'pca_features.npy'}" in msg and f"delete {d} and rerun" in msg
+    with get_client(sync_client=True) as client:
+        [run] = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["cluster-epoch-0001"])),
+                                      sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    assert run.state.is_failed() and run.run_count == 1  # one try: no retry

@@ -418,13 +418,18 @@ def test_stage_error_names_stage_and_epoch_and_is_not_retried(template, served, 
     assert out.returncode == 1
     assert "stage pca, epoch 1: pca.dim=64 must be between 1 and the feature dimension 32" in out.stdout
     assert "Retry" not in out.stdout and out.stdout.count("Task run 'pca-epoch-0001'") == 1
+    assert "Traceback" not in out.stdout  # the message says what to do; the Prefect UI keeps the traceback
 
 
-def test_retry_condition_retries_only_unexpected_errors():
+def test_retry_condition_retries_only_transient_faults():
+    import errno
+
     from prefect.states import Failed
 
-    from pipeline.flow import StageFailed, retry_unless_stage_error
-    from stages.common import StageError
+    from pipeline.flow import retry_if_transient
+    from stages.common import StageError, TransientError
 
-    assert retry_unless_stage_error(None, None, Failed(data=StageFailed("stage train, epoch 3: OSError")))
-    assert not retry_unless_stage_error(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))
+    assert retry_if_transient(None, None, Failed(data=TransientError("stage train, epoch 3: OSError EIO")))
+    assert not retry_if_transient(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))
+    assert not retry_if_transient(None, None, Failed(data=ValueError("cannot reshape array")))
+    assert not retry_if_transient(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device")))

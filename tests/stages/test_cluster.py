@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
@@ -158,11 +159,12 @@ def test_save_load_round_trip(tmp_path):
         load_clustering(tmp_path / "nope.npz")
 
 
-@pytest.mark.parametrize("k, message", [(1, "cluster.k=1: k-means needs at least 2 clusters"),
+@pytest.mark.parametrize("k, message", [(1, "cluster.k must be int ≥ 2, or auto"),  # the schema's check
                                         (41, "cluster.k=41 is larger than the number of images (40)")])
-def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, write_params, run_cli, k, message):
+def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, run_cli, k, message):
     np.save(tmp_path / "pca_features.npy", np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32))
-    params_file = write_params(tmp_path, small_params, {"cluster.k": k})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**small_params, "cluster": {**small_params["cluster"], "k": k}}))
     result = run_cli("cluster", "--params", params_file, "--features", tmp_path / "pca_features.npy",
                        "--out", tmp_path / "out", "--epoch", 1, cwd=tmp_path)
     assert result.returncode != 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import pipeline  # noqa: F401  (offline-safe environment defaults, before mlflow
 from pipeline import PROJECT_ROOT, tracking
 from pipeline.versioning import DvcWorkspace
 from stages.checkpoints import load_checkpoint
-from stages.common import StageError, apply_overrides, parse_override, read_json, write_json
+from stages.common import StageError, apply_overrides, cli_errors, parse_override, read_json, write_json
 from stages.epoch import run_stage
 from stages.labels import nmi_between, read_assignments
 from stages.layout import (ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, CLUSTERING, DATASET, DISPOSABLE, EPOCHS_ROOT,
@@ -107,7 +106,7 @@ def ablation_metrics(out: Path, epoch: int, main_dir: Path) -> dict:
                        cluster_size_cv=lab["size_cv"])
         metrics["nmi_main"] = nmi_between(read_assignments(out / ASSIGNMENTS), read_assignments(main_dir / ASSIGNMENTS))
     if (out / report("cluster")).exists():
-        metrics["kmeans_loss"] = read_json(out / report("cluster"))["objective"]
+        metrics["kmeans_loss"] = read_json(out / report("cluster")).get("objective")
     if (out / report("pca")).exists():
         metrics["pca_explained_variance"] = read_json(out / report("pca"))["explained_variance"]
     if (out / "eval" / METRICS).exists():
@@ -175,7 +174,8 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     epochs_root, root = Path(epochs_root), Path(root)
     run = main_run(epochs_root)
     src = finished_epoch_dir(epochs_root, epoch)
-    params = apply_overrides(run["params"], overrides)  # the main run's parameters, not today's params.yaml
+    # the main run's parameters, not today's params.yaml
+    params = apply_overrides(run["params"], overrides, source=str(epochs_root / RUN_FILE))
     final = root / name
     if final.exists() and not force:
         raise StageError(f"{final} exists: choose another --name, or --force to replace it")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default=DATASET)
     parser.add_argument("--checkpoints", default=CHECKPOINTS)
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("ablate"):
         if args.stage == "list":
             table = list_ablations(epochs_root=args.epochs_root)
             print(table.to_string(index=False) if len(table) else f"no ablation under {ABLATIONS_ROOT}")
@@ -250,8 +250,6 @@ def main(argv: list[str] | None = None) -> None:
         rec = ablate(args.stage, args.epoch, overrides, args.name, previous=args.previous, force=args.force,
                      epochs_root=args.epochs_root, dataset=args.dataset, checkpoints=args.checkpoints,
                      dvc=not args.no_dvc)
-    except StageError as e:
-        sys.exit(f"ablate: {e}")
     m = rec["metrics"]
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items() if k != "epoch"}
     print(f"ablate: {args.name} ({args.stage}, epoch {args.epoch}) -> {ABLATIONS_ROOT}/{args.name}: {shown}")

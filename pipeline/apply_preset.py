@@ -9,13 +9,12 @@ params.yaml` shows exactly what the preset changed and `git checkout params.yaml
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 from ruamel.yaml import YAML
 
-from stages.common import StageError, apply_overrides, atomic_path
+from stages.common import StageError, atomic_path, cli_errors, flatten, load_params, yaml_problem
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -25,17 +24,23 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise StageError(f"no preset {name!r}: known presets are {known}")
-    return yaml.safe_load(path.read_text())
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StageError(yaml_problem(path, e)) from None
 
 
-def apply_preset(params_file: str | Path, overrides: dict) -> None:
+def apply_preset(params_file: str | Path, overrides: dict, origin: str = "preset") -> None:
+    """Set dotted keys in params.yaml, comments kept; refused (file untouched) unless the result is valid."""
     rt = YAML()  # round-trip: keeps comments and key order
     # ruamel writes None as an empty value; keep the file's `null`, so `git diff params.yaml` shows only real edits
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    # The schema refuses bad keys and values first, and normalises the rest (e.g. "1e-3" -> 0.001).
+    valid = flatten(load_params(params_file, overrides, origin=origin))
     with open(params_file) as f:
         doc = rt.load(f)
-    apply_overrides(yaml.safe_load(Path(params_file).read_text()), overrides)  # refuses unknown keys first
-    for dotted, value in overrides.items():
+    for dotted in overrides:
+        value = valid[dotted]
         *parents, leaf = dotted.split(".")
         node = doc
         for key in parents:
@@ -51,13 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", help="sets prepare.path: where the preset's dataset lives")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("apply_preset"):
         overrides = load_preset(args.preset)
         if args.path:
             overrides["prepare.path"] = args.path
         apply_preset(args.params, overrides)
-    except StageError as e:
-        sys.exit(f"apply_preset: {e}")
     print(f"{args.params}: applied {len(overrides)} settings of preset {args.preset!r}; `git diff {args.params}` shows them")
 
 

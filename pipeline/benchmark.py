@@ -7,18 +7,23 @@ model: small_alexnet inference and training throughput, fp32 (baseline) vs chann
        autocast; why `amp: auto` keeps fp32 on the CPU.
 pca:   our covariance + scipy partial eigh (stages.pca) vs faiss.PCAMatrix(d, dim, -0.5).
 kmeans: faiss k-means on all points (what stages.cluster does) vs faiss's default subsampling.
+pic:   PIC (exact and ivf graphs) vs k-means (baseline) on the same synthetic 256-d features at 100k and 1M
+       points: seconds and peak memory, each method in its own process (peak memory is per process).
+       `--sizes 100000` for the 100k row alone.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import time
 
 import faiss
 import numpy as np
 import torch
 
-from stages.cluster import run_kmeans
+from stages.cluster import run_kmeans, run_pic
+from stages.common import peak_rss_mb
 from stages.models import build_model
 from stages.pca import fit_pca_whitening
 
@@ -88,15 +93,61 @@ def bench_kmeans(n: int = 50000, d: int = 64, k: int = 500) -> None:
           f"{min(n, 256 * k)} points), all points {t_all:.2f}s ({t_all / t_sub:.2f}x the time)")
 
 
-BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans}
+def synthetic_features(n: int, d: int, centres: int = 1000, seed: int = 0) -> np.ndarray:
+    """n L2-normalised points around `centres` random centres (as the pca stage hands them over), in chunks
+    so that only the result is n x d."""
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((centres, d), dtype=np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        chunk = mu[rng.integers(0, centres, stop - start)] + rng.standard_normal((stop - start, d), dtype=np.float32)
+        x[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return x
+
+
+def _clustering_worker(method: str, n: int, d: int, k: int, results) -> None:
+    x = synthetic_features(n, d)
+    data_mb = peak_rss_mb()
+    t = time.perf_counter()
+    if method == "kmeans":
+        c = run_kmeans(x, k, 20, seed=1, use_gpu=False)
+    else:
+        c = run_pic(x, use_gpu=False, graph=method.split()[1])
+    results.put({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb(), "data_mb": data_mb, "clusters": c.k})
+
+
+def bench_pic(sizes: tuple[int, ...] = (100_000, 1_000_000), d: int = 256, k: int = 1000) -> None:
+    ctx = multiprocessing.get_context("spawn")  # a fresh process each: its peak memory is the method's alone
+    print(f"pic: PIC (5-NN graph, 200 power iterations) vs k-means (k = {k}, 20 iterations, the baseline) on "
+          f"synthetic {d}-d features, CPU, {faiss.omp_get_max_threads()} faiss threads")
+    for n in sizes:
+        # the exact graph is O(N^2 d): at 1M points about 100 times its 100k time, hours on a small CPU
+        methods = ("kmeans", "pic exact", "pic ivf") if n <= 200_000 else ("kmeans", "pic ivf")
+        rows = {}
+        for method in methods:
+            results = ctx.Queue()
+            proc = ctx.Process(target=_clustering_worker, args=(method, n, d, k, results))
+            proc.start()
+            rows[method] = results.get()
+            proc.join()
+        base = rows["kmeans"]
+        for method, r in rows.items():
+            print(f"  N={n:>9,}  {method:10s} {r['seconds']:8.1f}s ({r['seconds'] / base['seconds']:5.2f}x)   peak "
+                  f"{r['peak_mb']:7.0f} MB ({r['peak_mb'] / base['peak_mb']:4.2f}x; {r['data_mb']:.0f} MB before clustering)"
+                  f"   {r['clusters']} clusters")
+
+
+BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="pic: numbers of points")
     args = parser.parse_args(argv)
     for name in args.only or BENCHES:
-        BENCHES[name]()
+        BENCHES[name](tuple(args.sizes)) if name == "pic" else BENCHES[name]()
 
 
 if __name__ == "__main__":

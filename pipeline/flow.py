@@ -18,8 +18,8 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,45 +33,48 @@ from pipeline import PROJECT_ROOT, project_server_url, tracking
 from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
 from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
                                 workspace_lock)
-from stages.common import StageError, flatten, load_params, parse_override, read_json, write_json
-from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage
+from stages.common import (StageError, TransientError, cli_errors, failure_message, flatten, is_transient, load_params,
+                           parse_override, read_json, write_json)
+from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
 from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
                            report)
 from stages.train import init_checkpoint
 
-# A stage failing for a reason other than StageError (out of memory, an I/O error, a GPU hiccup)
-# may succeed on a second try; each try starts the stage over, its outputs being atomic.
+# A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.common.is_transient)
+# may succeed on a second try; each try starts the stage over, its outputs being atomic. Anything else
+# (bad parameters or inputs, a damaged file) would fail again, hours later: it is never retried.
 TASK_RETRIES = 2
 RETRY_DELAY_S = 10
 
 
 # ------------------------------------------------------------------ one task per stage
-class StageFailed(RuntimeError):
-    """An unexpected error inside a stage; retried, since it may be transient."""
-
-
-def retry_unless_stage_error(task, task_run, state) -> bool:
-    """Prefect retry condition: a StageError is a problem with the inputs that a retry cannot fix."""
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: only a transient fault is worth another try."""
     try:
         state.result()
-    except StageError:
-        return False
-    except Exception:
-        return True
-    return True
+    except Exception as e:
+        return is_transient(e)
+    return False
 
 
 # NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
-@task(retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_unless_stage_error,
+@task(retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def stage_task(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
-    """One stage of the chain; its error names the stage and epoch and keeps its class (StageError = user error)."""
+    """One stage of the chain; its error names the stage and epoch and says what to do: a StageError
+    (not retried) for bad inputs and anything unexpected, a TransientError (retried) for a transient fault."""
     try:
         return run_stage(name, params, layout, epoch)
     except StageError as e:
         raise StageError(f"stage {name}, epoch {epoch}: {e}") from e
     except Exception as e:
-        raise StageFailed(f"stage {name}, epoch {epoch}: {type(e).__name__}: {e}") from e
+        if is_transient(e):
+            raise TransientError(f"stage {name}, epoch {epoch}: {failure_message(e)}") from e
+        inputs = ", ".join(str(p) for p in stage_inputs(name, layout, epoch))
+        damaged = (f"The stage read {inputs}: if one of them is damaged (truncated, or from another run), delete "
+                   f"{layout.epoch(epoch)} and rerun (an unfinished epoch is recomputed; a finished epoch's file needs "
+                   "`dvc checkout` or --fresh)")
+        raise StageError(f"stage {name}, epoch {epoch}: {failure_message(e, damaged)}") from e
 
 
 def publish_last_checkpoint(layout: RunLayout, epoch: int) -> None:
@@ -109,10 +112,10 @@ def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
     """Write the run's overrides into params.yaml (comments kept), so dvc.lock records what produced the run."""
     from pipeline.apply_preset import apply_preset
 
-    current = flatten(load_params(params_file))
+    current = flatten(yaml.safe_load(Path(params_file).read_text()))  # as written: the overrides may fix a bad value
     changed = {k: v for k, v in overrides.items() if current.get(k) != v}
     if changed:
-        apply_preset(params_file, changed)
+        apply_preset(params_file, changed, origin="flow override")
     return changed
 
 
@@ -184,7 +187,8 @@ def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: Dv
     write_json(layout.epoch(epoch) / METRICS, metrics)  # the epoch is done
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     logger.info(f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
-                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['empty_clusters']} empty clusters, "
+                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['n_clusters']} clusters "
+                f"({metrics['empty_clusters']} empty, {metrics['singleton_clusters']} singletons), "
                 f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration)")
     return metrics
 
@@ -213,8 +217,8 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
         logger.info("DVC versioning off: not run from the root of a DVC project with this run's paths in dvc.yaml")
     records_lock = ws is not None and not in_dvc  # under dvc repro, DVC writes dvc.lock itself
 
+    params = load_params(params_file, overrides, origin="flow override")  # validated before anything changes
     with workspace_lock(layout.epochs_root, entry_point()):
-        params = load_params(params_file, overrides)
         for tmp in remove_stale_temp_files(layout.epochs_root, layout.checkpoints):
             logger.info(f"removed {tmp}, left by a killed run")
         if records_lock:
@@ -306,6 +310,29 @@ def start_temporary_server() -> str:
     return server.api_url
 
 
+class _WithoutTracebackForKnownErrors(logging.Formatter):
+    """Prefect logs a failed flow run with its traceback; on the console a StageError or TransientError
+    shows as its message only, which says what to do (the Prefect UI keeps the traceback)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], (StageError, TransientError)):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def quiet_known_errors_on_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
+                                                                         _WithoutTracebackForKnownErrors):
+            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file")
@@ -318,8 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the workspace's existing run and start over")
     parser.add_argument("--no-dvc", action="store_true", help="do not version the run with DVC (the flow alone)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("deepcluster"):
         overrides = dict(parse_override(s) for s in args.set)
+        # Before anything starts or is deleted (--fresh): a bad value fails now, not hours into the run.
+        load_params(args.params, overrides, origin="--set")
+        quiet_known_errors_on_console()
         url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
         if not url and not PREFECT_API_URL.value():
             start_temporary_server()  # instead of Prefect, so that it dies with this process
@@ -328,8 +358,6 @@ def main(argv: list[str] | None = None) -> None:
             deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,
                         epochs_root=args.epochs_root, checkpoints=args.checkpoints, fresh=args.fresh,
                         dvc=not args.no_dvc)
-    except StageError as e:
-        sys.exit(f"deepcluster: {e}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import mlflow
 from pipeline import PROJECT_ROOT
 from stages.common import StageError, flatten, read_json
 from stages.labels import size_histogram
-from stages.layout import CHECKPOINTS, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, RUN_FILE
+from stages.layout import CHECKPOINTS, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, LAST_CHECKPOINT, METRICS, RUN_FILE
 
 EXPERIMENT = "deepcluster"
 
@@ -146,7 +146,7 @@ def log_evaluation(eval_dir: str | Path, prefix: str = "evaluation") -> None:
     eval_dir = Path(eval_dir)
     metrics = read_json(eval_dir / METRICS)
     mlflow.log_metrics({f"final.{k}": v for k, v in numeric_metrics(metrics).items()}, step=int(metrics.get("epochs") or 0))
-    log_artifacts([eval_dir / METRICS, eval_dir / "report.md", eval_dir / "epochs.csv"], prefix)
+    log_artifacts([eval_dir / METRICS, eval_dir / "report.md", eval_dir / EVAL_CURVES, eval_dir / EVAL_CLUSTER_SIZES], prefix)
     log_artifacts([eval_dir / "scores"], f"{prefix}/scores")
     log_artifacts([eval_dir / "pictures"], f"{prefix}/pictures")
 

@@ -183,7 +183,12 @@ def refuse_resume(layout: RunLayout, problems: list[str]) -> None:
         "changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
 
 
-def discard_run(layout: RunLayout) -> None:
+def discard_run(layout: RunLayout, identity: dict) -> None:
+    """Delete the workspace's run, once nothing the new run needs is missing (the params were validated
+    before): a --fresh that would then fail must not cost the old run."""
+    if identity.get("dataset_version") is None and (layout.epochs_root.exists() or layout.checkpoints.exists()):
+        raise StageError(f"no dataset at {layout.dataset} for the new run: run `python -m stages.prepare` (or "
+                         f"`dvc repro prepare`) first; the run in {layout.epochs_root} was left as it is")
     shutil.rmtree(layout.epochs_root, ignore_errors=True)
     shutil.rmtree(layout.checkpoints, ignore_errors=True)
 
@@ -192,7 +197,7 @@ def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: s
     """Start or resume the run in this workspace; refuse (or, under dvc repro, replace) a different run."""
     identity = run_identity(params, layout)
     if fresh:
-        discard_run(layout)
+        discard_run(layout, identity)
     if layout.run_file.exists():
         state = read_json(layout.run_file)
         problems = resume_problems(state, identity, params, layout)
@@ -204,7 +209,7 @@ def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: s
         if on_mismatch != "fresh":
             refuse_resume(layout, problems)
         log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")
-        discard_run(layout)
+        discard_run(layout, identity)
     state = {**identity, "mlflow_run_id": None, "params": params}
     write_json(layout.run_file, state)
     return state

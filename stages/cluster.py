@@ -1,22 +1,34 @@
-"""Stage `cluster`: faiss k-means on the PCA-whitened features -> kmeans.npz (labels, distances, centroids).
+"""Stage `cluster`: cluster the PCA-whitened features -> clusters.npz (labels, distances, centroids).
 
-As the official implementation: 20 iterations, a different seed every epoch (derived from the run
-seed), no subsampling (faiss silently keeps only 256 points per centroid unless told otherwise),
-final labels from a search of every point against the final centroids. Uses a GPU index when faiss
-sees a GPU.
+`cluster.method: kmeans` (the paper's main method): faiss k-means as the official implementation:
+20 iterations, a different seed every epoch (derived from the run seed), no subsampling (faiss
+silently keeps only 256 points per centroid unless told otherwise), final labels from a search of
+every point against the final centroids.
+
+`cluster.method: pic`: Power Iteration Clustering as in the paper's appendix. A 5-NN graph of the
+features with weights exp(-d^2 / sigma^2), symmetrised; 200 damped power iterations give every image a
+score v; each image points to the neighbour j maximising w_ij (v_j - v_i) when that is positive, and the
+clusters are the trees of that forest, so their number is data-driven (the head follows it each
+epoch). Singletons join the cluster of their nearest non-singleton neighbour. Unlike the official
+code, the graph is a sparse matrix of N x neighbours entries (never N x N), the forest is resolved by
+vectorised pointer jumping (no loop over nodes), and `cluster.k` is refused rather than ignored.
+
+Both use a GPU index when faiss sees a GPU. `distances` are squared distances to the cluster's
+centroid (the mean of its members for PIC).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+import scipy.sparse
 
 from stages.artifacts import check_npy, check_npz
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, write_json
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, seed_for, seeded_subset,
+                           write_json)
 from stages.layout import CLUSTERING, report
 
 
@@ -25,7 +37,7 @@ class Clustering:
     labels: np.ndarray  # N int64, cluster index of each point
     distances: np.ndarray  # N float32, squared L2 distance to its centroid
     centroids: np.ndarray  # k x d
-    objective: np.ndarray  # k-means loss after each iteration
+    objective: np.ndarray  # k-means loss after each iteration (empty for PIC)
     seed: int
 
     @property
@@ -60,6 +72,137 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: b
     return Clustering(labels.ravel().astype(np.int64), distances.ravel(), km.centroids.copy(), objective, seed)
 
 
+GRAPHS = ("exact", "ivf")
+
+
+def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None, graph: str = "exact",
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest neighbours of every row among the others: (indices, squared distances), N x neighbours,
+    nearest first. Searches neighbours + 1 and drops the point itself (or, among exact duplicates that
+    hide it, the farthest hit), so each row keeps exactly `neighbours` other points.
+
+    graph "exact" (the paper): brute force, O(N^2 d) time; on a GPU (what the paper used) it is fine at
+    ImageNet size, on a CPU it is not. "ivf": an inverted-file index with about 4 sqrt(N) lists, probing
+    16 of them: approximate neighbours in roughly O(N^1.5 d) (`python -m pipeline.benchmark --only pic`).
+    Memory is O(N x neighbours) either way besides the features."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if not 1 <= neighbours < n:
+        raise StageError(f"cluster.pic.neighbours={neighbours} needs 1 <= neighbours < the number of images ({n}): "
+                         "lower cluster.pic.neighbours")
+    if graph not in GRAPHS:
+        raise StageError(f"cluster.pic.graph={graph!r}: use exact (the paper) or ivf (approximate, for large N on a CPU)")
+    if graph == "exact":
+        index = faiss.IndexFlatL2(d)
+    else:
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        index.nprobe = min(16, nlist)
+        index.train(x[seeded_subset(n, 64 * nlist, seed)])
+    if use_gpu is None:
+        use_gpu = faiss.get_num_gpus() > 0
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    dist, idx = index.search(x, neighbours + 1)
+    if (idx < 0).any():  # an approximate search that found fewer neighbours: fall back to the exact one
+        return knn_graph(x, neighbours, use_gpu, "exact")
+    is_self = idx == np.arange(n)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    return idx[keep].reshape(n, neighbours), dist[keep].reshape(n, neighbours)
+
+
+def pic_graph(idx: np.ndarray, dist: np.ndarray, sigma: float) -> scipy.sparse.csr_matrix:
+    """W = A + A^T with a_ij = exp(-d_ij^2 / sigma^2) for j among i's neighbours (float64: with sigma = 0.2
+    the weights of far neighbours are far below float32's range)."""
+    n, m = idx.shape
+    rows = np.repeat(np.arange(n), m)
+    weights = np.exp(-dist.ravel().astype(np.float64) / sigma**2)
+    a = scipy.sparse.csr_matrix((weights, (rows, idx.ravel())), shape=(n, n))
+    w = (a + a.T).tocsr()
+    w.sum_duplicates()
+    w.sort_indices()
+    return w
+
+
+def power_iteration(w: scipy.sparse.csr_matrix, alpha: float, iterations: int) -> np.ndarray:
+    """v <- normalise(alpha W v + (1 - alpha) / n) from v = 1/n, L1-normalised every step."""
+    n = w.shape[0]
+    v = np.full(n, 1.0 / n)
+    for _ in range(iterations):
+        v = alpha * (w @ v) + (1.0 - alpha) / n
+        v /= v.sum()
+    return v
+
+
+def forest_roots(w: scipy.sparse.csr_matrix, v: np.ndarray) -> np.ndarray:
+    """Each node points to the neighbour j maximising w_ij (v_j - v_i) if that is positive (else it is a root);
+    returns every node's root. Pointers always go to a strictly larger v, so there is no cycle, and pointer
+    jumping (root <- root[root]) reaches the roots in O(log depth) vectorised steps."""
+    n = w.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(w.indptr))
+    gain = w.data * (v[w.indices] - v[rows])
+    # within each row (rows are contiguous in CSR), the largest gain first; ties keep the lowest column
+    order = np.lexsort((-gain, rows))
+    has_edges = np.diff(w.indptr) > 0
+    best = order[w.indptr[:-1][has_edges]]
+    parent = np.arange(n)
+    points = gain[best] > 0
+    parent[np.flatnonzero(has_edges)[points]] = w.indices[best[points]]
+    root = parent
+    while True:
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            return root
+        root = nxt
+
+
+def absorb_singletons(labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """A point alone in its cluster joins the cluster of its nearest neighbour that is not a singleton (the
+    paper's rule); repeated until no singleton has such a neighbour, then a lone remaining singleton joins its
+    nearest neighbour's cluster. Returns labels renumbered 0..C-1."""
+    labels = labels.copy()
+    while True:
+        sizes = np.bincount(labels)
+        single = np.flatnonzero(sizes[labels] == 1)
+        if len(single) == 0:
+            break
+        ok = sizes[labels[idx[single]]] > 1  # singletons x neighbours, nearest first
+        found = ok.any(axis=1)
+        if not found.any():
+            labels[single] = labels[idx[single, 0]]
+            break
+        first = ok.argmax(axis=1)
+        labels[single[found]] = labels[idx[single[found], first[found]]]
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float = 1e-3, iterations: int = 200,
+            use_gpu: bool | None = None, graph: str = "exact") -> Clustering:
+    """Power Iteration Clustering (paper appendix); the number of clusters is found, not given."""
+    if sigma <= 0:
+        raise StageError(f"cluster.pic.sigma={sigma}: the edge-weight scale must be > 0 (paper: 0.2)")
+    if not 0 < alpha < 1:
+        raise StageError(f"cluster.pic.alpha={alpha}: the damping must be strictly between 0 and 1 (paper: 0.001)")
+    if iterations < 1:
+        raise StageError(f"cluster.pic.iterations={iterations}: at least 1 power iteration (paper: 200)")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise StageError("features to cluster hold NaN or infinite values: rerun pca for this epoch")
+    idx, dist = knn_graph(x, neighbours, use_gpu, graph)
+    w = pic_graph(idx, dist, sigma)
+    v = power_iteration(w, alpha, iterations)
+    labels = absorb_singletons(np.unique(forest_roots(w, v), return_inverse=True)[1], idx)
+    k = int(labels.max()) + 1
+    sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    centroids = np.zeros((k, x.shape[1]), dtype=np.float64)
+    np.add.at(centroids, labels, x)
+    centroids = (centroids / sizes[:, None]).astype(np.float32)
+    distances = ((x - centroids[labels]) ** 2).sum(axis=1).astype(np.float32)
+    return Clustering(labels, distances, centroids, np.zeros(0), seed=0)
+
+
 def number_of_clusters(section: dict, n: int) -> int:
     """cluster.k, or with `k: auto` one cluster per `images_per_cluster` images (at least 2).
 
@@ -92,20 +235,36 @@ def load_clustering(path: str | Path) -> Clustering:
         return Clustering(z["labels"], z["distances"], z["centroids"], z["objective"], int(z["seed"]))
 
 
+METHODS = ("kmeans", "pic")
+
+
+def cluster_features(section: dict, x: np.ndarray, seed: int) -> Clustering:
+    """The `cluster` section's method on features x (N x d)."""
+    method = section.get("method", "kmeans")
+    if method == "kmeans":
+        return run_kmeans(x, number_of_clusters(section, len(x)), section["niter"], seed)
+    if method == "pic":
+        if section.get("k", "auto") != "auto":
+            raise StageError(f"cluster.k={section['k']!r} with cluster.method: pic, which finds the number of "
+                             "clusters itself: set cluster.k: auto (it is not used by PIC) or use method: kmeans")
+        pic = section["pic"]
+        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"], graph=pic.get("graph", "exact"))
+    raise StageError(f"cluster.method={method!r} is not a clustering method: use one of {', '.join(METHODS)}")
+
+
 def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: int,
                 n_images: int | None = None) -> dict:
     """n_images: the dataset's training images, the rows `features` must have (None: not checked)."""
     section = params["cluster"]
-    if section.get("method", "kmeans") != "kmeans":
-        raise StageError(f"cluster.method={section['method']!r} is not available: use kmeans")
     check_npy(features, rows=n_images, fix="run pca for this epoch (again)")
     out_dir = Path(out_dir)
     with Timer() as t:
-        x = np.load(features)
-        k = number_of_clusters(section, len(x))
-        c = run_kmeans(x, k, section["niter"], seed_for(params["run"]["seed"], epoch, "cluster"))
+        c = cluster_features(section, np.load(features), seed_for(params["run"]["seed"], epoch, "cluster"))
         save_clustering(out_dir / CLUSTERING, c)
-    stats = {"k": c.k, "empty_clusters": c.n_empty(), "objective": float(c.objective[-1]), "seed": c.seed,
+    sizes = c.sizes()
+    stats = {"method": section.get("method", "kmeans"), "k": c.k, "empty_clusters": c.n_empty(),
+             "singleton_clusters": int((sizes == 1).sum()),
+             "objective": float(c.objective[-1]) if len(c.objective) else None, "seed": c.seed,
              "gpu": faiss.get_num_gpus() > 0, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
     write_json(out_dir / report("cluster"), stats)
     return stats
@@ -115,14 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `cluster` section")
     parser.add_argument("--features", required=True, help="pca_features.npy written by pca")
-    parser.add_argument("--out", required=True, help="epoch directory for kmeans.npz")
-    parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it")
+    parser.add_argument("--out", required=True, help="epoch directory for clusters.npz")
+    parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it (PIC is deterministic)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch)
-    except StageError as e:
-        sys.exit(f"cluster: {e}")
-    print(f"cluster: k={stats['k']}, {stats['empty_clusters']} empty, loss {stats['objective']:.4g}, {stats['seconds']:.1f}s")
+    loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
+    print(f"cluster ({stats['method']}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
+          f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")
 
 
 if __name__ == "__main__":

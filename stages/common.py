@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,93 @@ os.umask(_UMASK)
 
 class StageError(RuntimeError):
     """A problem with a stage's input that the user must fix; the message says what and how."""
+
+
+class TransientError(RuntimeError):
+    """A fault that may pass on its own (an I/O error, out of memory, a GPU fault); worth a retry."""
+
+
+# ---------------------------------------------------------------- failures: transient or not
+# OSErrors that another try may not meet: a flaky disk or network file system, an interrupted call.
+# A full disk (ENOSPC), a missing file or a permission is not among them: it stays until the user acts.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.ENOMEM,
+                    errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN,
+                    errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EREMOTEIO}
+# What the user does about an OSError that is not transient.
+ERRNO_FIXES = {errno.ENOSPC: "the disk is full: free space on it (or point the run elsewhere) and rerun",
+               errno.EDQUOT: "the disk quota is exhausted: free space and rerun",
+               errno.EACCES: "permission denied: make the path writable/readable for this user and rerun",
+               errno.EPERM: "operation not permitted: check the path's owner and permissions and rerun",
+               errno.ENOENT: "the file does not exist: rerun the stage that writes it (or fix the path)",
+               errno.EROFS: "the file system is read-only: point the run at a writable directory",
+               errno.EMFILE: "too many open files: raise `ulimit -n` or lower num_workers, and rerun",
+               errno.EFBIG: "a file size limit was hit (`ulimit -f`): raise it and rerun"}
+
+
+def _transient_itself(exc: BaseException) -> bool:
+    if isinstance(exc, (TransientError, MemoryError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in TRANSIENT_ERRNOS
+    if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError"):  # torch's, without importing torch
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        # CUDA/cuDNN/cuBLAS runtime faults (torch, faiss-gpu), and a DataLoader worker killed by the
+        # OOM killer; a device-side assert is a bug in the inputs or code and fails again.
+        gpu = any(s in text for s in ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "cuDNN error",
+                                      "CUDNN_STATUS", "NCCL error", "cudaMalloc", "cudaSuccess"))
+        return (gpu and "device-side assert" not in text) or "DataLoader worker" in text
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try may succeed: an I/O error, out of memory or a GPU fault, itself or as the
+    cause of a wrapper. A StageError (bad input or parameters) never is, nor any other error: a retry
+    would fail the same way, later."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StageError):
+            return False
+        if _transient_itself(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
+
+
+def failure_message(exc: BaseException, damaged: str | None = None) -> str:
+    """An error that is not a StageError, as one line a user can act on: what, which file, the fix.
+    damaged: what to do if an input file is damaged, where the caller knows the inputs."""
+    if isinstance(exc, (StageError, TransientError)):
+        return str(exc)
+    what = f"{type(exc).__name__}: {exc}"
+    files = [f for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None)) if f]
+    if files and not any(str(f) in what for f in files):
+        what += f" ({', '.join(map(str, files))})"
+    if is_transient(exc):
+        return (f"{what}. A transient fault (I/O error, out of memory or GPU fault): check the disk, memory or "
+                "GPU and rerun; the run resumes after its last finished stage")
+    if isinstance(exc, OSError) and exc.errno in ERRNO_FIXES:
+        return f"{what}. {ERRNO_FIXES[exc.errno]}"
+    damaged = damaged or ("If it names a file of the run, that file is damaged or from another run: delete it "
+                          "and rerun the stage that wrote it")
+    return (f"unexpected {what}. Not retried: it is not a transient fault. {damaged}; otherwise report it with the "
+            "traceback (rerun with DEEPCLUSTER_TRACEBACK=1)")
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """A command line entry point's failures as one message and exit status 1, never a raw traceback
+    (DEEPCLUSTER_TRACEBACK=1 lets unexpected errors through with theirs)."""
+    try:
+        yield
+    except StageError as e:
+        sys.exit(f"{prog}: {e}")
+    except Exception as e:
+        if os.environ.get("DEEPCLUSTER_TRACEBACK") and not isinstance(e, TransientError):
+            raise
+        sys.exit(f"{prog}: {failure_message(e)}")
 
 
 class DamagedArtifact(StageError):
@@ -45,30 +133,54 @@ def first_line(error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- params
-def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
-    """Read params.yaml and apply dotted overrides such as {"cluster.k": 100}."""
+def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None,
+                origin: str = "override") -> dict:
+    """Read params.yaml, apply dotted overrides such as {"cluster.k": 100} and validate the result
+    against stages/schema.py: plain dicts, normalised (e.g. "1e-3" -> 0.001), or a StageError that
+    names every bad key and its fix. Nothing has run, nothing is deleted before this returns."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"params file {path} not found: run from the project root or pass --params")
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
-    return apply_overrides(params, overrides or {})
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise StageError(yaml_problem(path, e)) from None
+    if params is None:
+        raise StageError(f"{path} is empty: restore it (`git checkout {path}`)")
+    return apply_overrides(params, overrides or {}, source=str(path), origin=origin)
 
 
-def apply_overrides(params: dict, overrides: dict) -> dict:
-    """Return a copy of params with dotted keys set; unknown keys are refused so typos don't pass silently."""
+def yaml_problem(path: str | os.PathLike, e: "yaml.YAMLError") -> str:
+    """Invalid YAML, as the file, the line and how to fix it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return (f"{where}: not valid YAML ({what}): fix that line (each key as `key: value`, indented with spaces under "
+            f"its section; quote values holding ': ' or ' #'), or restore the file (`git diff {path}`)")
+
+
+def apply_overrides(params: dict, overrides: dict, source: str = "params.yaml", origin: str = "override") -> dict:
+    """Return a copy of params with dotted keys set, validated against stages/schema.py: unknown keys
+    are refused (with a suggestion) so typos don't pass silently, bad values are named with their fix."""
+    from stages import schema  # here, not at the top: schema imports StageError from this module
+
+    if not isinstance(params, dict):
+        schema.validate(params, source)  # says what params.yaml must be
     params = copy.deepcopy(params)
+    keys = schema.leaf_fields()
     for dotted, value in overrides.items():
-        keys = dotted.split(".")
+        if dotted not in keys:
+            raise StageError(f"unknown parameter {dotted!r} ({origin} {dotted}={value!r}): "
+                             + schema.sentence(schema.suggestion(dotted)) + " " + schema.DOCS)
+        *parents, leaf = dotted.split(".")
         node = params
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                raise StageError(f"unknown parameter {dotted!r}: params.yaml has no section {key!r}")
-            node = node[key]
-        if keys[-1] not in node:
-            raise StageError(f"unknown parameter {dotted!r}: not in params.yaml (known: {sorted(node)})")
-        node[keys[-1]] = value
-    return params
+        for key in parents:
+            node = node.setdefault(key, {})  # an older run's params may lack a section added since
+            if not isinstance(node, dict):
+                schema.validate(params, source)  # names the section that is not a mapping
+        node[leaf] = value
+    return schema.validate(params, source, overridden=dict(overrides), origin=origin)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

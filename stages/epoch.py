@@ -115,6 +115,14 @@ def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Calla
     return True
 
 
+def stage_inputs(name: str, layout: RunLayout, epoch: int) -> list[Path]:
+    """The files stage `name` of `epoch` reads (as run_stage wires them), for error messages."""
+    d, prev = layout.epoch(epoch), layout.epoch(epoch - 1)
+    return {"extract": [layout.dataset, layout.checkpoint(epoch - 1)], "pca": [d / FEATURES],
+            "cluster": [d / PCA_FEATURES], "labels": [d / CLUSTERING, layout.dataset, prev / ASSIGNMENTS],
+            "train": [layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1)]}[name]
+
+
 def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
     """Flat per-epoch figures from the stage reports in `epoch_dir`."""
     epoch_dir = Path(epoch_dir)
@@ -129,11 +137,12 @@ def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
         "epoch": epoch,
         "train_loss": tr["loss"],
         "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
-        "kmeans_loss": reports["cluster"]["objective"],
+        "kmeans_loss": reports["cluster"].get("objective"),  # None with PIC: not logged
         "nmi_previous": lab["nmi_previous"],
         "nmi_labels": lab["nmi_labels"],
         "n_clusters": lab["n_clusters"],
         "empty_clusters": lab["empty_clusters"],
+        "singleton_clusters": lab["singleton_clusters"],
         "cluster_size_min": lab["size_min"],
         "cluster_size_median": lab["size_median"],
         "cluster_size_max": lab["size_max"],

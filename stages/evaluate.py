@@ -12,7 +12,6 @@ curves), report.md and pictures/*.png; the `publish` stage logs them into the ru
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,14 +21,16 @@ import torch
 
 from stages import pictures
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import (StageError, Timer, atomic_path, load_params, pick_device, read_json, seed_for, seeded_subset,
-                           write_json)
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, pick_device, read_json, seed_for,
+                           seeded_subset, write_json)
 from stages.data import ImageSet, center_crop, iterate_batches, load_split
 from stages.epoch import epoch_metrics
 from stages.labels import read_assignments
-from stages.layout import ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report
+from stages.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, EVAL_HEADLINE,
+                           LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
 from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
                            linear_probe, pixel_features)
+from stages.schema import Evaluate
 from stages.train import init_checkpoint
 
 
@@ -41,11 +42,8 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- final evaluation
-# The settings `evaluate final` reads; their values and documentation live in params.yaml only.
-EVALUATE_KEYS = ("train_images", "test_images", "probe_layers", "probe_dim", "probe_weight_decays", "probe_iters",
-                 "probe_val_fraction", "knn_k", "knn_temperature", "kmeans_runs", "pictures", "picture_layers",
-                 "picture_filters", "ascent_steps", "ascent_lr", "picture_queries", "picture_neighbours",
-                 "picture_clusters", "picture_cluster_images")
+# The settings `evaluate final` reads: stages/schema.py holds their types and ranges, params.yaml their values.
+EVALUATE_KEYS = tuple(Evaluate.model_fields)
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
@@ -230,13 +228,8 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
         written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data["class_names"]))
 
     last_epoch = int(curves["epoch"].iloc[-1])
-    last_dir = epoch_dir(epochs_root, last_epoch)
-    labels_json = last_dir / report("labels")
-    assign_file = last_dir / ASSIGNMENTS
-    if labels_json.exists() and "sizes" in read_json(labels_json):
-        sizes = np.asarray(read_json(labels_json)["sizes"])
-    else:
-        sizes = np.bincount(read_assignments(assign_file)["cluster"].to_numpy())
+    assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
+    sizes = cluster_sizes(epochs_root, last_epoch)
     written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
     written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
     if assign_file.exists():
@@ -362,6 +355,14 @@ def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
     return best
 
 
+def cluster_sizes(epochs_root: str | Path, epoch: int) -> np.ndarray:
+    """Images per cluster of an epoch (labels report, or counted from its assignments)."""
+    labels_json = epoch_dir(epochs_root, epoch) / report("labels")
+    if labels_json.exists() and "sizes" in read_json(labels_json):
+        return np.asarray(read_json(labels_json)["sizes"])
+    return np.bincount(read_assignments(epoch_dir(epochs_root, epoch) / ASSIGNMENTS)["cluster"].to_numpy())
+
+
 def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
                          out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
@@ -369,7 +370,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     seconds = {}
     with Timer() as t:
         curves = collect_epoch_metrics(epochs_root)
-        with atomic_path(out_dir / "epochs.csv") as tmp:
+        with atomic_path(out_dir / EVAL_CURVES) as tmp:
             curves.to_csv(tmp, index=False)
         last = curves.iloc[-1]
         nmi_prev = curves["nmi_previous"].dropna()
@@ -416,7 +417,11 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / METRICS, summary)
-    write_json(out_dir / "headline.json", {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+    write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+    # comparisons of runs (k-means vs PIC: pipeline.studies) read the last clustering's sizes from here
+    sizes = cluster_sizes(epochs_root, summary["epochs"])
+    write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params["cluster"]["method"],
+                                         "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)
     layers = probe_layers(cfg, nets["trained"])
@@ -444,14 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     fin.add_argument("--checkpoint", default=f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
     fin.add_argument("--out", default=EVAL)
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("evaluate"):
         if args.mode == "epoch":
             m = epoch_metrics(args.epoch_dir, args.epoch)
             write_json(Path(args.epoch_dir) / METRICS, m)
         else:
             m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
-    except StageError as e:
-        sys.exit(f"evaluate: {e}")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 

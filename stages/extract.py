@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from stages.artifacts import allocate_npy, check_architecture
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, pick_device, write_json
+from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, pick_device, write_json
 from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
 from stages.layout import FEATURES, report
 
@@ -85,10 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="network to extract with (the previous epoch's)")
     parser.add_argument("--out", required=True, help="epoch directory, e.g. data/epochs/0003")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("extract"):
         stats = run_extract(load_params(args.params), args.dataset, args.checkpoint, args.out)
-    except StageError as e:
-        sys.exit(f"extract: {e}")
     print(f"extract: {stats['n_images']} x {stats['feature_dim']} features in {stats['seconds']:.1f}s -> {args.out}")
 
 

@@ -8,7 +8,6 @@ for monitoring only, never used for model selection).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from stages.common import DamagedArtifact, StageError, Timer, atomic_path, first_line, load_params, write_json
+from stages.common import DamagedArtifact, StageError, Timer, atomic_path, cli_errors, first_line, load_params, write_json
 from stages.layout import ASSIGNMENTS, CLUSTERING, report
 
 MAX_DENSE_PAIRS = 25_000_000  # 5,000 x 5,000 clusters: a 200 MB table, Hungarian in seconds
@@ -33,6 +32,7 @@ def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
     sizes = np.bincount(labels, minlength=k)
     nonempty = sizes[sizes > 0]
     return {"k": k, "n_clusters": int(len(nonempty)), "empty_clusters": int(k - len(nonempty)),
+            "singleton_clusters": int((nonempty == 1).sum()),
             "size_min": int(nonempty.min()), "size_median": float(np.median(nonempty)), "size_max": int(nonempty.max()),
             # coefficient of variation: 0 = perfectly balanced clusters
             "size_cv": float(nonempty.std() / nonempty.mean()), "sizes": sizes.tolist()}
@@ -102,7 +102,7 @@ def read_assignments(path: str | Path, fix: str | None = None) -> pd.DataFrame:
 
 
 def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
-    """How to get a finished epoch's assignments back: they are a function of its kmeans.npz."""
+    """How to get a finished epoch's assignments back: they are a function of its clustering (layout.CLUSTERING)."""
     return (f"recompute it from that epoch's {CLUSTERING} with `python -m stages.labels --epoch-dir {epoch_dir} "
             f"--dataset {dataset}`, or restore it with `dvc checkout`, then rerun")
 
@@ -147,14 +147,12 @@ def run_labels(params: dict, epoch_dir: str | Path, dataset: str | Path, previou
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (this stage has no section of its own)")
-    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding kmeans.npz")
+    parser.add_argument("--epoch-dir", required=True, help="epoch directory holding clusters.npz")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset (true labels, if any)")
     parser.add_argument("--previous", help="previous epoch directory, for NMI between consecutive epochs")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("labels"):
         s = run_labels(load_params(args.params), args.epoch_dir, args.dataset, args.previous)
-    except StageError as e:
-        sys.exit(f"labels: {e}")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     print(f"labels: {s['n_clusters']} clusters ({s['empty_clusters']} empty), sizes {s['size_min']}/"
           f"{s['size_median']:.0f}/{s['size_max']}, NMI prev {fmt(s['nmi_previous'])}, NMI labels {fmt(s['nmi_labels'])}")

@@ -20,10 +20,14 @@ RUN_FILE = "run.json"
 FEATURES = "features.npy"
 PCA = "pca.npz"
 PCA_FEATURES = "pca_features.npy"
-CLUSTERING = "kmeans.npz"
+CLUSTERING = "clusters.npz"
 ASSIGNMENTS = "assignments.parquet"
 METRICS = "metrics.json"  # written last: the epoch is done
 LAST_CHECKPOINT = "last.pt"
+# The final evaluation's files in EVAL (with METRICS, the full table)
+EVAL_HEADLINE = "headline.json"  # the one declared DVC metric: trained vs random init vs raw pixels
+EVAL_CURVES = "epochs.csv"  # one row per epoch (NMI, loss, cluster sizes)
+EVAL_CLUSTER_SIZES = "cluster_sizes.json"  # the last clustering's sizes, largest first
 # Large, and recomputable from a kept checkpoint: what retention may delete from an epoch.
 DISPOSABLE = (FEATURES, PCA_FEATURES)
 

@@ -13,7 +13,6 @@ directions with almost no variance are not blown up to unit variance.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import numpy as np
 import scipy.linalg
 
 from stages.artifacts import allocate_npy, check_npy, check_npz
-from stages.common import StageError, Timer, atomic_path, load_params, peak_rss_mb, seed_for, seeded_subset, write_json
+from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, seed_for,
+                           seeded_subset, write_json)
 from stages.layout import PCA, PCA_FEATURES, report
 
 
@@ -120,10 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for pca.npz and pca_features.npy")
     parser.add_argument("--epoch", type=int, default=0, help="epoch number (seeds the fitting sample)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors("pca"):
         stats = run_pca(load_params(args.params), args.features, args.out, args.epoch)
-    except StageError as e:
-        sys.exit(f"pca: {e}")
     print(f"pca: {stats['dim']} dims, {stats['explained_variance']:.1%} of variance, {stats['seconds']:.1f}s")
 
 

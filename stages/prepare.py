@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import StageError, load_params, seeded_subset, write_json
+from stages.common import StageError, cli_errors, load_params, seeded_subset, write_json
 from stages.data import IMAGE_EXTENSIONS
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
@@ -216,12 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", help="overrides prepare.path: where the source lives")
     parser.add_argument("--out", default="data/dataset", help="canonical dataset directory to write")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    section = params["prepare"]
-    try:
+    with cli_errors("prepare"):
+        params = load_params(args.params)
+        section = params["prepare"]
         meta = prepare(args.source or section["source"], args.path or section["path"], args.out, section, params["run"]["seed"])
-    except StageError as e:
-        sys.exit(f"prepare: {e}")
     print(f"prepare: {meta['counts']} images from {meta['source']} -> {args.out}"
           + (f"; {meta['unreadable']} unreadable, listed in {args.out}/unreadable.csv" if meta["unreadable"] else ""))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from stages.artifacts import check_architecture, check_assignments
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
-from stages.common import StageError, Timer, load_params, peak_rss_mb, pick_device, seed_for, write_json
+from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, pick_device, seed_for, write_json
 from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
 from stages.extract import autocast
 from stages.layout import report
@@ -158,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch", type=int, help="epoch number (seeds sampling and augmentation)")
     parser.add_argument("--stats-out", help="train.json to write (default: beside --assignments)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
+    with cli_errors("train"):
+        params = load_params(args.params)
         if args.init:
             init_checkpoint(params, args.dataset, args.checkpoint_out)
             print(f"train: random epoch-0 network -> {args.checkpoint_out}")
@@ -168,8 +167,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--assignments, --checkpoint-in and --epoch are required unless --init")
         stats_out = args.stats_out or Path(args.assignments).with_name(report("train"))
         s = run_train(params, args.dataset, args.assignments, args.checkpoint_in, args.checkpoint_out, args.epoch, stats_out)
-    except StageError as e:
-        sys.exit(f"train: {e}")
     print(f"train: epoch {s['epoch']} loss {s['loss']:.3f}, {s['images_per_second']:.0f} img/s, {s['seconds']:.1f}s")
 
 

@@ -29,3 +29,13 @@ def test_the_imagenet_preset_names_only_existing_keys(tmp_path):
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["model"]["arch"] == "alexnet"
     with pytest.raises(StageError, match="unknown parameter 'cluster.kk'"):
         apply_preset(tmp_path / "params.yaml", {"cluster.kk": 3})
+
+
+def test_a_preset_is_validated_by_the_schema_and_written_normalised(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(StageError, match=r"preset train.lr=-0.1 is not allowed: train.lr must be float > 0"):
+        apply_preset(tmp_path / "params.yaml", {"train.lr": -0.1, "cluster.niter": 5})
+    assert (tmp_path / "params.yaml").read_text() == before  # refused as a whole: nothing written
+    apply_preset(tmp_path / "params.yaml", {"train.lr": "1e-3"})  # what YAML makes of `train.lr: 1e-3`
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.001

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +20,7 @@ from stages.evaluate import run_final_evaluation
 pytestmark = pytest.mark.slow
 
 EPOCH_FILES = ["features.npy", "extract.json", "pca.npz", "pca_features.npy", "pca.json",
-               "kmeans.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
+               "clusters.npz", "cluster.json", "assignments.parquet", "labels.json", "train.json", "metrics.json"]
 
 
 class Workspace:
@@ -186,7 +187,7 @@ def test_resume_continues_after_the_last_finished_stage(tracked, tmp_path):
     before = ws.mtimes()
     ws.run(epochs=3)  # run.epochs is not part of the fingerprint: a run can be extended
     after = ws.mtimes()
-    for name in ("features.npy", "pca_features.npy", "kmeans.npz", "assignments.parquet", "labels.json"):
+    for name in ("features.npy", "pca_features.npy", "clusters.npz", "assignments.parquet", "labels.json"):
         key = f"data/epochs/0002/{name}"
         assert after[key] == before[key], f"{key} was recomputed"
     assert all(after[k] == v for k, v in before.items() if "/0001/" in k)
@@ -299,9 +300,9 @@ def test_damaged_file_of_an_unfinished_epoch_is_recomputed_by_the_flow(tracked, 
     for name in ("train.json", "metrics.json"):  # killed during epoch 2's train ...
         (e2 / name).unlink()
     (ws.checkpoints / "epoch_0002.pt").unlink()
-    cut(e2 / "kmeans.npz")  # ... with a damaged clustering: before, a raw zipfile error, retried twice
+    cut(e2 / "clusters.npz")  # ... with a damaged clustering: before, a raw zipfile error, retried twice
     ws.run()
-    for name in ("kmeans.npz", "assignments.parquet"):
+    for name in ("clusters.npz", "assignments.parquet"):
         assert (e2 / name).read_bytes() == (tracked.epochs / "0002" / name).read_bytes()
     assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
 
@@ -405,8 +406,78 @@ def test_full_disk_during_extract_stops_clearly_and_the_run_resumes_to_the_same_
             ws.run()
         filler.unlink()  # "free some space"
         ws.run()
-        for name in ("kmeans.npz", "assignments.parquet"):
+        for name in ("clusters.npz", "assignments.parquet"):
             assert (ws.epochs / "0002" / name).read_bytes() == (tracked.epochs / "0002" / name).read_bytes()
         assert same_network(ws.checkpoints / "last.pt", tracked.checkpoints / "epoch_0002.pt")
     finally:
         subprocess.run(["umount", str(ws.epochs)], check=True)
+
+
+def test_a_pic_run_trains_a_head_sized_to_each_epochs_clusters(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                small_params, write_params, tmp_path):
+    from stages.checkpoints import load_checkpoint
+
+    params_file = write_params(tmp_path, small_params, {"cluster.method": "pic", "cluster.k": "auto"})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    ws.run()
+    for e in (1, 2):
+        epoch = ws.epochs / f"{e:04d}"
+        clusters = pd.read_parquet(epoch / "assignments.parquet")["cluster"]
+        n_clusters = clusters.nunique()
+        assert 2 <= n_clusters < 240 and clusters.value_counts().min() >= 2  # found, not given; no singleton
+        assert read_json(epoch / "cluster.json")["method"] == "pic"
+        assert read_json(epoch / "train.json")["n_clusters"] == n_clusters
+        assert load_checkpoint(ws.checkpoints / f"epoch_{e:04d}.pt")["top_layer"]["weight"].shape[0] == n_clusters
+        metrics = read_json(epoch / "metrics.json")
+        assert metrics["n_clusters"] == n_clusters and metrics["singleton_clusters"] == 0
+        assert "kmeans_loss" not in MlflowClient(mlflow_uri).get_run(read_json(ws.epochs / "run.json")["mlflow_run_id"]).data.metrics
+
+
+def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefect_harness, mlflow_uri, fashion_dataset,
+                                                                           small_params, write_params, tmp_path):
+    from pipeline.apply_preset import apply_preset
+    from stages.common import load_params
+
+    params_file = write_params(tmp_path, small_params)
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    (ws.epochs / "0001").mkdir(parents=True)
+    (ws.epochs / "0001" / "metrics.json").write_text("{}")  # a run that --fresh would discard
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    bad = {"train.batch_size": 0}
+    with pytest.raises(StageError) as deployment:  # what `--param overrides='{"train.batch_size": 0}'` calls
+        ws.run(overrides=bad, fresh=True)
+    with pytest.raises(StageError) as preset:
+        apply_preset(params_file, bad)
+    with pytest.raises(StageError) as cli:
+        load_params(params_file, bad, origin="--set")
+    assert str(deployment.value).startswith("flow override train.batch_size=0 is not allowed")
+    assert str(preset.value).startswith("preset train.batch_size=0 is not allowed")
+    why = {str(e.value).split(" is not allowed: ", 1)[1] for e in (deployment, preset, cli)}
+    assert why == {"train.batch_size must be int ≥ 1; set it to an allowed value. Every key, its allowed values and "
+                   "its meaning: `python -m stages.schema --markdown` (the README's table)"}
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing deleted or edited
+
+
+def test_a_damaged_input_of_an_unfinished_epoch_is_recomputed_once_not_retried(prefect_harness, mlflow_uri,
+                                                                               fashion_dataset, small_params,
+                                                                               write_params, tmp_path, caplog):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    params_file = write_params(tmp_path, small_params, {"run.epochs": 1})
+    ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
+    d = ws.epochs / "0001"  # an unfinished epoch whose pca finished, then its output was truncated
+    d.mkdir(parents=True)
+    for stage in ("extract", "pca"):
+        (d / f"{stage}.json").write_text('{"seconds": 0}')
+    np.save(d / "pca_features.npy", np.zeros((240, 16), np.float32))
+    (d / "pca_features.npy").write_bytes((d / "pca_features.npy").read_bytes()[:1000])
+    # before: a raw ValueError in cluster, retried twice; then (issue 9a) a StageError naming the file
+    ws.run()
+    assert "pca.npz not found; rerunning pca" in caplog.text and "features.npy not found; rerunning extract" in caplog.text
+    assert np.load(d / "pca_features.npy").shape == (240, 16) and (d / "metrics.json").exists()
+    with get_client(sync_client=True) as client:
+        [run] = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["cluster-epoch-0001"])),
+                                      sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    assert run.state.is_completed() and run.run_count == 1

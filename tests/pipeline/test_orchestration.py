@@ -119,7 +119,7 @@ def assert_same_run(a: Path, b: Path, epochs=(1, 2)) -> None:
     """Same assignments, k-means results and deterministic metrics, epoch by epoch."""
     for e in epochs:
         d = f"data/epochs/{e:04d}"
-        for name in ("assignments.parquet", "kmeans.npz", "pca.npz"):
+        for name in ("assignments.parquet", "clusters.npz", "pca.npz"):
             assert sha(a / d / name) == sha(b / d / name), f"{d}/{name} differs"
         assert deterministic(read(a, f"{d}/metrics.json")) == deterministic(read(b, f"{d}/metrics.json"))
     import torch
@@ -260,6 +260,36 @@ def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path
     assert (change["old"], change["new"]) == (20, 3)
 
 
+def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
+    from pipeline.studies import PREFIX, queue_command
+
+    p = copy_project(repro, tmp_path / "project")
+    sh(["git", "add", "-A"], p)
+    sh(["git", "commit", "-qm", "the tiny run"], p)
+    run_now = [a for a in queue_command("pic") if a != "--queue"]  # the queued command, run in the foreground
+    sh(run_now, p, served[1], timeout=600)
+    out = sh([PY, "-m", "pipeline.studies", "report", "--out", str(tmp_path / "abl")], p).stdout
+    row = next(line for line in out.splitlines() if line.startswith(f"| clustering | `{PREFIX}pic`"))
+    n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
+    metrics = read(p, "data/eval/metrics.json")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "cluster.method=pic, cluster.k=auto" and int(cells[3]) == n_clusters != K
+    assert cells[5].startswith(f"{100 * metrics['probe.trained.best']:.1f} / ")
+    assert read(p, "data/eval/cluster_sizes.json")["method"] == "pic"
+    # no abl-defaults experiment: the defaults row is the committed run (HEAD's data/eval), with its k = 8
+    head_row = next(line for line in out.splitlines() if line.startswith("| clustering | `HEAD` (the committed run)"))
+    assert [c.strip() for c in head_row.strip("|").split("|")][2:4] == ["defaults", str(K)]
+    assert f"Not run yet: {PREFIX}raw, {PREFIX}k10" in out
+    for picture in ("ablations.png", "nmi_and_sizes.png"):
+        assert (tmp_path / "abl" / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def pd_last(path: Path, column: str):
+    import pandas as pd
+
+    return pd.read_csv(path)[column].iloc[-1]
+
+
 def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):
     p = copy_project(repro, tmp_path / "project")
     sh(["git", "add", "dvc.lock", "params.yaml", "data/.gitignore", "models/.gitignore"], p)
@@ -333,7 +363,7 @@ def test_killed_during_train_resumes_to_the_uninterrupted_result(template, serve
     assert (e2 / "labels.json").exists() and not (e2 / "train.json").exists()  # killed inside train
     assert not (p / "models/checkpoints/epoch_0002.pt").exists()
     # Epoch 1 went into DVC's cache as soon as it finished, before any dvc.lock was written.
-    assert in_dvc_cache(p, e1 / "assignments.parquet") and in_dvc_cache(p, e1 / "kmeans.npz")
+    assert in_dvc_cache(p, e1 / "assignments.parquet") and in_dvc_cache(p, e1 / "clusters.npz")
     epoch1 = [f for f in [*e1.iterdir(), p / "models/checkpoints/epoch_0001.pt"]]
     mtimes = {f: f.stat().st_mtime_ns for f in epoch1}
 
@@ -388,13 +418,18 @@ def test_stage_error_names_stage_and_epoch_and_is_not_retried(template, served, 
     assert out.returncode == 1
     assert "stage pca, epoch 1: pca.dim=64 must be between 1 and the feature dimension 32" in out.stdout
     assert "Retry" not in out.stdout and out.stdout.count("Task run 'pca-epoch-0001'") == 1
+    assert "Traceback" not in out.stdout  # the message says what to do; the Prefect UI keeps the traceback
 
 
-def test_retry_condition_retries_only_unexpected_errors():
+def test_retry_condition_retries_only_transient_faults():
+    import errno
+
     from prefect.states import Failed
 
-    from pipeline.flow import StageFailed, retry_unless_stage_error
-    from stages.common import StageError
+    from pipeline.flow import retry_if_transient
+    from stages.common import StageError, TransientError
 
-    assert retry_unless_stage_error(None, None, Failed(data=StageFailed("stage train, epoch 3: OSError")))
-    assert not retry_unless_stage_error(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))
+    assert retry_if_transient(None, None, Failed(data=TransientError("stage train, epoch 3: OSError EIO")))
+    assert not retry_if_transient(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))
+    assert not retry_if_transient(None, None, Failed(data=ValueError("cannot reshape array")))
+    assert not retry_if_transient(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device")))

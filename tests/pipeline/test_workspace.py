@@ -1,12 +1,14 @@
 """pipeline.workspace: the run's identity (what makes a run resumable) and its agreement with dvc.yaml."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.workspace import CODE_MODULES, EPOCH_SECTIONS, claim_workspace, run_fingerprint
-from stages.common import apply_overrides, read_json
+from stages.common import StageError, apply_overrides, read_json
 from stages.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,3 +40,15 @@ def test_dvc_yaml_deepcluster_stage_lists_the_code_and_sections_the_run_identity
     stage_code = {Path(d).stem for d in stage["deps"] if d.startswith("stages/")}
     assert stage_code == set(CODE_MODULES)
     assert set(stage["params"]) == {"run", *EPOCH_SECTIONS}
+
+
+def test_fresh_without_a_dataset_for_the_new_run_keeps_the_old_run(tmp_path, small_params, fashion_dataset):
+    layout = RunLayout(tmp_path / "dataset", tmp_path / "epochs", tmp_path / "ckpt")
+    shutil.copytree(fashion_dataset, layout.dataset)
+    claim_workspace(small_params, layout, fresh=False)
+    (layout.epoch(1)).mkdir(parents=True)
+    (layout.epoch(1) / "metrics.json").write_text("{}")
+    shutil.rmtree(layout.dataset)  # e.g. a wrong --dataset: the new run could not even start
+    with pytest.raises(StageError, match=r"no dataset at .*dataset for the new run.*was left as it is"):
+        claim_workspace(apply_overrides(small_params, {"cluster.k": 5}), layout, fresh=True)
+    assert (layout.epoch(1) / "metrics.json").exists() and layout.run_file.exists()

@@ -36,7 +36,7 @@ def test_intact_artifacts_pass(tiny_run, small_params):
     assert check_npy(d / "features.npy", rows=n) == (240, small_params["model"]["fc_dim"])
     assert check_npy(d / "pca_features.npy", rows=n) == (240, small_params["pca"]["dim"])
     assert check_npz(d / "pca.npz", PCAWhitening.ARRAYS)["components"] == (32, 16)
-    assert check_npz(d / "kmeans.npz", CLUSTERING_ARRAYS)["centroids"] == (10, 16)
+    assert check_npz(d / "clusters.npz", CLUSTERING_ARRAYS)["centroids"] == (10, 16)
     assert len(check_assignments(d / "assignments.parquet", load_split(tiny_run.dataset).ids)) == 240
     assert check_json(d / "metrics.json")["epoch"] == 2
     assert verify_checkpoint(tiny_run.checkpoint(2), small_params["model"], 1, 2)["epoch"] == 2
@@ -46,7 +46,7 @@ def test_intact_artifacts_pass(tiny_run, small_params):
     ("features.npy", lambda p: check_npy(p, rows=240)),
     ("pca_features.npy", lambda p: check_npy(p, rows=240)),
     ("pca.npz", lambda p: check_npz(p, PCAWhitening.ARRAYS)),
-    ("kmeans.npz", lambda p: check_npz(p, CLUSTERING_ARRAYS)),
+    ("clusters.npz", lambda p: check_npz(p, CLUSTERING_ARRAYS)),
     ("assignments.parquet", lambda p: check_assignments(p, np.array([]))),
     ("metrics.json", check_json),
     ("labels.json", check_json),
@@ -81,13 +81,13 @@ def test_features_of_another_dataset_are_refused(tiny_run, small_params, tmp_pat
 def test_truncated_clustering_stops_labels(tiny_run, small_params, tmp_path):
     d = tmp_path / "0002"
     d.mkdir()
-    truncated(tiny_run.epoch(2) / "kmeans.npz", d)
-    with pytest.raises(DamagedArtifact, match=r"kmeans.npz cannot be used: not a readable .npz.*rerun|run the cluster"):
+    truncated(tiny_run.epoch(2) / "clusters.npz", d)
+    with pytest.raises(DamagedArtifact, match=r"clusters.npz cannot be used: not a readable .npz.*rerun|run the cluster"):
         run_labels(small_params, d, tiny_run.dataset, tiny_run.epoch(1))
     assert not (d / "assignments.parquet").exists()
-    np.savez(d / "kmeans.npz", labels=np.zeros(240, np.int64), centroids=np.zeros((10, 16), np.float32))
+    np.savez(d / "clusters.npz", labels=np.zeros(240, np.int64), centroids=np.zeros((10, 16), np.float32))
     with pytest.raises(DamagedArtifact, match=r"lacks the arrays \['distances', 'objective', 'seed'\]"):
-        load_clustering(d / "kmeans.npz")
+        load_clustering(d / "clusters.npz")
 
 
 def test_truncated_previous_assignments_name_the_way_back(tiny_run, small_params, tmp_path):
@@ -99,7 +99,7 @@ def test_truncated_previous_assignments_name_the_way_back(tiny_run, small_params
     with pytest.raises(DamagedArtifact, match=rf"0001/assignments.parquet cannot be used: not a readable parquet.*"
                                               rf"python -m stages.labels --epoch-dir {prev}"):
         run_labels(small_params, d, tiny_run.dataset, prev)
-    shutil.copy(tiny_run.epoch(1) / "kmeans.npz", prev)  # following the message's advice gets it back
+    shutil.copy(tiny_run.epoch(1) / "clusters.npz", prev)  # following the message's advice gets it back
     run_labels(small_params, prev, tiny_run.dataset, None)
     assert (prev / "assignments.parquet").read_bytes() == (tiny_run.epoch(1) / "assignments.parquet").read_bytes()
     assert run_labels(small_params, d, tiny_run.dataset, prev)["nmi_previous"] == pytest.approx(

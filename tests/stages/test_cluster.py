@@ -1,13 +1,18 @@
 """stages.cluster: faiss k-means (real faiss, CPU) with per-epoch seeds and empty-cluster counting."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import yaml
 from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
-from stages.cluster import Clustering, load_clustering, number_of_clusters, run_cluster, run_kmeans, save_clustering
+from stages.cluster import (Clustering, absorb_singletons, cluster_features, knn_graph, load_clustering, number_of_clusters,
+                            run_cluster, run_kmeans, run_pic, save_clustering)
 from stages.common import StageError, read_json, seed_for
+from stages.labels import nmi
 
 
 def blobs(n: int, centers: int, seed: int = 1, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +82,7 @@ def test_run_cluster_seeds_kmeans_from_run_seed_and_epoch(tmp_path, small_params
     s2 = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e2", epoch=2)
     assert s1["seed"] == seed_for(small_params["run"]["seed"], 1, "cluster")
     assert s2["seed"] == seed_for(small_params["run"]["seed"], 2, "cluster") != s1["seed"]
-    c1, c1_again, c2 = (load_clustering(tmp_path / d / "kmeans.npz") for d in ("e1", "e1_again", "e2"))
+    c1, c1_again, c2 = (load_clustering(tmp_path / d / "clusters.npz") for d in ("e1", "e1_again", "e2"))
     np.testing.assert_array_equal(c1.labels, c1_again.labels)  # a rerun of an epoch is reproducible
     assert normalized_mutual_info_score(c1.labels, c2.labels) < 0.999  # the next epoch starts elsewhere
     assert s1["k"] == small_params["cluster"]["k"] and read_json(tmp_path / "e1" / "cluster.json") == s1
@@ -134,8 +139,8 @@ def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params
         params = {**small_params, "cluster": {**small_params["cluster"], "k": k}}
         with pytest.raises(StageError, match=message):
             run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "out", epoch=1)
-    params = {**small_params, "cluster": {**small_params["cluster"], "method": "pic"}}
-    with pytest.raises(StageError, match="cluster.method='pic'"):
+    params = {**small_params, "cluster": {**small_params["cluster"], "method": "pic"}}  # with k = 10
+    with pytest.raises(StageError, match="cluster.k=10 with cluster.method: pic"):
         run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "out", epoch=1)
     with pytest.raises(StageError, match=str(tmp_path / "missing.npy")):
         run_cluster(small_params, tmp_path / "missing.npy", tmp_path / "out", epoch=1)
@@ -145,8 +150,8 @@ def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params
 def test_save_load_round_trip(tmp_path):
     x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
     c = run_kmeans(x, 4, seed=5, use_gpu=False)
-    save_clustering(tmp_path / "kmeans.npz", c)
-    back = load_clustering(tmp_path / "kmeans.npz")
+    save_clustering(tmp_path / "clusters.npz", c)
+    back = load_clustering(tmp_path / "clusters.npz")
     for field in ("labels", "distances", "centroids", "objective"):
         np.testing.assert_array_equal(getattr(back, field), getattr(c, field))
     assert back.seed == 5
@@ -154,11 +159,12 @@ def test_save_load_round_trip(tmp_path):
         load_clustering(tmp_path / "nope.npz")
 
 
-@pytest.mark.parametrize("k, message", [(1, "cluster.k=1: k-means needs at least 2 clusters"),
+@pytest.mark.parametrize("k, message", [(1, "cluster.k must be int ≥ 2, or auto"),  # the schema's check
                                         (41, "cluster.k=41 is larger than the number of images (40)")])
-def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, write_params, run_cli, k, message):
+def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, run_cli, k, message):
     np.save(tmp_path / "pca_features.npy", np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32))
-    params_file = write_params(tmp_path, small_params, {"cluster.k": k})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**small_params, "cluster": {**small_params["cluster"], "k": k}}))
     result = run_cli("cluster", "--params", params_file, "--features", tmp_path / "pca_features.npy",
                        "--out", tmp_path / "out", "--epoch", 1, cwd=tmp_path)
     assert result.returncode != 0
@@ -182,4 +188,157 @@ def test_run_cluster_with_k_auto_reports_the_k_it_used(tmp_path, small_params):
     np.save(tmp_path / "pca_features.npy", x)
     params = {**small_params, "cluster": {**small_params["cluster"], "k": "auto", "images_per_cluster": 24}}
     stats = run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
-    assert stats["k"] == 10 and len(load_clustering(tmp_path / "e1" / "kmeans.npz").centroids) == 10
+    assert stats["k"] == 10 and len(load_clustering(tmp_path / "e1" / "clusters.npz").centroids) == 10
+
+
+# ---------------------------------------------------------------- Power Iteration Clustering
+def _reference_pic(x: np.ndarray, neighbours: int, sigma: float, alpha: float, iterations: int) -> np.ndarray:
+    """PIC written as the paper's appendix describes it, one node at a time, on a dense matrix."""
+    n = len(x)
+    d2 = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
+    a = np.zeros((n, n))
+    for i in range(n):
+        order = [j for j in np.argsort(d2[i], kind="stable") if j != i][:neighbours]
+        for j in order:
+            a[i, j] = np.exp(-d2[i, j] / sigma**2)
+    w = a + a.T
+    v = np.full(n, 1.0 / n)
+    for _ in range(iterations):
+        v = alpha * (w @ v) + (1 - alpha) / n
+        v = v / v.sum()
+    pointer = list(range(n))
+    for i in range(n):
+        best = 0.0
+        for j in range(n):
+            if w[i, j] > 0 and w[i, j] * (v[j] - v[i]) > best:
+                best, pointer[i] = w[i, j] * (v[j] - v[i]), j
+    root = []
+    for i in range(n):
+        r = i
+        while pointer[r] != r:
+            r = pointer[r]
+        root.append(r)
+    labels = list(root)
+    knn = [[j for j in np.argsort(d2[i], kind="stable") if j != i][:neighbours] for i in range(n)]
+    while True:  # singletons join their nearest non-singleton neighbour's cluster, until none can
+        sizes = {c: labels.count(c) for c in set(labels)}
+        moves = {}
+        for i in range(n):
+            if sizes[labels[i]] == 1:
+                for j in knn[i]:
+                    if sizes[labels[j]] > 1:
+                        moves[i] = labels[j]
+                        break
+        if not moves:
+            break
+        for i, c in moves.items():
+            labels[i] = c
+    return np.array(labels)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_pic_gives_exactly_the_clusters_of_a_node_by_node_implementation(seed):
+    x = np.random.default_rng(seed).normal(size=(150, 6)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    expected = _reference_pic(x, neighbours=5, sigma=0.2, alpha=1e-3, iterations=200)
+    got = run_pic(x, neighbours=5, sigma=0.2, alpha=1e-3, iterations=200, use_gpu=False)
+    assert len(np.unique(expected)) > 3  # a partition worth comparing, not one cluster
+    assert _same_partition(got.labels, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pic_recovers_well_separated_blobs_without_being_told_their_number(seed):
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(600, 8, centers=6, cluster_std=0.5, random_state=seed)
+    c = run_pic((x / 10).astype(np.float32), neighbours=20, use_gpu=False)
+    assert c.k == 6
+    assert nmi(y, c.labels) > 0.999
+
+
+def _on_sphere(x: np.ndarray) -> np.ndarray:
+    """Centred and L2-normalised, as the pca stage hands features to the clustering."""
+    x = x - x.mean(axis=0)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_pic_with_the_papers_settings_over_segments_into_a_data_driven_number_of_clusters(digits):
+    x, y = _on_sphere(digits[0]), digits[1]
+    c = run_pic(x, use_gpu=False)  # neighbours 5, sigma 0.2, alpha 1e-3, 200 iterations
+    sizes = c.sizes()
+    assert 10 < c.k < len(x) // 5  # more clusters than classes, far fewer than images
+    assert sizes.min() >= 2  # no singleton survives
+    assert nmi(y, c.labels) > 0.5
+    # centroids and distances describe the clusters found: each point's distance is to its cluster's mean
+    np.testing.assert_allclose(c.centroids[3], x[c.labels == 3].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(c.distances, ((x - c.centroids[c.labels]) ** 2).sum(axis=1), rtol=1e-4, atol=1e-6)
+
+
+def test_singletons_join_their_nearest_non_singleton_neighbours_cluster():
+    labels = np.array([0, 0, 1, 2, 2, 3, 4])
+    idx = np.array([[1, 2], [0, 2], [5, 0], [4, 1], [3, 0], [2, 3], [5, 2]])  # nearest first
+    # 2's nearest is 5 (a singleton), then 0 (cluster 0); 5 -> 2 (singleton), then 3 (cluster 2);
+    # 6 -> 5 (singleton), then 2 (singleton): no neighbour outside a singleton in the first pass, but 2 and 5
+    # have moved by the second, so 6 follows 5 into cluster 2's
+    out = absorb_singletons(labels, idx)
+    assert _same_partition(out, np.array([0, 0, 0, 1, 1, 1, 1]))
+    assert out.max() == 1  # renumbered 0..C-1
+
+
+def test_knn_graph_drops_each_point_itself_even_among_exact_duplicates():
+    x = np.array([[0, 0], [0, 0], [1, 0], [3, 0], [3.5, 0]], dtype=np.float32)
+    idx, dist = knn_graph(x, 2, use_gpu=False)
+    assert all(i not in row for i, row in enumerate(idx))
+    assert set(idx[0]) == {1, 2} and set(idx[1]) == {0, 2}
+    assert dist[0].min() == 0  # the duplicate is a neighbour at distance 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sigma": 0.0}, "cluster.pic.sigma=0.0: the edge-weight scale must be > 0"),
+    ({"sigma": -1.0}, "cluster.pic.sigma=-1.0"),
+    ({"alpha": 0.0}, "cluster.pic.alpha=0.0: the damping must be strictly between 0 and 1"),
+    ({"alpha": 1.0}, "cluster.pic.alpha=1.0"),
+    ({"iterations": 0}, "cluster.pic.iterations=0"),
+    ({"neighbours": 40}, "cluster.pic.neighbours=40 needs 1 <= neighbours < the number of images (40)"),
+    ({"neighbours": 0}, "cluster.pic.neighbours=0"),
+])
+def test_pic_parameters_out_of_range_stop_with_the_key_and_the_fix(change, message):
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    settings = {"neighbours": 5, "sigma": 0.2, "alpha": 1e-3, "iterations": 200, **change}
+    with pytest.raises(StageError, match=re.escape(message)):
+        run_pic(x, use_gpu=False, **settings)
+
+
+def test_pic_refuses_a_number_of_clusters_instead_of_ignoring_it(small_params):
+    section = {**small_params["cluster"], "method": "pic", "k": 100}
+    with pytest.raises(StageError, match="finds the number of clusters itself: set cluster.k: auto"):
+        cluster_features(section, np.zeros((50, 4), dtype=np.float32), seed=0)
+    with pytest.raises(StageError, match="'spectral' is not a clustering method: use one of kmeans, pic"):
+        cluster_features({**section, "method": "spectral"}, np.zeros((50, 4), dtype=np.float32), seed=0)
+
+
+def test_run_cluster_with_pic_reports_clusters_and_singletons(tmp_path, small_params, digits):
+    np.save(tmp_path / "pca_features.npy", _on_sphere(digits[0]))
+    params = {**small_params, "cluster": {**small_params["cluster"], "method": "pic", "k": "auto"}}
+    stats = run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
+    c = load_clustering(tmp_path / "e1" / "clusters.npz")
+    assert stats["method"] == "pic" and stats["k"] == c.k == len(np.unique(c.labels))
+    assert stats["singleton_clusters"] == 0 and stats["empty_clusters"] == 0 and stats["objective"] is None
+
+
+def test_the_approximate_graph_finds_nearly_the_exact_neighbours():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 16)).astype(np.float32)
+    x = centres[rng.integers(0, 50, 4000)] + 0.3 * rng.standard_normal((4000, 16)).astype(np.float32)
+    exact, _ = knn_graph(x, 5, use_gpu=False, graph="exact")
+    approx, dist = knn_graph(x, 5, use_gpu=False, graph="ivf")
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, approx)])
+    assert recall > 0.9
+    assert all(i not in row for i, row in enumerate(approx)) and (np.diff(dist, axis=1) >= 0).all()
+    with pytest.raises(StageError, match="cluster.pic.graph='hnsw': use exact"):
+        knn_graph(x, 5, use_gpu=False, graph="hnsw")

@@ -86,7 +86,7 @@ def same_epoch(a: RunLayout, b: RunLayout, epoch: int) -> None:
     ("features.npy", "extract"),       # read by pca, which has not run: extract reruns
     ("pca_features.npy", "pca"),
     ("pca.npz", "pca"),
-    ("kmeans.npz", "cluster"),
+    ("clusters.npz", "cluster"),
     ("assignments.parquet", "labels"),
     ("pca.json", "pca"),                # a damaged report: its stage reruns
 ])

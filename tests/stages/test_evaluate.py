@@ -151,3 +151,15 @@ def test_margins_are_differences_in_points_with_the_seed_spreads_combined():
     assert margin(m, "cluster.trained.acc", "cluster.random.acc", "acc_std") == "+10.0 +- 5.0"
     assert margin(m, "cluster.trained.nmi", "cluster.random.nmi", "nmi_std") == "-0.050 +- 0.000"
     assert margin(m, "knn.trained", "knn.pixels", None) == "n/a"
+
+
+def test_the_last_clusterings_sizes_are_kept_with_the_evaluation(tiny_eval, tiny_run, small_params):
+    import pandas as pd
+
+    out, m = tiny_eval
+    kept = json.loads((out / "cluster_sizes.json").read_text())
+    clusters = pd.read_parquet(tiny_run.epoch(2) / "assignments.parquet")["cluster"].to_numpy()
+    counts = np.bincount(clusters)
+    assert kept["epoch"] == m["epochs"] == 2 and kept["method"] == small_params["cluster"]["method"]
+    assert kept["sizes"] == sorted(counts[counts > 0].tolist(), reverse=True)
+    assert sum(kept["sizes"]) == small_params["prepare"]["max_train_images"]

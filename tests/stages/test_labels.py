@@ -76,7 +76,7 @@ def write_epoch(directory, labels: np.ndarray, k: int) -> None:
     """A clustering of the training images, row i = training image i (what cluster writes)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    save_clustering(directory / "kmeans.npz", Clustering(
+    save_clustering(directory / "clusters.npz", Clustering(
         labels=labels.astype(np.int64), distances=rng.random(len(labels)).astype(np.float32),
         centroids=np.zeros((k, 4), np.float32), objective=np.ones(3), seed=1))
 

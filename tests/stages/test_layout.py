@@ -20,7 +20,7 @@ def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoint
     layout.checkpoint(0).write_bytes(b"0")
     for epoch in range(1, 7):  # what each finished epoch leaves before retention
         layout.epoch(epoch).mkdir(parents=True)
-        for name in ("features.npy", "pca_features.npy", "assignments.parquet", "kmeans.npz", "metrics.json"):
+        for name in ("features.npy", "pca_features.npy", "assignments.parquet", "clusters.npz", "metrics.json"):
             (layout.epoch(epoch) / name).write_bytes(b"x")
         layout.checkpoint(epoch).write_bytes(b"x")
         apply_retention(params, layout, epoch)
@@ -28,7 +28,7 @@ def test_retention_policy(tmp_path, small_params, keep_features, keep_checkpoint
     assert [e for e in range(1, 7) if (layout.epoch(e) / "pca_features.npy").exists()] == features_kept
     assert [e for e in range(0, 7) if layout.checkpoint(e).exists()] == checkpoints_kept
     assert all((layout.epoch(e) / name).exists() for e in range(1, 7)
-               for name in ("assignments.parquet", "kmeans.npz", "metrics.json"))
+               for name in ("assignments.parquet", "clusters.npz", "metrics.json"))
 
 
 def test_layout_names_and_finished_epochs(tmp_path):

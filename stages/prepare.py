@@ -73,7 +73,8 @@ def _find(root: Path, stem: str) -> Path:
 
 # ---------------------------------------------------------------- image trees
 def list_images(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The image files under `root`, and the folders that could not be listed, with the reason.
+    """The image files under `root`, and what was skipped (folders that could not be listed, files that are
+    not images by their extension), with the reason.
 
     Path.rglob skips a folder it cannot open without a word; os.walk reports it.
     """
@@ -84,8 +85,14 @@ def list_images(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
                                                              f"{error.strerror}"))
 
     for folder, _, files in os.walk(root, onerror=unreadable):
-        images += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(p for p in images if p.is_file()), skipped
+        for f in files:
+            path = Path(folder) / f
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            else:
+                skipped.append((str(path.resolve()), f"not an image file by its extension ({path.suffix or 'none'}; "
+                                                     f"read: {', '.join(IMAGE_EXTENSIONS)})"))
+    return sorted(p for p in images if p.is_file()), sorted(skipped)
 
 
 def scan_image_tree(root: Path, labelled: bool) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:

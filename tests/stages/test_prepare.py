@@ -116,11 +116,12 @@ def test_imagefolder_labels_from_folders_and_corrupt_file_skipped(tmp_path, imag
                       "things/coffee.jpg": 2, "things/coins.png": 2}
     assert meta["classes"] == ["animals", "people", "things"]
     assert meta["kind"] == "files" and meta["channels"] == 3 and meta["image_size"] == 32
-    assert meta["unreadable"] == 1 and meta["counts"] == {"train": 5}
+    assert meta["unreadable"] == 2 and meta["counts"] == {"train": 5}
 
-    unreadable = pd.read_csv(out / "unreadable.csv")
-    assert list(unreadable["path"]) == [str((image_tree / "things" / "broken.png").resolve())]
-    assert unreadable["error"].str.len().min() > 0
+    skipped = pd.read_csv(out / "unreadable.csv").sort_values("path")  # every skipped file, with the reason
+    assert list(skipped["path"]) == [str((image_tree / "things" / n).resolve()) for n in ("broken.png", "notes.txt")]
+    assert skipped["error"].iloc[1].startswith("not an image file by its extension (.txt")
+    assert skipped["error"].str.len().min() > 0
     assert not (out / "pixels.npy").exists()
 
     images = load_split(out, "train")

@@ -195,12 +195,22 @@ def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float
     v = power_iteration(w, alpha, iterations)
     labels = absorb_singletons(np.unique(forest_roots(w, v), return_inverse=True)[1], idx)
     k = int(labels.max()) + 1
-    sizes = np.bincount(labels, minlength=k).astype(np.float64)
-    centroids = np.zeros((k, x.shape[1]), dtype=np.float64)
-    np.add.at(centroids, labels, x)
-    centroids = (centroids / sizes[:, None]).astype(np.float32)
-    distances = ((x - centroids[labels]) ** 2).sum(axis=1).astype(np.float32)
+    centroids, distances = cluster_means(x, labels, k)
     return Clustering(labels, distances, centroids, np.zeros(0), seed=0)
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's mean (k x d) and each point's squared distance to its cluster's mean, with O(chunk x d)
+    temporary memory (a one-shot x - means[labels] would hold two more copies of the features)."""
+    n = len(x)
+    members = scipy.sparse.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    means = (members @ x.astype(np.float64, copy=False) if n <= chunk else
+             sum(members[:, i:i + chunk] @ x[i:i + chunk].astype(np.float64) for i in range(0, n, chunk)))
+    means = (means / np.bincount(labels, minlength=k)[:, None]).astype(np.float32)
+    distances = np.empty(n, dtype=np.float32)
+    for i in range(0, n, chunk):
+        distances[i:i + chunk] = ((x[i:i + chunk] - means[labels[i:i + chunk]]) ** 2).sum(axis=1)
+    return means, distances
 
 
 def number_of_clusters(section: dict, n: int) -> int:

@@ -9,8 +9,8 @@ import yaml
 from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
-from stages.cluster import (Clustering, absorb_singletons, cluster_features, knn_graph, load_clustering, number_of_clusters,
-                            run_cluster, run_kmeans, run_pic, save_clustering)
+from stages.cluster import (Clustering, absorb_singletons, cluster_features, cluster_means, knn_graph, load_clustering,
+                            number_of_clusters, run_cluster, run_kmeans, run_pic, save_clustering)
 from stages.common import StageError, read_json, seed_for
 from stages.labels import nmi
 
@@ -342,3 +342,12 @@ def test_the_approximate_graph_finds_nearly_the_exact_neighbours():
     assert all(i not in row for i, row in enumerate(approx)) and (np.diff(dist, axis=1) >= 0).all()
     with pytest.raises(StageError, match="cluster.pic.graph='hnsw': use exact"):
         knn_graph(x, 5, use_gpu=False, graph="hnsw")
+
+
+def test_cluster_means_in_chunks_equal_the_means_of_the_members():
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((1000, 6)).astype(np.float32), rng.integers(0, 7, 1000)
+    means, distances = cluster_means(x, labels, 7, chunk=128)  # 8 chunks, the last one partial
+    expected = np.stack([x[labels == c].mean(axis=0) for c in range(7)])
+    np.testing.assert_allclose(means, expected, atol=1e-6)
+    np.testing.assert_allclose(distances, ((x - expected[labels]) ** 2).sum(axis=1), rtol=1e-5)

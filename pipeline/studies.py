@@ -157,10 +157,7 @@ def table(rows: dict[str, dict]) -> str:
 
 def plot_scores(rows: dict[str, dict], path: Path) -> None:
     """Per study, the trained network's headline figures per row, with the random-init and pixel baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stages.pictures import plt, save_figure  # the Agg backend, atomic PNG writes
 
     keys = [("probe.trained.best", "probe.random.best", "probe.pixels", "best conv probe"),
             ("knn.trained", "knn.random", "knn.pixels", "weighted kNN"),
@@ -185,18 +182,14 @@ def plot_scores(rows: dict[str, dict], path: Path) -> None:
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
     """NMI(t−1, t) per epoch overlaid for each study (paper Fig. 2b), and k-means vs PIC cluster sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from stages.pictures import plt, save_figure
 
     fig, axes = plt.subplots(1, len(STUDIES) + 1, figsize=(4.2 * (len(STUDIES) + 1), 3.4))
     for ax, (study, names) in zip(axes, STUDIES.items()):
@@ -221,9 +214,7 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def report(out: Path, show: list | None = None) -> str:

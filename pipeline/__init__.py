@@ -27,6 +27,9 @@ OFFLINE_ENV = {
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+# Prefect waits 20 s for its temporary server by default; on a small machine busy with other jobs
+# the server's start (imports, database migrations) takes longer, and the run would fail before it began.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def prefect_state_dir() -> Path:

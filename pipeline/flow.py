@@ -33,8 +33,8 @@ from pipeline import PROJECT_ROOT, project_server_url, tracking
 from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
 from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
                                 workspace_lock)
-from stages.common import (StageError, TransientError, cli_errors, failure_message, flatten, is_transient, load_params,
-                           parse_override, read_json, write_json)
+from stages.common import (StageError, TransientError, cli_errors, failure_message, first_line, flatten, is_transient,
+                           load_params, parse_override, read_json, write_json)
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
 from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
                            report)
@@ -306,7 +306,13 @@ def start_temporary_server() -> str:
                 subprocess.Popen = popen
 
     server = ServerDyingWithFlow()  # SubprocessASGIServer() now returns it: one instance per port (None: any)
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as e:
+        variable = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        raise StageError(f"the temporary Prefect server did not answer within {os.environ.get(variable)} s "
+                         f"({first_line(e)}): on a busy machine wait longer (export {variable}=600), or start "
+                         "one server for all runs with `make serve`") from e
     return server.api_url
 
 

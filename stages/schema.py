@@ -322,7 +322,7 @@ def problems(params: Any, source: str = "params.yaml", overridden: dict | None =
                 f"{type(params).__name__}: restore it (`git checkout {source}`)"]
     try:
         Params.model_validate(params)
-        return []
+        return combination_problems(params, source, overridden, origin)
     except ValidationError as e:
         errors = e.errors()
     secs = sections()
@@ -364,6 +364,18 @@ def problems(params: Any, source: str = "params.yaml", overridden: dict | None =
         given = (f"{origin} {key}={overridden[key]!r}" if key in overridden
                  else f"{key}: {_value_at(params, key)!r} in {source}")
         out.append(f"{given} is not allowed: {key} must be {allowed(key)}; set it to an allowed value")
+    return out
+
+
+def combination_problems(params: dict, source: str, overridden: dict, origin: str) -> list[str]:
+    """Values each allowed alone but not together."""
+    out = []
+    cluster = params["cluster"]
+    if cluster["method"] == "pic" and cluster["k"] != "auto":
+        given = f"{origin} cluster.k={overridden['cluster.k']!r}" if "cluster.k" in overridden else \
+            f"cluster.k: {cluster['k']!r} in {source}"
+        out.append(f"{given} with cluster.method: pic is not allowed: PIC finds the number of clusters itself; "
+                   "set cluster.k: auto (or use cluster.method: kmeans)")
     return out
 
 

@@ -202,6 +202,11 @@ BAD_FILES = {
                                                          "run, prepare, model, extract, pca, cluster, train, evaluate"]),
     "--fresh with a bad --set": (None, ["--fresh", "--set", "cluster.k=abc"], ["--set cluster.k='abc' is not allowed"]),
     "--fresh with a bad file": (_edit("  lr: 0.1 ", "  lr: -0.1 "), ["--fresh"], ["train.lr: -0.1 in {path}"]),
+    # each value is allowed alone; together they would fail in the cluster stage, after extract and pca
+    "pic with a fixed k": (_edit("  method: kmeans ", "  method: pic "), ["--set", "cluster.k=10"],
+                           ["--set cluster.k=10 with cluster.method: pic is not allowed", "set cluster.k: auto"]),
+    "pic with a fixed k in the file": (_edit("  k: auto ", "  k: 10 "), ["--set", "cluster.method=pic"],
+                                       ["cluster.k: 10 in {path} with cluster.method: pic is not allowed"]),
 }
 
 

@@ -202,3 +202,51 @@ def test_two_process_training_with_global_batchnorm_is_one_process_training(runs
     assert s2["n_samples"] == s1["n_samples"] == 200 and s2["processes"] == 2
     assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-5)
     assert s2["pseudo_label_accuracy"] == pytest.approx(s1["pseudo_label_accuracy"])
+
+
+# ---------------------------------------------------------------- the flow, and several nodes (slow)
+@pytest.mark.slow
+def test_the_flow_runs_extract_and_train_under_torchrun(prefect_harness, mlflow_uri, fashion_dataset, small_params,
+                                                        write_params, tmp_path):
+    from pipeline.flow import deepcluster
+
+    params_file = write_params(tmp_path, small_params, {"run.epochs": 1, "run.nproc_per_node": 2})
+    metrics = deepcluster(params_file=str(params_file), dataset=str(fashion_dataset),
+                          epochs_root=str(tmp_path / "epochs"), checkpoints=str(tmp_path / "ckpt"), dvc=False)
+    epoch = tmp_path / "epochs" / "0001"
+    assert read_json(epoch / "extract.json")["processes"] == 2 and read_json(epoch / "train.json")["processes"] == 2
+    assert metrics["epoch"] == 1 and np.isfinite(metrics["train_loss"])
+    assert load_checkpoint(tmp_path / "ckpt" / "epoch_0001.pt")["epoch"] == 1
+    assert not [p.name for p in epoch.iterdir() if p.name.startswith(".")]  # the params file for torchrun is gone
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_endpoint_and_write_one_features_file(fashion_dataset, small_params, tmp_path):
+    """Two "nodes" on this machine: node 0 runs the stage as the flow does, node 1 follows its announcement."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from stages.epoch import run_stage
+    from stages.layout import RunLayout
+
+    params = apply_overrides(small_params, {"run.nnodes": 2, "run.rdzv_endpoint": f"127.0.0.1:{_free_port()}",
+                                            "run.epochs": 1})
+    layout = RunLayout(fashion_dataset, tmp_path / "epochs", tmp_path / "ckpt")
+    init_checkpoint(params, fashion_dataset, layout.checkpoint(0))
+    layout.epochs_root.mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    follower = subprocess.Popen([sys.executable, "-m", "stages.distributed", "follow", "--params", "params.yaml",
+                                 "--node-rank", "1", "--epochs-root", layout.epochs_root], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stats = run_stage("extract", params, layout, 1)
+    finally:
+        follower.kill()
+        out = follower.communicate()[0]
+    assert "follow: extract of epoch 1" in out
+    assert stats["processes"] == 2
+    feats = np.load(layout.epoch(1) / "features.npy")
+    assert feats.shape[0] == len(load_split(fashion_dataset)) and np.isfinite(feats).all() and (feats != 0).any(1).all()
+    assert not (layout.epochs_root / ".torchrun.json").exists()

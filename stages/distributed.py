@@ -206,28 +206,42 @@ def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[flo
 
 
 # ---------------------------------------------------------------- BatchNorm over the global batch
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its gradient: every rank's loss depends on every rank's sum, so the gradient of
+    the sum is the sum of the ranks' gradients (torch.distributed.nn's version is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch, on any device.
 
     torch's SyncBatchNorm (used on GPUs) refuses CPU tensors; this is the same computation in plain
-    autograd ops: the per-channel sums are all-reduced (torch.distributed.nn's all_reduce, whose
-    backward all-reduces the gradient, so each rank's loss reaches every rank's inputs), two passes
-    (mean, then squared deviations) for the variance. Same parameters and buffers as BatchNorm2d, so
-    checkpoints are unchanged.
+    autograd ops: the per-channel sums are all-reduced (backward all-reduces their gradients, so each
+    rank's loss reaches every rank's inputs), in two passes (mean, then squared deviations) for the
+    variance. Same parameters and buffers as BatchNorm2d, so checkpoints are unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = (0, 2, 3)
         per_channel = x.numel() // x.shape[1]
-        summed = all_reduce(torch.cat([x.sum(dims), x.new_full((1,), float(per_channel))]))
+        summed = _SumOverRanks.apply(torch.cat([x.sum(dims), x.new_full((1,), float(per_channel))]))
         n = summed[-1]
         mean = summed[:-1] / n
         centred = x - mean.view(1, -1, 1, 1)
-        var = all_reduce((centred * centred).sum(dims)) / n
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

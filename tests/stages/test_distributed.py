@@ -102,6 +102,25 @@ def test_schema_refuses_a_bad_endpoint_and_backend(small_params):
         apply_overrides(small_params, {"run.dist_backend": "mpi"})
 
 
+def test_global_batchnorm_keeps_the_parameters_the_optimizer_holds_and_the_checkpoint_keys(small_params):
+    from stages.distributed import GlobalBatchNorm2d, global_batchnorm
+    from stages.models import build_model
+
+    model = build_model(small_params["model"], 1, 28)
+    before = {name: p for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    converted = global_batchnorm(model, torch.device("cpu"))
+    assert converted is model and list(model.state_dict()) == keys
+    assert all(p is before[name] for name, p in model.named_parameters())
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(type(m) is GlobalBatchNorm2d for m in bns)
+    # one process: plain BatchNorm
+    x = torch.randn(8, 1, 28, 28)
+    ref = build_model(small_params["model"], 1, 28)
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.train().fc_features(x), ref.train().fc_features(x))
+
+
 # ---------------------------------------------------------------- launching
 def test_torchrun_command_one_node_and_several(small_params):
     run = {**small_params["run"], "nproc_per_node": 8}

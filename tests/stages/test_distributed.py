@@ -133,6 +133,20 @@ def test_torchrun_command_one_node_and_several(small_params):
     assert {"--nnodes=4", "--node_rank=2", "--master_addr=gpu-node-0", "--master_port=29500"} <= set(cmd)
 
 
+def test_the_flow_checks_the_settings_before_starting_any_process(fashion_dataset, small_params, tmp_path):
+    from stages.epoch import run_stage
+    from stages.layout import RunLayout
+
+    layout = RunLayout(fashion_dataset, tmp_path / "epochs", tmp_path / "ckpt")
+    with pytest.raises(StageError, match="train.batch_size=64 is not divisible by the 3 processes"):
+        run_stage("train", apply_overrides(small_params, {"run.nproc_per_node": 3}), layout, 1)
+    with pytest.raises(StageError, match="500 processes but only 240 images"):
+        run_stage("extract", apply_overrides(small_params, {"run.nproc_per_node": 250, "run.nnodes": 2}), layout, 1)
+    with pytest.raises(StageError, match="run.node_rank=3 but run.nnodes=2"):
+        run_stage("extract", apply_overrides(small_params, {"run.nnodes": 2, "run.node_rank": 3}), layout, 1)
+    assert not layout.epochs_root.exists() or not list(layout.epochs_root.rglob("*.yaml"))
+
+
 def test_a_failed_launch_is_the_stages_own_message():
     out = "noise\ntrain: train.lr is too high\ntrain: train.lr is too high\n[torchrun] ChildFailedError ...\n"
     e = launch_error("train", out, 1)

@@ -10,13 +10,20 @@ kmeans: faiss k-means on all points (what stages.cluster does) vs faiss's defaul
 pic:   PIC (exact and ivf graphs) vs k-means (baseline) on the same synthetic 256-d features at 100k and 1M
        points: seconds and peak memory, each method in its own process (peak memory is per process).
        `--sizes 100000` for the 100k row alone.
+ddp:   the train stage's epoch loop (train_one_epoch) on the default small_alexnet and batch: 1 process
+       with 2 torch threads (baseline) vs 2 gloo DDP processes with 1 thread each (the same 2 cores), with
+       and without train.sync_batchnorm; scaling efficiency = throughput ratio / 2.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import multiprocessing
+import os
+import socket
 import time
+
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -138,7 +145,80 @@ def bench_pic(sizes: tuple[int, ...] = (100_000, 1_000_000), d: int = 256, k: in
                   f"   {r['clusters']} clusters")
 
 
-BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic}
+def _ddp_worker(rank: int, size: int, threads: int, port: int, sync_bn: bool, steps: int, results) -> None:
+    from stages.common import load_params
+    from stages.data import ImageSet
+    from stages.distributed import World, global_batchnorm, split_sample
+    from stages.train import body_optimizer, head_optimizer, train_one_epoch
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if size > 1:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    p = params["train"]
+    batch = p["batch_size"]
+    rng = np.random.default_rng(0)
+    n = (steps + 5) * batch
+    images = ImageSet(Path("."), {"mean": [0.29], "std": [0.35]}, np.arange(n).astype(str), np.zeros(n, np.int64),
+                      rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), None)  # random pixels: speed only
+    torch.manual_seed(0)
+    model = build_model(params["model"], 1, 28)
+    if size > 1 and sync_bn:
+        model = global_batchnorm(model, torch.device("cpu"))
+    optimizer = body_optimizer(model, p)
+    model.reset_top_layer(312)  # the default run's clusters (20k images / 64)
+    top_optimizer = head_optimizer(model, p)
+    model = model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
+    world = World(rank=rank, size=size, local_rank=rank, local_size=size)
+    share = {**p, "batch_size": batch // size}
+    targets = rng.integers(0, 312, n)
+    gen = torch.Generator().manual_seed(rank)
+    warm, timed = np.arange(5 * batch), np.arange(5 * batch, n)
+    seconds = []
+    for rows in (warm, timed, timed, timed):  # a warm-up, then 3 timed passes
+        mine = split_sample(rows, batch, world)
+        if size > 1:
+            torch.distributed.barrier()
+        t = time.perf_counter()
+        train_one_epoch(net, images, mine, targets[mine], optimizer, top_optimizer, share, torch.device("cpu"), gen,
+                        progress=False)
+        seconds.append(time.perf_counter() - t)
+    results.put((seconds[1:], len(timed)))
+    if size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def bench_ddp(steps: int = 60) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for name, size, threads, sync_bn in (("1 process x 2 threads", 1, 2, False),
+                                         ("2 processes x 1 thread, sync_batchnorm", 2, 1, True),
+                                         ("2 processes x 1 thread, per-process BN", 2, 1, False)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_ddp_worker, args=(r, size, threads, port, sync_bn, steps, results))
+                 for r in range(size)]
+        for proc in procs:
+            proc.start()
+        outs = [results.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        # a pass is done when its slowest rank is; the best of the 3 passes (other jobs only slow one down)
+        best = min(max(per_rank) for per_rank in zip(*(seconds for seconds, _ in outs)))
+        rows.append((name, size, outs[0][1] / best))
+    base = rows[0][2]
+    print(f"ddp: train_one_epoch, small_alexnet (params.yaml's model), global batch = train.batch_size, best of 3 "
+          f"passes of {steps} steps on random 28 px images, gloo on {len(os.sched_getaffinity(0))} CPU(s)")
+    for name, size, rate in rows:
+        ratio = rate / base
+        print(f"  {name:40s} {rate:6.0f} img/s ({ratio:4.2f}x, scaling efficiency {ratio / size:4.2f})")
+
+
+BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ from stages.layout import RunLayout
 # same files as deps; tests/pipeline/test_workspace.py checks). A run resumed after any of them
 # changed would mix two versions of the method, so the run records their hash (see run_identity).
 CODE_MODULES = ("common", "data", "models", "checkpoints", "layout", "epoch", "extract", "pca", "cluster", "labels",
-                "train")
+                "train", "distributed")
 # The params.yaml sections the epochs read (dvc.yaml's deepcluster stage lists the same); `prepare`
 # is covered by the dataset's hash, `evaluate` plays no part in the epochs.
 EPOCH_SECTIONS = ("model", "extract", "pca", "cluster", "train")

@@ -6,15 +6,20 @@ writing its <stage>.json report, so a chain can resume after the last finished s
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
-
 from typing import Callable
+
+import yaml
 
 from stages.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
 from stages.checkpoints import verify_checkpoint
 from stages.cluster import CLUSTERING_ARRAYS, run_cluster
 from stages.common import StageError, read_json, what_is_wrong
 from stages.data import load_split
+from stages.distributed import announced, check_launch, check_world, launch, processes
 from stages.extract import run_extract
 from stages.labels import run_labels
 from stages.layout import ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout, report
@@ -28,8 +33,12 @@ EPOCH_STAGES = ("extract", "pca", "cluster", "labels", "train")
 
 def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> dict:
     """Run one stage of `epoch` on the layout's files; `previous` is the epoch directory NMI(t-1, t)
-    compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's)."""
+    compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's).
+    extract and train run on run.nproc_per_node x run.nnodes processes under torchrun when that is
+    more than one (stages/distributed.py), else here, in this process."""
     d = layout.epoch(epoch)
+    if name in DISTRIBUTED_STAGES and processes(params["run"]) > 1:
+        return run_under_torchrun(name, params, layout, epoch)
     if name == "extract":
         return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), d)
     if name == "pca":
@@ -42,6 +51,49 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
         return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1),
                          layout.checkpoint(epoch), epoch, d / report("train"))
     raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
+
+
+# The stages that run on several processes when run.nproc_per_node * run.nnodes > 1.
+DISTRIBUTED_STAGES = ("extract", "train")
+
+
+def stage_arguments(name: str, layout: RunLayout, epoch: int) -> list[str]:
+    """The command line of `python -m stages.<name>` for what run_stage runs in-process (less --params)."""
+    d = layout.epoch(epoch)
+    if name == "extract":
+        return ["--dataset", layout.dataset, "--checkpoint", layout.checkpoint(epoch - 1), "--out", d]
+    if name == "train":
+        return ["--dataset", layout.dataset, "--assignments", d / ASSIGNMENTS, "--checkpoint-in",
+                layout.checkpoint(epoch - 1), "--checkpoint-out", layout.checkpoint(epoch), "--epoch", epoch,
+                "--stats-out", d / report("train")]
+    raise ValueError(f"stage {name!r} does not run under torchrun: only {', '.join(DISTRIBUTED_STAGES)} do")
+
+
+def run_under_torchrun(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
+    """Stage `name` on the run's processes: the settings are checked here first (a bad one stops before
+    any process starts), the processes read the run's params from a file beside the epoch's, and the
+    stage's report is what they wrote."""
+    section = params[name]
+    n_images = train_rows(layout.dataset)
+    if name == "train":
+        n_images = section["samples_per_epoch"] or n_images
+    check_launch(params["run"])
+    check_world(processes(params["run"]), n_images=n_images, device=section["device"],
+                backend=params["run"]["dist_backend"], section=name, local_size=params["run"]["nproc_per_node"],
+                batch_size=section.get("batch_size") if name == "train" else None)
+    d = layout.epoch(epoch)
+    d.mkdir(parents=True, exist_ok=True)
+    # Hidden: not an artifact, and one a killed run leaves behind is removed by the next (pipeline.workspace).
+    fd, params_file = tempfile.mkstemp(dir=d, prefix=f".{name}.params.", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(params, f, sort_keys=False)
+        args = ["--params", params_file, *stage_arguments(name, layout, epoch)]
+        with announced(layout.epochs_root, name, epoch, args) if params["run"]["nnodes"] > 1 else nullcontext():
+            launch(params["run"], name, args)
+    finally:
+        os.unlink(params_file)
+    return read_json(d / report(name))
 
 
 def output_problem(name: str, params: dict, layout: RunLayout, epoch: int, needed: bool = False) -> StageError | None:

@@ -3,6 +3,8 @@
 Centre crop, no augmentation, eval() mode (dropout off, BatchNorm running statistics), as the
 official implementation clusters. Features stream into a .npy memmap batch by batch, so memory is
 bounded by one batch plus the page cache, never N x D in RAM.
+
+Under torchrun each process computes a contiguous block of rows into the same file (stages/distributed.py).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from tqdm import tqdm
 
 from stages.artifacts import allocate_npy, check_architecture
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, pick_device, write_json
+from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, write_json
 from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
+from stages.distributed import (World, backend_for, barrier, broadcast, check_world, process_group, shard,
+                                stage_device, world_from_env)
 from stages.layout import FEATURES, report
 
 
@@ -35,13 +39,14 @@ def autocast(device: torch.device, amp: bool | str):
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, *, crop_size: int,
                      batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int = 0,
-                     layer: str = "fc", progress: bool = True) -> None:
-    """Fill `out` (N x D, e.g. a memmap) with the features of images in dataset order."""
+                     layer: str = "fc", progress: bool = True, rows: np.ndarray | None = None) -> None:
+    """Fill `out` (len(rows) x D, e.g. a memmap) with the features of the images at `rows` (default: all, in
+    dataset order)."""
     model.eval()
     mean, std = images.meta["mean"], images.meta["std"]
-    order = np.arange(len(images))
+    order = np.arange(len(images)) if rows is None else rows
     start = 0
-    bar = tqdm(total=len(images), desc="extract", unit="img", disable=not progress or None, leave=False)
+    bar = tqdm(total=len(order), desc="extract", unit="img", disable=not progress or None, leave=False)
     for batch in iterate_batches(images, order, batch_size, num_workers):
         x = normalize(center_crop(batch, crop_size).to(device, non_blocking=True), mean, std)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -53,27 +58,41 @@ def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, 
     bar.close()
 
 
-def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_dir: str | Path) -> dict:
+def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_dir: str | Path,
+                world: World | None = None) -> dict:
+    """world: this process's place under torchrun (default: from the environment; one process without)."""
     section = params["extract"]
     out_dir = Path(out_dir)
+    world = world_from_env() if world is None else world
     with Timer() as t:
-        device = pick_device(section.get("device", "auto"))
         images = load_split(dataset, "train")
+        check_world(world.size, n_images=len(images), device=section["device"], backend=params["run"]["dist_backend"],
+                    section="extract", local_size=world.local_size)
+        device = stage_device(section.get("device", "auto"), world)
         ckpt = load_checkpoint(checkpoint, device)
         check_input_size(ckpt, section["crop_size"], "extract.crop_size")
         check_architecture(ckpt, params["model"], images.channels, checkpoint)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
-        with atomic_path(out_dir / FEATURES) as tmp:
-            feats = allocate_npy(tmp, (len(images), model.feature_dim), np.float32, out_dir / FEATURES)
-            extract_features(model, images, feats, crop_size=section["crop_size"], batch_size=section["batch_size"],
-                             device=device, amp=section["amp"], num_workers=section["num_workers"])
-            if not np.isfinite(feats).all():
-                raise StageError(f"non-finite features from {checkpoint}: the network diverged; lower train.lr")
+        shape = (len(images), model.feature_dim)
+        with process_group(world, backend_for(params["run"]["dist_backend"], device), device), \
+                (atomic_path(out_dir / FEATURES) if world.main else contextlib.nullcontext()) as tmp:
+            if world.main:  # one file, allocated once; every rank writes its block of rows into it
+                allocate_npy(tmp, shape, np.float32, out_dir / FEATURES).flush()
+            feats = np.load(broadcast(tmp), mmap_mode="r+")  # the broadcast waits for the allocation
+            block = shard(len(images), world)
+            extract_features(model, images, feats[block], crop_size=section["crop_size"],
+                             batch_size=section["batch_size"], device=device, amp=section["amp"],
+                             num_workers=section["num_workers"], progress=world.main,
+                             rows=np.arange(block.start, block.stop))
             feats.flush()
             del feats
+            barrier()  # every block written before rank 0 checks, fsyncs and renames the file
+            if world.main and not np.isfinite(np.load(tmp, mmap_mode="r")).all():
+                raise StageError(f"non-finite features from {checkpoint}: the network diverged; lower train.lr")
     stats = {"n_images": len(images), "feature_dim": model.feature_dim, "checkpoint_epoch": ckpt["epoch"],
-             "device": device.type, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
-    write_json(out_dir / report("extract"), stats)
+             "device": device.type, "processes": world.size, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
+    if world.main:
+        write_json(out_dir / report("extract"), stats)
     return stats
 
 
@@ -86,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with cli_errors("extract"):
         stats = run_extract(load_params(args.params), args.dataset, args.checkpoint, args.out)
-    print(f"extract: {stats['n_images']} x {stats['feature_dim']} features in {stats['seconds']:.1f}s -> {args.out}")
+    if world_from_env().main:
+        print(f"extract: {stats['n_images']} x {stats['feature_dim']} features in {stats['seconds']:.1f}s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ Device = Annotated[StrictStr, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?
                    Allowed("auto | cpu | cuda | cuda:N")]
 Amp = Annotated[Union[StrictBool, Literal["auto"]], Allowed("auto | true | false")]
 Bool = Annotated[StrictBool, Allowed("true | false")]
+Endpoint = Annotated[StrictStr, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]+:[0-9]{1,5}$"), Allowed("host:port")]
 Location = Annotated[StrictStr, at.MinLen(1), Allowed("a path")]
 Layers = Annotated[list[StrictStr], Allowed("a list of layer names, e.g. [conv1, conv3, conv5]")]
 LayersOrAll = Annotated[Union[Literal["all"], Annotated[list[StrictStr], at.MinLen(1)]],
@@ -126,6 +127,14 @@ class Section(BaseModel):
 class Run(Section):
     seed: Int(0) = doc("seeds every stage's randomness (per epoch and purpose), so a run is reproducible")
     epochs: Int(1) = doc("NMI(t-1, t) rises, then saturates near 0.8 (paper Fig. 2b); the paper trains 500")
+    nproc_per_node: Int(1) = doc("processes per node for extract and train (torchrun, one per GPU); 1 = in-process, "
+                                 "as on a single CPU or GPU")
+    nnodes: Int(1) = doc("machines taking part in extract and train; each runs the same command with its own "
+                         "run.node_rank (README \"Several GPUs, several nodes\")")
+    node_rank: Int(0) = doc("this machine's number, 0..nnodes-1; node 0 runs the flow and the other stages")
+    rdzv_endpoint: Endpoint = doc("host:port of node 0 where the nodes meet; only read when nnodes > 1 (one node "
+                                  "finds a free local port itself)")
+    dist_backend: Choice("auto", "gloo", "nccl") = doc("auto = nccl on GPUs, gloo on CPUs (nccl has no CPU tensors)")
 
 
 class Prepare(Section):
@@ -191,6 +200,9 @@ class Train(Section):
     crop_size: Int(1) = doc("random resized crops of this size")
     crop_scale: CropScale = doc("RandomResizedCrop area range; the paper's 0.08 crops most of a 28 px garment away")
     hflip: Bool = doc("random horizontal flips (paper)")
+    sync_batchnorm: Bool = doc("several processes: BatchNorm statistics over the global batch, as one process "
+                               "computes them; the recipe's batch of 64 split over 8 GPUs would leave 8 images per "
+                               "process's statistics")
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
     samples_per_epoch: Int(1, null="as many draws as training images") = doc(
         "images drawn (uniformly over clusters) per epoch")

@@ -8,6 +8,11 @@
 - random resized crop + horizontal flip, dropout; channels_last; bf16 autocast on GPU.
 
 `--init` writes the epoch-0 checkpoint (the seeded random network that epoch 1 clusters with).
+
+Under torchrun (stages/distributed.py) every rank draws the same sample and takes its share of each
+batch; the step count and global batch stay one process's. Augmentation and dropout draw from each
+rank's own seeded stream, seed_for(seed, epoch, "train") + rank (rank 0's is one process's), so the
+ranks do not crop their shares alike.
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ from tqdm import tqdm
 
 from stages.artifacts import check_architecture, check_assignments
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
-from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, pick_device, seed_for, write_json
+from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, seed_for, write_json
 from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
+from stages.distributed import (World, all_sum, backend_for, check_world, global_batchnorm, process_group,
+                                split_sample, stage_device, world_from_env)
 from stages.extract import autocast
 from stages.layout import report
 from stages.models import DeepClusterNet, build_model
@@ -103,16 +110,22 @@ def init_checkpoint(params: dict, dataset: str | Path, path: str | Path) -> None
 
 
 def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkpoint_in: str | Path,
-              checkpoint_out: str | Path, epoch: int, stats_out: str | Path | None = None) -> dict:
+              checkpoint_out: str | Path, epoch: int, stats_out: str | Path | None = None,
+              world: World | None = None) -> dict:
+    """world: this process's place under torchrun (default: from the environment; one process without)."""
     p = params["train"]
+    world = world_from_env() if world is None else world
     with Timer() as t:
-        device = pick_device(p.get("device", "auto"))
+        images = load_split(dataset, "train")
+        n_samples = int(p.get("samples_per_epoch") or len(images))
+        check_world(world.size, n_images=n_samples, device=p["device"], backend=params["run"]["dist_backend"],
+                    local_size=world.local_size, batch_size=p["batch_size"])
+        device = stage_device(p.get("device", "auto"), world)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         seed = seed_for(params["run"]["seed"], epoch, "train")
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        images = load_split(dataset, "train")
+        torch.manual_seed(seed)  # the same on every rank: the same fresh head
+        generator = torch.Generator().manual_seed(seed + world.rank)
         assign = check_assignments(assignments, images.ids, fix="rerun the epoch's labels stage (the dataset changed "
                                                                 "since clustering: rerun the epoch from extract)")
         targets, cluster_ids = contiguous_targets(assign["cluster"].to_numpy())
@@ -124,6 +137,8 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
             raise StageError(f"{checkpoint_in} is from epoch {ckpt['epoch']}, but epoch {epoch} must start from "
                              f"epoch {epoch - 1}'s checkpoint")
         model = model_from_checkpoint(ckpt, device)
+        if world.size > 1 and p["sync_batchnorm"]:
+            model = global_batchnorm(model, device)
         optimizer = body_optimizer(model, p)
         if ckpt["optimizer"] is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -132,16 +147,30 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
         model.reset_top_layer(len(cluster_ids))
         top_optimizer = head_optimizer(model, p)
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs and GPUs alike
+        if world.size > 1:
+            torch.manual_seed(seed + world.rank)  # dropout masks: each rank its own (the head is drawn already)
 
-        n_samples = int(p.get("samples_per_epoch") or len(images))
-        rows = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))
-        stats = train_one_epoch(model, images, rows, targets[rows], optimizer, top_optimizer, p, device, generator)
-        save_checkpoint(checkpoint_out, model=model, epoch=epoch, model_params=ckpt["model_params"],
-                        in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], optimizer=optimizer,
-                        top_optimizer=top_optimizer, cluster_ids=torch.from_numpy(cluster_ids))
-    stats.update(epoch=epoch, n_clusters=len(cluster_ids), device=device.type, seconds=t.seconds,
+        rows = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))  # the same on every rank
+        with process_group(world, backend_for(params["run"]["dist_backend"], device), device):
+            net = model
+            if world.size > 1:
+                rows = split_sample(rows, p["batch_size"], world)
+                net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                                else None)
+            share = {**p, "batch_size": p["batch_size"] // world.size}
+            stats = train_one_epoch(net, images, rows, targets[rows], optimizer, top_optimizer, share, device,
+                                    generator, progress=world.main)
+            if world.size > 1:  # train.json is the epoch's, not rank 0's share: sums over the ranks
+                n = stats["n_samples"]
+                loss, correct, seen = all_sum([stats["loss"] * n, stats["pseudo_label_accuracy"] * n, n], device)
+                stats = {"loss": loss / seen, "pseudo_label_accuracy": correct / seen, "n_samples": int(round(seen))}
+        if world.main:  # every rank holds the same weights and optimizer state; one writes them
+            save_checkpoint(checkpoint_out, model=model, epoch=epoch, model_params=ckpt["model_params"],
+                            in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], optimizer=optimizer,
+                            top_optimizer=top_optimizer, cluster_ids=torch.from_numpy(cluster_ids))
+    stats.update(epoch=epoch, n_clusters=len(cluster_ids), device=device.type, processes=world.size, seconds=t.seconds,
                  images_per_second=stats["n_samples"] / t.seconds, peak_rss_mb=peak_rss_mb())
-    if stats_out is not None:
+    if stats_out is not None and world.main:
         write_json(stats_out, stats)
     return stats
 
@@ -167,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--assignments, --checkpoint-in and --epoch are required unless --init")
         stats_out = args.stats_out or Path(args.assignments).with_name(report("train"))
         s = run_train(params, args.dataset, args.assignments, args.checkpoint_in, args.checkpoint_out, args.epoch, stats_out)
-    print(f"train: epoch {s['epoch']} loss {s['loss']:.3f}, {s['images_per_second']:.0f} img/s, {s['seconds']:.1f}s")
+    if world_from_env().main:
+        print(f"train: epoch {s['epoch']} loss {s['loss']:.3f}, {s['images_per_second']:.0f} img/s, {s['seconds']:.1f}s")
 
 
 if __name__ == "__main__":

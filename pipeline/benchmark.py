@@ -111,9 +111,9 @@ def _clustering_worker(method: str, n: int, d: int, k: int, results) -> None:
     data_mb = peak_rss_mb()
     t = time.perf_counter()
     if method == "kmeans":
-        c = run_kmeans(x, k, 20, seed=1, use_gpu=False)
+        c = run_kmeans(x, k, 20, seed=1, device="cpu")
     else:
-        c = run_pic(x, use_gpu=False, graph=method.split()[1])
+        c = run_pic(x, device="cpu", graph=method.split()[1])
     results.put({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb(), "data_mb": data_mb, "clusters": c.k})
 
 

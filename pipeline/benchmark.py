@@ -10,6 +10,10 @@ kmeans: faiss k-means on all points (what stages.cluster does) vs faiss's defaul
 pic:   PIC (exact and ivf graphs) vs k-means (baseline) on the same synthetic 256-d features at 100k and 1M
        points: seconds and peak memory, each method in its own process (peak memory is per process).
        `--sizes 100000` for the 100k row alone.
+memory: peak resident memory of the pca and cluster stages (their run_* functions, as the flow calls them) on
+       1M x 256 float32 features in a features.npy file, each in its own process, as multiples of the
+       feature matrix's size (1 GB): they must stay O(N x 256), a small multiple of it. The baseline is the
+       same process with nothing run (imports only); "features in RAM" is np.load of the whole file.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import multiprocessing
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -138,7 +143,52 @@ def bench_pic(sizes: tuple[int, ...] = (100_000, 1_000_000), d: int = 256, k: in
                   f"   {r['clusters']} clusters")
 
 
-BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic}
+def _memory_worker(step: str, features: str, out: str, overrides: dict, results) -> None:
+    from stages.cluster import run_cluster
+    from stages.common import load_params
+    from stages.layout import PCA_FEATURES
+    from stages.pca import run_pca
+
+    params = load_params("params.yaml", overrides)
+    t = time.perf_counter()
+    if step == "features in RAM":
+        float(np.load(features).sum())
+    if step in ("pca", "pca + cluster"):
+        run_pca(params, features, out, epoch=1)
+    if step in ("cluster", "pca + cluster"):
+        run_cluster(params, Path(out) / PCA_FEATURES, out, epoch=1)
+    results.put({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb()})
+
+
+def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5) -> None:
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh process each: its peak memory is the step's alone
+    overrides = {"pca.dim": d, "cluster.k": k, "cluster.niter": niter, "cluster.device": "cpu"}
+    with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
+        features = Path(tmp) / "features.npy"
+        x = np.lib.format.open_memmap(features, mode="w+", dtype=np.float32, shape=(n, d))
+        for start in range(0, n, 100_000):
+            x[start:start + 100_000] = synthetic_features(min(100_000, n - start), d, seed=start)
+        x.flush()
+        del x
+        size_mb = n * d * 4 / 2**20
+        print(f"memory: pca (256 -> {d}, fitted on {100_000:,} rows) and cluster (faiss k-means, k = {k}, {niter} "
+              f"iterations, CPU) on {n:,} x {d} float32 features ({size_mb:,.0f} MB), peak RSS per process")
+        rows = {}
+        for step in ("baseline", "features in RAM", "pca", "cluster", "pca + cluster"):
+            results = ctx.Queue()
+            proc = ctx.Process(target=_memory_worker, args=(step, str(features), tmp, overrides, results))
+            proc.start()
+            rows[step] = results.get()
+            proc.join()
+        base = rows["baseline"]["peak_mb"]
+        for step, r in rows.items():
+            print(f"  {step:16s} {r['seconds']:7.1f}s   peak {r['peak_mb']:7.0f} MB = {r['peak_mb'] / size_mb:4.2f}x the "
+                  f"features ({(r['peak_mb'] - base) / size_mb:4.2f}x above the baseline's {base:.0f} MB)")
+
+
+BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "memory": bench_memory}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,10 @@ pic:   PIC (exact and ivf graphs) vs k-means (baseline) on the same synthetic 25
 ddp:   the train stage's epoch loop (train_one_epoch) on the default small_alexnet and batch: 1 process
        with 2 torch threads (baseline) vs 2 gloo DDP processes with 1 thread each (the same 2 cores), with
        and without train.sync_batchnorm; scaling efficiency = throughput ratio / 2.
+memory: peak resident memory of the pca and cluster stages (their run_* functions, as the flow calls them) on
+       1M x 256 float32 features in a features.npy file, each in its own process, as multiples of the
+       feature matrix's size (1 GB): they must stay O(N x 256), a small multiple of it. The baseline is the
+       same process with nothing run (imports only); "features in RAM" is np.load of the whole file.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import multiprocessing
 import os
 import socket
 import time
-
 from pathlib import Path
 
 import faiss
@@ -118,9 +121,9 @@ def _clustering_worker(method: str, n: int, d: int, k: int, results) -> None:
     data_mb = peak_rss_mb()
     t = time.perf_counter()
     if method == "kmeans":
-        c = run_kmeans(x, k, 20, seed=1, use_gpu=False)
+        c = run_kmeans(x, k, 20, seed=1, device="cpu")
     else:
-        c = run_pic(x, use_gpu=False, graph=method.split()[1])
+        c = run_pic(x, device="cpu", graph=method.split()[1])
     results.put({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb(), "data_mb": data_mb, "clusters": c.k})
 
 
@@ -218,7 +221,87 @@ def bench_ddp(steps: int = 60) -> None:
         print(f"  {name:40s} {rate:6.0f} img/s ({ratio:4.2f}x, scaling efficiency {ratio / size:4.2f})")
 
 
-BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp}
+def _anon_peak_sampler(interval: float = 0.005):
+    """Start a thread that samples RssAnon (heap and other private memory, not the file pages of memmaps, which
+    peak RSS counts too and the kernel can drop) from /proc/self/status; returns a function giving its peak MB."""
+    import threading
+
+    peak = [0.0]
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) / 1024.0)
+            time.sleep(interval)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: peak[0]
+
+
+def _memory_worker(step: str, features: str, out: str, overrides: dict, results) -> None:
+    from stages.cluster import run_cluster
+    from stages.common import load_params
+    from stages.layout import PCA_FEATURES
+    from stages.pca import run_pca
+
+    anon_peak = _anon_peak_sampler()
+    params = load_params("params.yaml", overrides)
+    t = time.perf_counter()
+    if step == "features in RAM":
+        float(np.load(features).sum())
+    if step in ("pca", "pca + cluster"):
+        run_pca(params, features, out, epoch=1)
+    if step in ("cluster", "pca + cluster"):
+        run_cluster(params, Path(out) / PCA_FEATURES, out, epoch=1)
+    time.sleep(0.02)  # one more sample
+    results.put({"seconds": time.perf_counter() - t, "peak_mb": _status_mb("VmHWM"), "anon_mb": anon_peak()})
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MB. VmHWM is the peak RSS of this process's
+    own memory map: unlike getrusage's ru_maxrss, a spawned child does not inherit its parent's peak (the
+    kernel carries ru_maxrss across fork and exec, so a child spawned by a 2 GB parent would report 2 GB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5) -> None:
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh process each: its peak memory is the step's alone
+    overrides = {"pca.dim": d, "cluster.k": k, "cluster.niter": niter, "cluster.device": "cpu"}
+    with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
+        features = Path(tmp) / "features.npy"
+        x = np.lib.format.open_memmap(features, mode="w+", dtype=np.float32, shape=(n, d))
+        for start in range(0, n, 100_000):
+            x[start:start + 100_000] = synthetic_features(min(100_000, n - start), d, seed=start)
+        x.flush()
+        del x
+        size_mb = n * d * 4 / 2**20
+        print(f"memory: pca (256 -> {d}, fitted on {100_000:,} rows) and cluster (faiss k-means, k = {k}, {niter} "
+              f"iterations, CPU) on {n:,} x {d} float32 features ({size_mb:,.0f} MB) in a .npy file, each step in its own "
+              "process: peak RSS (VmHWM; the file pages of memmaps count in it) and peak private memory (RssAnon)")
+        rows = {}
+        for step in ("baseline", "features in RAM", "pca", "cluster", "pca + cluster"):
+            results = ctx.Queue()
+            proc = ctx.Process(target=_memory_worker, args=(step, str(features), tmp, overrides, results))
+            proc.start()
+            rows[step] = results.get()
+            proc.join()
+        base, base_anon = rows["baseline"]["peak_mb"], rows["baseline"]["anon_mb"]
+        for step, r in rows.items():
+            print(f"  {step:16s} {r['seconds']:6.1f}s   peak RSS {r['peak_mb']:5.0f} MB = {r['peak_mb'] / size_mb:4.2f}x the "
+                  f"features ({(r['peak_mb'] - base) / size_mb:4.2f}x above the baseline)   private (RssAnon) peak "
+                  f"{r['anon_mb']:5.0f} MB = {(r['anon_mb'] - base_anon) / size_mb:4.2f}x the features above the baseline")
+
+
+BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp,
+           "memory": bench_memory}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,15 @@ epoch). Singletons join the cluster of their nearest non-singleton neighbour. Un
 code, the graph is a sparse matrix of N x neighbours entries (never N x N), the forest is resolved by
 vectorised pointer jumping (no loop over nodes), and `cluster.k` is refused rather than ignored.
 
-Both use a GPU index when faiss sees a GPU. `distances` are squared distances to the cluster's
-centroid (the mean of its members for PIC).
+Where it runs (`cluster.device`, `clustering_plan`): with `auto`, a faiss GPU build that sees GPUs
+clusters on all of them (the index sharded over them), else, where faiss has no GPU but torch sees
+CUDA, k-means and the exact k-NN graph run in plain torch on one GPU (`torch_kmeans`, `torch_knn`:
+the faiss GPU wheels are CUDA 12 builds, torch 2.11+ is CUDA 13; README "Clustering on GPUs"), else
+faiss on the CPU. `cpu` forces faiss on the CPU (bit-for-bit what the stage did before it had a
+choice); `gpu` refuses to run without a GPU. faiss itself is imported only when a plan uses it, so the
+stage also runs where only torch is installed.
+
+`distances` are squared distances to the cluster's centroid (the mean of its members for PIC).
 """
 from __future__ import annotations
 
@@ -22,7 +29,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import scipy.sparse
 
@@ -51,7 +57,101 @@ class Clustering:
         return int((self.sizes() == 0).sum())
 
 
-def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
+# ---------------------------------------------------------------- where clustering runs
+DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("faiss-gpu", "torch-cuda", "faiss-cpu")
+
+
+@dataclass(frozen=True)
+class ClusteringPlan:
+    backend: str  # one of BACKENDS
+    gpus: int = 0  # GPUs used: all that faiss sees, 1 for torch, 0 on the CPU
+
+    @property
+    def shard(self) -> bool:
+        """faiss's index is split over the GPUs (each holds 1/gpus of the centroids or points)."""
+        return self.backend == "faiss-gpu" and self.gpus > 1
+
+    def describe(self) -> str:
+        if self.backend == "faiss-gpu":
+            return f"faiss on {self.gpus} GPU{'s, sharded index' if self.shard else ''}"
+        if self.backend == "torch-cuda":
+            return "torch on 1 GPU (faiss has no GPU here)"
+        return "faiss on the CPU"
+
+
+def clustering_plan(device: str, faiss_gpus: int | None, torch_gpus: int) -> ClusteringPlan:
+    """Where to cluster, from `cluster.device` and what the machine offers: faiss_gpus is what
+    faiss.get_num_gpus() reports (None: faiss is not installed; a faiss-cpu build reports 0), torch_gpus
+    is torch.cuda.device_count(). A pure function: every machine's choice is testable on a CPU."""
+    if device not in DEVICES:
+        raise StageError(f"cluster.device={device!r}: use auto (every GPU there is, else the CPU), cpu or gpu")
+    if device == "cpu":
+        if faiss_gpus is None:
+            raise StageError("cluster.device: cpu clusters with faiss, which is not installed: `make install` "
+                             "(or pip install faiss-cpu), or set cluster.device: auto to use a CUDA GPU through torch")
+        return ClusteringPlan("faiss-cpu")
+    if faiss_gpus:
+        return ClusteringPlan("faiss-gpu", faiss_gpus)
+    if torch_gpus > 0:
+        return ClusteringPlan("torch-cuda", 1)
+    if device == "gpu":
+        faiss_state = "is not installed" if faiss_gpus is None else "sees no GPU (a faiss-cpu build, or no GPU)"
+        raise StageError(f"cluster.device: gpu, but faiss {faiss_state} and torch sees no CUDA GPU: run on a machine "
+                         "with a GPU (faiss GPU build: `make install FAISS=gpu`), or set cluster.device: auto or cpu")
+    if faiss_gpus is None:
+        raise StageError("faiss is not installed and torch sees no CUDA GPU, so there is nothing to cluster with: "
+                         "`make install` (or pip install faiss-cpu)")
+    return ClusteringPlan("faiss-cpu")
+
+
+def _faiss():
+    """The faiss module, or None where it is not installed (a machine with only torch)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_gpu_count() -> int | None:
+    faiss = _faiss()
+    if faiss is None:
+        return None
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def torch_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_for(device: str | ClusteringPlan = "auto") -> ClusteringPlan:
+    """The plan for `cluster.device` on this machine (a plan passes through); torch is only asked
+    when faiss has no GPU and the CPU is not forced."""
+    if isinstance(device, ClusteringPlan):
+        return device
+    faiss_gpus = faiss_gpu_count()
+    torch_gpus = 0 if device == "cpu" or faiss_gpus else torch_gpu_count()
+    return clustering_plan(device, faiss_gpus, torch_gpus)
+
+
+def faiss_index(index, plan: ClusteringPlan):
+    """A CPU faiss index moved onto the plan's GPUs: one GPU, or sharded over all of them (each GPU holds
+    a slice of the database; queries go to every slice and the results are merged)."""
+    if plan.backend != "faiss-gpu":
+        return index
+    import faiss
+
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = plan.shard
+    # index_cpu_to_all_gpus keeps its GPU resources referenced by the index it returns
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=plan.gpus)
+
+
+# ---------------------------------------------------------------- k-means
+def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, device: str | ClusteringPlan = "auto",
                verbose: bool = False) -> Clustering:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -61,21 +161,94 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: b
         raise StageError(f"cluster.k={k} is larger than the number of images ({n}): lower cluster.k")
     if not np.isfinite(x).all():
         raise StageError("features to cluster hold NaN or infinite values: rerun pca for this epoch")
-    if use_gpu is None:
-        use_gpu = faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=verbose,
-                      max_points_per_centroid=n + 1,  # no subsampling
-                      min_points_per_centroid=1)  # small data sets: don't warn, we count empties ourselves
-    km.train(x)
-    distances, labels = km.index.search(x, 1)
-    objective = np.array([km.iteration_stats[i]["obj"] for i in range(len(km.iteration_stats))], dtype=np.float64)
-    return Clustering(labels.ravel().astype(np.int64), distances.ravel(), km.centroids.copy(), objective, seed)
+    plan = plan_for(device)
+    if plan.backend == "torch-cuda":
+        return torch_kmeans(x, k, niter, seed, "cuda")
+    import faiss
+
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.seed, cp.verbose = niter, seed, verbose
+    cp.max_points_per_centroid = n + 1  # no subsampling
+    cp.min_points_per_centroid = 1  # small data sets: don't warn, we count empties ourselves
+    clus = faiss.Clustering(d, k, cp)
+    index = faiss_index(faiss.IndexFlatL2(d), plan)
+    clus.train(x, index)  # leaves the final centroids in `index`
+    distances, labels = index.search(x, 1)
+    stats = clus.iteration_stats
+    objective = np.array([stats.at(i).obj for i in range(stats.size())], dtype=np.float64)
+    centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
+    return Clustering(labels.ravel().astype(np.int64), distances.ravel(), centroids, objective, seed)
+
+
+def _chunk_rows(n_cols: int, budget: int = 1 << 26) -> int:
+    """Rows per chunk so that a chunk x n_cols distance block holds at most `budget` floats (256 MB)."""
+    return max(1, budget // max(1, n_cols))
+
+
+def _nearest(x, c, c_sq, chunk: int):
+    """Each row of x's nearest row of c and the squared distance, chunk rows at a time (torch tensors)."""
+    import torch
+
+    labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    dist = torch.empty(len(x), dtype=torch.float32, device=x.device)
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        d2 = (xb * xb).sum(1, keepdim=True) - 2.0 * (xb @ c.T) + c_sq
+        best, arg = d2.min(1)
+        dist[i:i + chunk], labels[i:i + chunk] = best.clamp_min_(0), arg
+    return labels, dist
+
+
+def split_largest(centroids, counts, eps: float = 1.0 / 1024) -> int:
+    """faiss's empty-cluster rule, made deterministic: each empty centroid becomes a copy of the largest
+    cluster's, both nudged apart by a relative eps in opposite directions (even dims up, odd dims down),
+    and the two share that cluster's points for the next assignment. In place; returns how many were split."""
+    import torch
+
+    empty = (counts == 0).nonzero().flatten().tolist()
+    dims = torch.arange(centroids.shape[1], device=centroids.device, dtype=centroids.dtype)
+    sign = (1 - 2 * (dims % 2)) * eps
+    for ci in empty:
+        cj = int(counts.argmax())
+        centroids[ci] = centroids[cj] * (1 + sign)
+        centroids[cj] = centroids[cj] * (1 - sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+def torch_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, device: str = "cuda",
+                 chunk: int | None = None) -> Clustering:
+    """Lloyd's k-means in plain torch, as faiss runs it: k distinct random points as the first centroids
+    (seeded), `niter` rounds of assignment + mean, empty clusters refilled by splitting the largest
+    (`split_largest`), the objective (sum of squared distances) of each round's assignment, and the final
+    labels a search against the final centroids. Distances are computed chunk rows at a time, so GPU memory
+    is O(N x d + chunk x k); float32 sums, as faiss."""
+    import torch
+
+    x_np = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x_np.shape
+    chunk = chunk or _chunk_rows(k)
+    xt = torch.from_numpy(x_np).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    c = xt[torch.randperm(n, generator=generator)[:k].to(device)].clone()
+    objective = []
+    for _ in range(niter):
+        labels, dist = _nearest(xt, c, (c * c).sum(1)[None], chunk)
+        objective.append(float(dist.double().sum()))
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, labels, xt)
+        nonempty = counts > 0
+        c[nonempty] = sums[nonempty] / counts[nonempty, None].to(c.dtype)
+        split_largest(c, counts)
+    labels, dist = _nearest(xt, c, (c * c).sum(1)[None], chunk)
+    return Clustering(labels.cpu().numpy(), dist.cpu().numpy(), c.cpu().numpy(), np.array(objective), seed)
 
 
 GRAPHS = ("exact", "ivf")
 
 
-def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None, graph: str = "exact",
+def knn_graph(x: np.ndarray, neighbours: int, device: str | ClusteringPlan = "auto", graph: str = "exact",
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Nearest neighbours of every row among the others: (indices, squared distances), N x neighbours,
     nearest first. Searches neighbours + 1 and drops the point itself (or, among exact duplicates that
@@ -84,7 +257,8 @@ def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None, graph
     graph "exact" (the paper): brute force, O(N^2 d) time; on a GPU (what the paper used) it is fine at
     ImageNet size, on a CPU it is not. "ivf": an inverted-file index with about 4 sqrt(N) lists, probing
     16 of them: approximate neighbours in roughly O(N^1.5 d) (`python -m pipeline.benchmark --only pic`).
-    Memory is O(N x neighbours) either way besides the features."""
+    On the torch-cuda plan (faiss without a GPU) the graph is always the exact one, in torch: ivf is a
+    CPU approximation. Memory is O(N x neighbours) either way besides the features."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if not 1 <= neighbours < n:
@@ -92,25 +266,47 @@ def knn_graph(x: np.ndarray, neighbours: int, use_gpu: bool | None = None, graph
                          "lower cluster.pic.neighbours")
     if graph not in GRAPHS:
         raise StageError(f"cluster.pic.graph={graph!r}: use exact (the paper) or ivf (approximate, for large N on a CPU)")
-    if graph == "exact":
-        index = faiss.IndexFlatL2(d)
+    plan = plan_for(device)
+    if plan.backend == "torch-cuda":
+        idx, dist = torch_knn(x, neighbours + 1, "cuda")
     else:
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-        index.nprobe = min(16, nlist)
-        index.train(x[seeded_subset(n, 64 * nlist, seed)])
-    if use_gpu is None:
-        use_gpu = faiss.get_num_gpus() > 0
-    if use_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
-    dist, idx = index.search(x, neighbours + 1)
-    if (idx < 0).any():  # an approximate search that found fewer neighbours: fall back to the exact one
-        return knn_graph(x, neighbours, use_gpu, "exact")
+        import faiss
+
+        if graph == "exact":
+            index = faiss.IndexFlatL2(d)
+        else:
+            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            index.nprobe = min(16, nlist)
+            index.train(x[seeded_subset(n, 64 * nlist, seed)])
+        index = faiss_index(index, plan)
+        index.add(x)
+        dist, idx = index.search(x, neighbours + 1)
+        if (idx < 0).any():  # an approximate search that found fewer neighbours: fall back to the exact one
+            return knn_graph(x, neighbours, plan, "exact")
     is_self = idx == np.arange(n)[:, None]
     is_self[~is_self.any(axis=1), -1] = True
     keep = ~is_self
     return idx[keep].reshape(n, neighbours), dist[keep].reshape(n, neighbours)
+
+
+def torch_knn(x: np.ndarray, m: int, device: str = "cuda", chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force m nearest rows of x (itself included) for every row, in torch: (indices int64, squared
+    distances float32), nearest first; chunk rows at a time, so memory is O(N x d + chunk x N)."""
+    import torch
+
+    n = len(x)
+    chunk = chunk or _chunk_rows(n)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    sq = (xt * xt).sum(1)
+    idx = np.empty((n, m), dtype=np.int64)
+    dist = np.empty((n, m), dtype=np.float32)
+    for i in range(0, n, chunk):
+        xb = xt[i:i + chunk]
+        d2 = (sq[i:i + chunk, None] - 2.0 * (xb @ xt.T) + sq[None]).clamp_min_(0)
+        best, arg = torch.topk(d2, m, dim=1, largest=False, sorted=True)
+        idx[i:i + chunk], dist[i:i + chunk] = arg.cpu().numpy(), best.cpu().numpy()
+    return idx, dist
 
 
 def pic_graph(idx: np.ndarray, dist: np.ndarray, sigma: float) -> scipy.sparse.csr_matrix:
@@ -179,7 +375,7 @@ def absorb_singletons(labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float = 1e-3, iterations: int = 200,
-            use_gpu: bool | None = None, graph: str = "exact") -> Clustering:
+            device: str | ClusteringPlan = "auto", graph: str = "exact") -> Clustering:
     """Power Iteration Clustering (paper appendix); the number of clusters is found, not given."""
     if sigma <= 0:
         raise StageError(f"cluster.pic.sigma={sigma}: the edge-weight scale must be > 0 (paper: 0.2)")
@@ -190,7 +386,7 @@ def run_pic(x: np.ndarray, neighbours: int = 5, sigma: float = 0.2, alpha: float
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise StageError("features to cluster hold NaN or infinite values: rerun pca for this epoch")
-    idx, dist = knn_graph(x, neighbours, use_gpu, graph)
+    idx, dist = knn_graph(x, neighbours, device, graph)
     w = pic_graph(idx, dist, sigma)
     v = power_iteration(w, alpha, iterations)
     labels = absorb_singletons(np.unique(forest_roots(w, v), return_inverse=True)[1], idx)
@@ -248,17 +444,19 @@ def load_clustering(path: str | Path) -> Clustering:
 METHODS = ("kmeans", "pic")
 
 
-def cluster_features(section: dict, x: np.ndarray, seed: int) -> Clustering:
-    """The `cluster` section's method on features x (N x d)."""
+def cluster_features(section: dict, x: np.ndarray, seed: int, plan: ClusteringPlan | None = None) -> Clustering:
+    """The `cluster` section's method on features x (N x d), where `cluster.device` says (or `plan`)."""
     method = section.get("method", "kmeans")
+    plan = plan or plan_for(section.get("device", "auto"))
     if method == "kmeans":
-        return run_kmeans(x, number_of_clusters(section, len(x)), section["niter"], seed)
+        return run_kmeans(x, number_of_clusters(section, len(x)), section["niter"], seed, plan)
     if method == "pic":
         if section.get("k", "auto") != "auto":
             raise StageError(f"cluster.k={section['k']!r} with cluster.method: pic, which finds the number of "
                              "clusters itself: set cluster.k: auto (it is not used by PIC) or use method: kmeans")
         pic = section["pic"]
-        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"], graph=pic.get("graph", "exact"))
+        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"], plan,
+                       pic.get("graph", "exact"))
     raise StageError(f"cluster.method={method!r} is not a clustering method: use one of {', '.join(METHODS)}")
 
 
@@ -269,15 +467,20 @@ def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: 
     check_npy(features, rows=n_images, fix="run pca for this epoch (again)")
     out_dir = Path(out_dir)
     with Timer() as t:
-        c = cluster_features(section, np.load(features), seed_for(params["run"]["seed"], epoch, "cluster"))
+        plan = plan_for(section.get("device", "auto"))
+        c = cluster_features(section, np.load(features), seed_for(params["run"]["seed"], epoch, "cluster"), plan)
         save_clustering(out_dir / CLUSTERING, c)
     sizes = c.sizes()
     stats = {"method": section.get("method", "kmeans"), "k": c.k, "empty_clusters": c.n_empty(),
              "singleton_clusters": int((sizes == 1).sum()),
              "objective": float(c.objective[-1]) if len(c.objective) else None, "seed": c.seed,
-             "gpu": faiss.get_num_gpus() > 0, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
+             "gpu": plan.gpus > 0, "backend": plan.backend, "gpus": plan.gpus, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
     write_json(out_dir / report("cluster"), stats)
     return stats
+
+
+def plan_text(stats: dict) -> str:
+    return ClusteringPlan(stats["backend"], stats["gpus"]).describe()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch)
     loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
-    print(f"cluster ({stats['method']}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
+    print(f"cluster ({stats['method']}, {plan_text(stats)}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
           f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")
 
 

@@ -188,6 +188,9 @@ class Cluster(Section):
                                  "(paper Fig. 2c)")
     images_per_cluster: Int(1) = doc("with k: auto: 312 clusters of 20k images; the paper's ImageNet k = 10,000 is 128")
     niter: Int(1) = doc("k-means iterations (faiss's default, as in the paper's code)")
+    device: Choice("auto", "cpu", "gpu") = doc(
+        "auto = faiss on every GPU it sees (sharded index), else torch k-means on one GPU where faiss has none, "
+        "else faiss on the CPU; cpu forces the CPU; gpu refuses to run without a GPU")
     pic: Pic = doc("Power Iteration Clustering (paper appendix); used when method: pic")
 
 

@@ -24,7 +24,7 @@ def blobs(n: int, centers: int, seed: int = 1, dim: int = 8) -> tuple[np.ndarray
 def test_two_well_separated_clusters_are_recovered_from_any_seed():
     x, y = blobs(600, 2)
     for seed in range(5):
-        c = run_kmeans(x, 2, seed=seed, use_gpu=False)
+        c = run_kmeans(x, 2, seed=seed, device="cpu")
         assert normalized_mutual_info_score(y, c.labels) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -33,20 +33,20 @@ def test_five_well_separated_clusters_are_recovered_by_the_best_seed():
     # minimum (two centroids in one blob); ~40% of seeds reach the optimum here, so the lowest
     # objective over 20 seeds is the optimum unless k-means itself is broken (p ~ 0.6**20).
     x, y = blobs(600, 5)
-    runs = [run_kmeans(x, 5, seed=seed, use_gpu=False) for seed in range(20)]
+    runs = [run_kmeans(x, 5, seed=seed, device="cpu") for seed in range(20)]
     best = min(runs, key=lambda c: c.objective[-1])
     assert normalized_mutual_info_score(y, best.labels) > 0.999
 
 
 def test_over_segmentation_keeps_every_cluster_inside_one_blob():
     x, y = blobs(600, 3)
-    c = run_kmeans(x, 9, seed=0, use_gpu=False)
+    c = run_kmeans(x, 9, seed=0, device="cpu")
     assert homogeneity_score(y, c.labels) > 0.999
 
 
 def test_labels_and_distances_are_a_search_of_every_point_against_the_final_centroids():
     x = np.random.default_rng(0).normal(size=(500, 6)).astype(np.float32)
-    c = run_kmeans(x, 12, seed=3, use_gpu=False)
+    c = run_kmeans(x, 12, seed=3, device="cpu")
     d2 = ((x[:, None, :].astype(np.float64) - c.centroids[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(c.labels, d2.argmin(1))
     np.testing.assert_allclose(c.distances, d2.min(1), rtol=1e-4, atol=1e-5)
@@ -59,17 +59,17 @@ def test_no_subsampling_centroids_are_means_of_all_their_members():
     # (0.07 off here), not of all 3000 points.
     x, _ = make_blobs(n_samples=3000, centers=2, n_features=4, cluster_std=1.0, random_state=0)
     x = x.astype(np.float32)
-    c = run_kmeans(x, 2, seed=0, use_gpu=False)
+    c = run_kmeans(x, 2, seed=0, device="cpu")
     means = np.stack([x[c.labels == j].mean(0) for j in range(2)])
     np.testing.assert_allclose(c.centroids, means, atol=1e-4)
 
 
 def test_same_seed_reproduces_and_different_seeds_initialise_differently():
     x = np.random.default_rng(0).normal(size=(400, 4)).astype(np.float32)  # no structure: init decides
-    a, b = run_kmeans(x, 10, seed=11, use_gpu=False), run_kmeans(x, 10, seed=11, use_gpu=False)
+    a, b = run_kmeans(x, 10, seed=11, device="cpu"), run_kmeans(x, 10, seed=11, device="cpu")
     np.testing.assert_array_equal(a.centroids, b.centroids)
     np.testing.assert_array_equal(a.labels, b.labels)
-    c = run_kmeans(x, 10, seed=12, use_gpu=False)
+    c = run_kmeans(x, 10, seed=12, device="cpu")
     assert not np.allclose(np.sort(a.centroids, axis=0), np.sort(c.centroids, axis=0))
     assert a.objective[0] != c.objective[0]  # already the first iteration differs: the initial centroids did
 
@@ -91,7 +91,7 @@ def test_run_cluster_seeds_kmeans_from_run_seed_and_epoch(tmp_path, small_params
 def test_empty_clusters_are_counted():
     # 12 points on only 3 distinct positions cannot fill 6 clusters: faiss must leave 3 empty.
     x = np.repeat(np.eye(3, dtype=np.float32) * 10, 4, axis=0)
-    c = run_kmeans(x, 6, seed=0, use_gpu=False)
+    c = run_kmeans(x, 6, seed=0, device="cpu")
     assert c.k == 6
     assert c.n_empty() == 3
     assert sorted(c.sizes().tolist()) == [0, 0, 0, 4, 4, 4]
@@ -115,21 +115,21 @@ def test_clustering_sizes_on_constructed_labels():
 def test_k_below_two_is_refused(k):
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     with pytest.raises(StageError, match=rf"cluster.k={k}: k-means needs at least 2 clusters"):
-        run_kmeans(x, k, use_gpu=False)
+        run_kmeans(x, k, device="cpu")
 
 
 def test_k_above_the_number_of_points_is_refused():
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     with pytest.raises(StageError, match=r"cluster.k=51 is larger than the number of images \(50\)"):
-        run_kmeans(x, 51, use_gpu=False)
-    assert run_kmeans(x, 50, use_gpu=False).k == 50  # k = N is allowed
+        run_kmeans(x, 51, device="cpu")
+    assert run_kmeans(x, 50, device="cpu").k == 50  # k = N is allowed
 
 
 def test_non_finite_features_are_refused():
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     x[7, 2] = np.nan
     with pytest.raises(StageError, match="NaN or infinite"):
-        run_kmeans(x, 5, use_gpu=False)
+        run_kmeans(x, 5, device="cpu")
 
 
 def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params):
@@ -149,7 +149,7 @@ def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params
 
 def test_save_load_round_trip(tmp_path):
     x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
-    c = run_kmeans(x, 4, seed=5, use_gpu=False)
+    c = run_kmeans(x, 4, seed=5, device="cpu")
     save_clustering(tmp_path / "clusters.npz", c)
     back = load_clustering(tmp_path / "clusters.npz")
     for field in ("labels", "distances", "centroids", "objective"):
@@ -246,7 +246,7 @@ def test_vectorised_pic_gives_exactly_the_clusters_of_a_node_by_node_implementat
     x = np.random.default_rng(seed).normal(size=(150, 6)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     expected = _reference_pic(x, neighbours=5, sigma=0.2, alpha=1e-3, iterations=200)
-    got = run_pic(x, neighbours=5, sigma=0.2, alpha=1e-3, iterations=200, use_gpu=False)
+    got = run_pic(x, neighbours=5, sigma=0.2, alpha=1e-3, iterations=200, device="cpu")
     assert len(np.unique(expected)) > 3  # a partition worth comparing, not one cluster
     assert _same_partition(got.labels, expected)
 
@@ -256,7 +256,7 @@ def test_pic_recovers_well_separated_blobs_without_being_told_their_number(seed)
     from sklearn.datasets import make_blobs
 
     x, y = make_blobs(600, 8, centers=6, cluster_std=0.5, random_state=seed)
-    c = run_pic((x / 10).astype(np.float32), neighbours=20, use_gpu=False)
+    c = run_pic((x / 10).astype(np.float32), neighbours=20, device="cpu")
     assert c.k == 6
     assert nmi(y, c.labels) > 0.999
 
@@ -269,7 +269,7 @@ def _on_sphere(x: np.ndarray) -> np.ndarray:
 
 def test_pic_with_the_papers_settings_over_segments_into_a_data_driven_number_of_clusters(digits):
     x, y = _on_sphere(digits[0]), digits[1]
-    c = run_pic(x, use_gpu=False)  # neighbours 5, sigma 0.2, alpha 1e-3, 200 iterations
+    c = run_pic(x, device="cpu")  # neighbours 5, sigma 0.2, alpha 1e-3, 200 iterations
     sizes = c.sizes()
     assert 10 < c.k < len(x) // 5  # more clusters than classes, far fewer than images
     assert sizes.min() >= 2  # no singleton survives
@@ -292,7 +292,7 @@ def test_singletons_join_their_nearest_non_singleton_neighbours_cluster():
 
 def test_knn_graph_drops_each_point_itself_even_among_exact_duplicates():
     x = np.array([[0, 0], [0, 0], [1, 0], [3, 0], [3.5, 0]], dtype=np.float32)
-    idx, dist = knn_graph(x, 2, use_gpu=False)
+    idx, dist = knn_graph(x, 2, device="cpu")
     assert all(i not in row for i, row in enumerate(idx))
     assert set(idx[0]) == {1, 2} and set(idx[1]) == {0, 2}
     assert dist[0].min() == 0  # the duplicate is a neighbour at distance 0
@@ -311,7 +311,7 @@ def test_pic_parameters_out_of_range_stop_with_the_key_and_the_fix(change, messa
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     settings = {"neighbours": 5, "sigma": 0.2, "alpha": 1e-3, "iterations": 200, **change}
     with pytest.raises(StageError, match=re.escape(message)):
-        run_pic(x, use_gpu=False, **settings)
+        run_pic(x, device="cpu", **settings)
 
 
 def test_pic_refuses_a_number_of_clusters_instead_of_ignoring_it(small_params):
@@ -335,13 +335,13 @@ def test_the_approximate_graph_finds_nearly_the_exact_neighbours():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 16)).astype(np.float32)
     x = centres[rng.integers(0, 50, 4000)] + 0.3 * rng.standard_normal((4000, 16)).astype(np.float32)
-    exact, _ = knn_graph(x, 5, use_gpu=False, graph="exact")
-    approx, dist = knn_graph(x, 5, use_gpu=False, graph="ivf")
+    exact, _ = knn_graph(x, 5, device="cpu", graph="exact")
+    approx, dist = knn_graph(x, 5, device="cpu", graph="ivf")
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, approx)])
     assert recall > 0.9
     assert all(i not in row for i, row in enumerate(approx)) and (np.diff(dist, axis=1) >= 0).all()
     with pytest.raises(StageError, match="cluster.pic.graph='hnsw': use exact"):
-        knn_graph(x, 5, use_gpu=False, graph="hnsw")
+        knn_graph(x, 5, device="cpu", graph="hnsw")
 
 
 def test_cluster_means_in_chunks_equal_the_means_of_the_members():

@@ -30,6 +30,19 @@ def test_nmi_uses_the_geometric_normalisation_of_the_paper():
     assert nmi(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)  # independent
 
 
+def test_nmi_is_scikit_learns_geometric_nmi_limit_cases_included():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, ka, n), rng.integers(0, kb, n)) for n, ka, kb in ((50, 3, 7), (5000, 300, 10), (1000, 1000, 2))]
+    y = rng.integers(0, 10, 2000)
+    cases += [(y, np.where(rng.random(2000) < 0.8, y, rng.integers(0, 10, 2000))),  # mostly the same
+              (np.zeros(10, int), np.zeros(10, int)), (np.zeros(10, int), np.arange(10)), (np.arange(10), np.arange(10)),
+              (np.array(["a", "b", "a"]), np.array([3, 4, 3])), (np.zeros(0, int), np.zeros(0, int))]
+    for a, b in cases:
+        assert nmi(a, b) == pytest.approx(normalized_mutual_info_score(a, b, average_method="geometric"), abs=1e-12)
+
+
 def frame(ids, clusters) -> pd.DataFrame:
     return pd.DataFrame({"image_id": list(ids), "cluster": np.asarray(clusters, dtype=np.int64)})
 

@@ -83,6 +83,7 @@ OTHER = {
     "extract.amp": (["auto", True, False], ["bf16", 1]),
     "extract.device": (["auto", "cpu", "cuda", "cuda:1"], ["gpu", "cuda:x", ""]),
     "cluster.method": (["kmeans", "pic"], ["spectral", "KMeans"]),
+    "cluster.device": (["auto", "cpu", "gpu"], ["cuda", "GPU", ""]),
     "cluster.pic.graph": (["exact", "ivf"], ["hnsw", "approximate"]),
     "train.hflip": ([True, False], ["sometimes"]),
     "train.sync_batchnorm": ([True, False], ["yes", 1]),

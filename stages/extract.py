@@ -1,6 +1,6 @@
 """Stage `extract`: pre-ReLU fc features of every training image -> features.npy, row i = dataset row i.
 
-Centre crop, no augmentation, eval() mode (dropout off, BatchNorm running statistics), as the
+Centre view (stages.data.extract_batches: resize + centre crop, as the paper), no augmentation, eval() mode (dropout off, BatchNorm running statistics), as the
 official implementation clusters. Features stream into a .npy memmap batch by batch, so memory is
 bounded by one batch plus the page cache, never N x D in RAM.
 """
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from stages.artifacts import allocate_npy, check_architecture
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
 from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, pick_device, write_json
-from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
+from stages.data import ImageSet, extract_batches, load_split
 from stages.layout import FEATURES, report
 
 
@@ -38,12 +38,10 @@ def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, 
                      layer: str = "fc", progress: bool = True) -> None:
     """Fill `out` (N x D, e.g. a memmap) with the features of images in dataset order."""
     model.eval()
-    mean, std = images.meta["mean"], images.meta["std"]
     order = np.arange(len(images))
     start = 0
     bar = tqdm(total=len(images), desc="extract", unit="img", disable=not progress or None, leave=False)
-    for batch in iterate_batches(images, order, batch_size, num_workers):
-        x = normalize(center_crop(batch, crop_size).to(device, non_blocking=True), mean, std)
+    for x in extract_batches(images, order, crop_size, batch_size, device, num_workers):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             feats = model.fc_features(x) if layer == "fc" else model.conv_activations(x)[int(layer)]

@@ -254,10 +254,10 @@ class _FileViews(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str]:
-        from torchvision.transforms.v2 import functional as TF
-
         try:
-            return TF.pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
+            # numpy, not torchvision, from PIL to a tensor: importing torchvision takes seconds per process
+            pixels = np.array(self.view(self.paths[self.rows[j]], j))
+            return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous(), ""
         except Exception as e:  # PIL raises many types for damaged files
             blank = torch.tensor(self.fill, dtype=torch.uint8).view(-1, 1, 1)
             return blank.expand(-1, self.crop_size, self.crop_size).clone(), f"{type(e).__name__}: {e}"

@@ -140,13 +140,21 @@ def open_8bit(path: str, channels: int) -> "PIL.Image.Image":
 
 
 def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
-    """File -> uint8 C x size x size: resize the short side to `size`, centre crop (prepare.image_size's
-    square, which the pictures and prepare's channel statistics read)."""
-    from torchvision.transforms.v2 import functional as TF
+    """File -> uint8 C x size x size: the short side resized to `size`, centre crop (prepare.image_size's
+    square, which the pictures show and prepare measures the channel mean/std on)."""
+    from PIL import Image
 
-    t = TF.pil_to_tensor(open_8bit(path, channels))
-    t = TF.resize(t, size, antialias=True)
-    return TF.center_crop(t, [size, size])
+    im = open_8bit(path, channels)
+    side = min(im.size)
+    left, top = (im.width - side) / 2, (im.height - side) / 2
+    # one PIL resampling of the centred square: resize + crop in one step (as _FileViews)
+    return pil_to_tensor(im.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side)))
+
+
+def pil_to_tensor(im: "PIL.Image.Image") -> torch.Tensor:
+    """uint8 C x H x W. Through numpy, not torchvision: importing torchvision takes seconds per process."""
+    pixels = np.array(im)
+    return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous()
 
 
 def iterate_batches(images: ImageSet, order: np.ndarray, batch_size: int, num_workers: int = 0):
@@ -255,9 +263,7 @@ class _FileViews(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str]:
         try:
-            # numpy, not torchvision, from PIL to a tensor: importing torchvision takes seconds per process
-            pixels = np.array(self.view(self.paths[self.rows[j]], j))
-            return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous(), ""
+            return pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
         except Exception as e:  # PIL raises many types for damaged files
             blank = torch.tensor(self.fill, dtype=torch.uint8).view(-1, 1, 1)
             return blank.expand(-1, self.crop_size, self.crop_size).clone(), f"{type(e).__name__}: {e}"

@@ -180,6 +180,18 @@ def _pixels_or_none(path: str, size: int, channels: int) -> np.ndarray | None:
         return None
 
 
+def histogram_stats(images: list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """channel_stats of uint8 H x W x C images from per-channel histograms: exact, and without the N x H x W x C
+    float64 copy (500 images at 256 px: 800 MB and seconds)."""
+    counts = sum(np.stack([np.bincount(im[..., c].ravel(), minlength=256) for c in range(im.shape[-1])])
+                 for im in images)
+    values = np.arange(256) / 255.0
+    n = counts.sum(axis=1)
+    mean = counts @ values / n
+    var = np.maximum(counts @ values**2 / n - mean**2, 0.0)
+    return mean.tolist(), np.maximum(np.sqrt(var), 1e-3).tolist()
+
+
 def channel_stats(pixels: np.ndarray, max_rows: int = 20000) -> tuple[list[float], list[float]]:
     sample = pixels[: max_rows].astype(np.float64) / 255.0
     axes = tuple(range(sample.ndim - 1))
@@ -222,7 +234,7 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
         if not decoded:
             raise StageError(f"none of the {len(sample)} images sampled for the channel mean/std under {path} "
                              "could be decoded, though their headers could be read: check the files")
-        mean, std = channel_stats(np.stack(decoded))
+        mean, std = histogram_stats(decoded)
         pixels = None
     else:
         raise StageError(f"unknown source {source!r}: use fashion-mnist, imagefolder or folder")

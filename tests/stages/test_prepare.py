@@ -300,3 +300,13 @@ def test_prepare_reads_headers_only_and_records_each_images_original_size(tmp_pa
     assert meta["unreadable"] == 1
     assert pd.read_csv(tmp_path / "out" / "unreadable.csv")["path"].tolist() == [str((root / "cats" / "garbage.jpg")
                                                                                     .resolve())]
+
+
+def test_histogram_stats_are_channel_stats():
+    from stages.prepare import channel_stats, histogram_stats
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(4)]
+    flat = np.concatenate([im.reshape(-1, 1, 3) for im in images])  # channel_stats needs equal sizes: one column
+    np.testing.assert_allclose(histogram_stats(images), channel_stats(flat), rtol=1e-12)
+    assert histogram_stats([np.zeros((4, 4, 1), np.uint8)]) == ([0.0], [1e-3])  # a flat image: std floored

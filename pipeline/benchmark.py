@@ -14,7 +14,8 @@ images: an image tree of synthetic ImageNet-like JPEGs (375-500 px sides, smooth
        `--images 20000`): prepare's images/s (header checks vs decoding every file, the old check, as the
        baseline), and extract's and train's images/s through stages.data's loaders vs a plain torchvision
        ImageFolder + DataLoader (the baseline) at the same worker count (`--workers`, default auto: the
-       usable cores), the loaders alone and with AlexNet at 224 px (channels_last) on the device.
+       usable cores), the loaders alone and with AlexNet at 224 px (channels_last) on the device; on a
+       GPU also the loaders with decode: gpu (nvJPEG).
 """
 from __future__ import annotations
 
@@ -272,6 +273,12 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
             ("train", "+ AlexNet SGD step", baseline_train,
              lambda: train_one_epoch(model, few, few_rows, targets[few_rows], opt, top, p, device, gen, progress=False)),
         ]
+        if device.type == "cuda":  # decode: gpu, JPEGs decoded by nvJPEG on the device
+            rows_out[2:2] = [("extract", "loader, decode gpu", rows_out[0][2], lambda: sum(len(x) for x in extract_batches(
+                images, np.arange(len(images)), 224, batch, device, w, decode="gpu")))]
+            rows_out.append(("train", "loader, decode gpu", rows_out[-2][2], lambda: sum(len(x) for x in train_batches(
+                images, rows, batch, crop_size=224, scale=(0.08, 1.0), hflip=True, device=device, generator=gen,
+                num_workers=w, decode="gpu"))))
         # warm-up (allocator, oneDNN / cuDNN kernels), so that neither side pays for the first batch
         x = torch.randn(min(batch, 32), 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         model.train()

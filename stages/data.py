@@ -254,19 +254,50 @@ class _FileViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: list[str], rows: np.ndarray, channels: int, crop_size: int, fill: list[int],
-                 seed: int | None = None, scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True):
+                 seed: int | None = None, scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
+                 raw_jpegs: bool = False):
         self.paths, self.rows, self.channels, self.crop_size = paths, rows, channels, crop_size
         self.fill, self.seed, self.scale, self.hflip = fill, seed, scale, hflip
+        self.raw_jpegs = raw_jpegs  # decode: gpu: JPEGs leave the worker undecoded (see decode_on_device)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, str] | dict:
+        if self.raw_jpegs:
+            return self.raw_item(j)
         try:
             return pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
         except Exception as e:  # PIL raises many types for damaged files
             blank = torch.tensor(self.fill, dtype=torch.uint8).view(-1, 1, 1)
             return blank.expand(-1, self.crop_size, self.crop_size).clone(), f"{type(e).__name__}: {e}"
+
+    def geometry(self, width: int, height: int, j: int) -> tuple[tuple[float, float, float, float], bool]:
+        """The view's box in the image and whether to mirror it (the same draws in either decode mode)."""
+        if self.seed is None:
+            return centre_box(width, height, self.crop_size), False
+        rng = sample_rng(self.seed, j)
+        box = crop_box(width, height, self.scale, CROP_RATIO, rng)
+        return box, bool(self.hflip and rng.random() < 0.5)
+
+    def raw_item(self, j: int) -> dict:
+        """decode: gpu: a JPEG's bytes, its view's box and flip (from its header); other files decoded here."""
+        from PIL import Image
+
+        path = self.paths[self.rows[j]]
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG" and im.mode in ("L", "RGB"):
+                    box, flip = self.geometry(im.width, im.height, j)
+                    return {"jpeg": torch.from_numpy(np.fromfile(path, dtype=np.uint8)), "box": box, "flip": flip}
+        except Exception:  # reported by the decoding below
+            pass
+        pixels, error = _FileViews.__getitem__(self.without_raw(), j)
+        return {"pixels": pixels, "error": error}
+
+    def without_raw(self) -> "_FileViews":
+        return _FileViews(self.paths, self.rows, self.channels, self.crop_size, self.fill, self.seed, self.scale,
+                          self.hflip)
 
     def view(self, path: str, j: int) -> "PIL.Image.Image":
         from PIL import Image
@@ -280,9 +311,47 @@ class _FileViews(torch.utils.data.Dataset):
                 im = to_8bit(im).convert("L" if self.channels == 1 else "RGB")
             return im.resize(size, Image.BILINEAR, box=centre_box(im.width, im.height, self.crop_size))
         im = open_8bit(path, self.channels)
-        rng = sample_rng(self.seed, j)
-        out = im.resize(size, Image.BILINEAR, box=crop_box(im.width, im.height, self.scale, CROP_RATIO, rng))
-        return out.transpose(Image.FLIP_LEFT_RIGHT) if self.hflip and rng.random() < 0.5 else out
+        box, flip = self.geometry(im.width, im.height, j)
+        out = im.resize(size, Image.BILINEAR, box=box)
+        return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+
+def decode_on_device(items: list[dict], crop_size: int, channels: int, fill: list[int],
+                     device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """decode: gpu: a batch of raw_item()s -> uint8 B x C x crop x crop on `device`, and each item's error.
+
+    JPEGs are decoded by torchvision.io.decode_jpeg on the device (nvJPEG on CUDA; libjpeg on a CPU, which
+    only the tests use) and their box resampled by roi_align with adaptive sampling (bilinear samples
+    averaged over each output pixel: antialiased like PIL's resize, not bit-equal to it).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.ops import roi_align
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    out = torch.empty(len(items), channels, crop_size, crop_size, dtype=torch.uint8, device=device)
+    errors = [item.get("error", "") for item in items]
+    jpegs = [k for k, item in enumerate(items) if "jpeg" in item]
+    try:
+        decoded = decode_jpeg([items[k]["jpeg"] for k in jpegs], mode=mode, device=device) if jpegs else []
+    except RuntimeError:  # one damaged file fails the whole call: decode one by one to find it
+        decoded = []
+        for k in jpegs:
+            try:
+                decoded.append(decode_jpeg(items[k]["jpeg"], mode=mode, device=device))
+            except RuntimeError as e:
+                decoded.append(None)
+                errors[k] = f"{type(e).__name__}: {e}"
+    for k, img in zip(jpegs, decoded):
+        if img is None:
+            out[k] = torch.tensor(fill, dtype=torch.uint8, device=device).view(-1, 1, 1)
+            continue
+        box = torch.tensor([[0.0, *items[k]["box"]]], dtype=torch.float32, device=device)
+        view = roi_align(img[None].float(), box, crop_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+        out[k] = (view.flip(-1) if items[k]["flip"] else view).round_().clamp_(0, 255).to(torch.uint8)
+    for k, item in enumerate(items):
+        if "pixels" in item:
+            out[k] = item["pixels"].to(device)
+    return out, errors
 
 
 def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_workers: int | str,
@@ -291,11 +360,17 @@ def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_wo
     workers = loader_workers(num_workers, images)
     extra = {"prefetch_factor": PREFETCH_FACTOR} if workers > 0 else {}
     # One loader per pass: its workers start once and decode the whole pass (persistent within it).
+    if dataset.raw_jpegs:
+        extra["collate_fn"] = list  # bytes of different lengths: decode_on_device takes the list
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda", **extra)
     mean, std = images.meta["mean"], images.meta["std"]
     bad = 0
-    for b, (batch, errors) in enumerate(loader):
+    for b, batch in enumerate(loader):
+        if dataset.raw_jpegs:
+            batch, errors = decode_on_device(batch, dataset.crop_size, dataset.channels, dataset.fill, device)
+        else:
+            batch, errors = batch
         for k, error in enumerate(errors):
             if error:
                 bad += 1
@@ -312,11 +387,20 @@ def _fill(images: ImageSet) -> list[int]:
     return [round(255 * m) for m in images.meta["mean"]]
 
 
+def _raw_jpegs(decode: str, device: torch.device) -> bool:
+    """decode: gpu -> JPEGs decoded on the device; cpu -> by PIL in the workers."""
+    if decode == "gpu" and device.type != "cuda":
+        raise StageError(f"decode: gpu decodes JPEGs with nvJPEG on a CUDA device, but this stage runs on "
+                         f"{device}: set decode: cpu (or device: cuda)")
+    return decode == "gpu"
+
+
 def extract_batches(images: ImageSet, order: np.ndarray, crop_size: int, batch_size: int, device: torch.device,
-                    num_workers: int | str = 0):
+                    num_workers: int | str = 0, decode: str = "cpu"):
     """Normalised float batches (B x C x crop x crop, on `device`) of the centre view of the images at `order`."""
     if images.pixels is None:
-        views = _FileViews(images.paths, np.asarray(order), images.channels, crop_size, _fill(images))
+        views = _FileViews(images.paths, np.asarray(order), images.channels, crop_size, _fill(images),
+                           raw_jpegs=_raw_jpegs(decode, device))
         yield from _file_batches(images, views, batch_size, num_workers, device)
         return
     mean, std = images.meta["mean"], images.meta["std"]
@@ -326,18 +410,19 @@ def extract_batches(images: ImageSet, order: np.ndarray, crop_size: int, batch_s
 
 def train_batches(images: ImageSet, rows: np.ndarray, batch_size: int, *, crop_size: int,
                   scale: tuple[float, float], hflip: bool, device: torch.device, generator: torch.Generator,
-                  num_workers: int | str = 0):
+                  num_workers: int | str = 0, decode: str = "cpu"):
     """Normalised float batches (B x C x crop x crop, on `device`) of random resized crops of the images
     at `rows`, in that order; every draw comes from `generator` (seeded per epoch).
 
     Arrays: random_resized_crop_flip on each whole batch, on the device. Files: one seed is drawn from
     `generator` for the pass and each image's crop from sample_rng(seed, its position in `rows`), in the
-    workers, so a pass's batches are the same with any num_workers.
+    workers, so a pass's batches are the same with any num_workers. decode: gpu (image trees, CUDA):
+    JPEGs are decoded on the device instead (decode_on_device), with the same crops and flips.
     """
     if images.pixels is None:
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         views = _FileViews(images.paths, np.asarray(rows), images.channels, crop_size, _fill(images), seed,
-                           tuple(scale), hflip)
+                           tuple(scale), hflip, raw_jpegs=_raw_jpegs(decode, device))
         yield from _file_batches(images, views, batch_size, num_workers, device)
         return
     mean, std = images.meta["mean"], images.meta["std"]

@@ -34,14 +34,14 @@ def autocast(device: torch.device, amp: bool | str):
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, *, crop_size: int,
-                     batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int = 0,
-                     layer: str = "fc", progress: bool = True) -> None:
+                     batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int | str = 0,
+                     decode: str = "cpu", layer: str = "fc", progress: bool = True) -> None:
     """Fill `out` (N x D, e.g. a memmap) with the features of images in dataset order."""
     model.eval()
     order = np.arange(len(images))
     start = 0
     bar = tqdm(total=len(images), desc="extract", unit="img", disable=not progress or None, leave=False)
-    for x in extract_batches(images, order, crop_size, batch_size, device, num_workers):
+    for x in extract_batches(images, order, crop_size, batch_size, device, num_workers, decode):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             feats = model.fc_features(x) if layer == "fc" else model.conv_activations(x)[int(layer)]
@@ -64,7 +64,8 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
         with atomic_path(out_dir / FEATURES) as tmp:
             feats = allocate_npy(tmp, (len(images), model.feature_dim), np.float32, out_dir / FEATURES)
             extract_features(model, images, feats, crop_size=section["crop_size"], batch_size=section["batch_size"],
-                             device=device, amp=section["amp"], num_workers=section["num_workers"])
+                             device=device, amp=section["amp"], num_workers=section["num_workers"],
+                             decode=section["decode"])
             if not np.isfinite(feats).all():
                 raise StageError(f"non-finite features from {checkpoint}: the network diverged; lower train.lr")
             feats.flush()

@@ -159,6 +159,9 @@ class Extract(Section):
     num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
                                            "process; auto = the usable cores (per rank under torchrun), and 0 for "
                                            "in-memory arrays, which workers only slow down")
+    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
+                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
+                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_features_every: Int(0) = doc("keep every n-th epoch's features.npy (N x D float32 each); 0 = none")
 
@@ -204,6 +207,9 @@ class Train(Section):
     num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
                                            "process; auto = the usable cores (per rank under torchrun), and 0 for "
                                            "in-memory arrays, which workers only slow down")
+    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
+                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
+                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_checkpoint_every: Int(0) = doc("keep every n-th epoch's checkpoint (plus last.pt); 0 = only the last")
 

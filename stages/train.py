@@ -70,7 +70,8 @@ def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, t
     bar = tqdm(total=len(rows), desc="train", unit="img", disable=not progress or None, leave=False)
     bs = p["batch_size"]
     batches = train_batches(images, rows, bs, crop_size=p["crop_size"], scale=p["crop_scale"], hflip=p["hflip"],
-                            device=device, generator=generator, num_workers=p["num_workers"])
+                            device=device, generator=generator, num_workers=p["num_workers"],
+                            decode=p.get("decode", "cpu"))
     for i, x in enumerate(batches):
         y = torch.from_numpy(targets[i * bs : i * bs + len(x)]).to(device)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -290,3 +290,46 @@ def test_a_file_that_does_not_decode_is_a_mean_colour_image_named_on_stderr(tmp_
         torch.testing.assert_close(blank, torch.tensor(fill).view(3, 1, 1).expand(3, 16, 16))
     err = capsys.readouterr().err
     assert err.count(f"cannot decode {cut}") == 2 and "1 of 3 images could not be decoded" in err
+
+
+def test_decode_gpu_gives_the_views_of_the_workers_decoding(photos, tmp_path):
+    """decode: gpu runs torchvision.io.decode_jpeg + roi_align on the device; on a CPU (here) the same code
+    with libjpeg: the same crops and flips as PIL's, resampled a little differently. On CUDA: make gpu-check."""
+    from stages.data import _FileViews, decode_on_device, extract_batches
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photos[1].read_bytes()[:2000])
+    paths = [str(p) for p in photos] + [str(cut)]  # JPEGs, PNGs (decoded in the worker) and a damaged JPEG
+    rows = np.array([1, 0, 3, 5, 2, 6, 4])
+    for seed in (None, 7):
+        raw = _FileViews(paths, rows, 3, 48, [10, 20, 30], seed, (0.08, 1.0), True, raw_jpegs=True)
+        items = [raw[j] for j in range(len(rows))]
+        assert [("jpeg" in item) for item in items] == [True, False, True, True, False, True, False]
+        got, errors = decode_on_device(items, 48, 3, [10, 20, 30], torch.device("cpu"))
+        want = torch.stack([raw.without_raw()[j][0] for j in range(len(rows))])
+        assert [bool(e) for e in errors] == [False] * 5 + [True, False]
+        diff = (got.float() - want.float()).abs().mean(dim=(1, 2, 3))
+        mirrored = (got.float() - want.float().flip(-1)).abs().mean(dim=(1, 2, 3))
+        # of 255: the same view (PIL's DCT-scaled draft and resampling differ by a few levels); the view
+        # 2 px to the side differs by 8-40 on these photographs, its mirror image by 16-80
+        assert (diff < 8).all() and (diff < mirrored / 2)[:5].all(), (diff, mirrored)
+        assert torch.equal(got[5], torch.tensor([10, 20, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 48, 48))
+    with pytest.raises(StageError, match="decode: gpu decodes JPEGs with nvJPEG on a CUDA device"):
+        next(extract_batches(file_set(photos), rows[:2], 48, 2, torch.device("cpu"), decode="gpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check runs it)")
+def test_decode_gpu_on_cuda_gives_the_workers_views(photos):
+    from stages.data import extract_batches, train_batches
+
+    images, cuda = file_set(photos), torch.device("cuda")
+    rows = np.array([1, 0, 3, 5, 2, 4, 1])
+    for decode in ("cpu", "gpu"):
+        centre = torch.cat(list(extract_batches(images, rows, 64, 4, cuda, num_workers=2, decode=decode)))
+        crops = torch.cat(list(train_batches(images, rows, 4, crop_size=64, scale=(0.08, 1.0), hflip=True, device=cuda,
+                                             generator=torch.Generator().manual_seed(0), num_workers=2, decode=decode)))
+        if decode == "cpu":
+            want = (centre, crops)
+    for got, expected in zip((centre, crops), want):
+        assert got.device.type == "cuda" and got.shape == expected.shape == (7, 3, 64, 64)
+        assert ((got - expected).abs().mean(dim=(1, 2, 3)) * 255 < 8).all()  # file_set: x = pixels / 255

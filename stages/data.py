@@ -10,8 +10,8 @@ The stages read batches through two functions, one per view of an image:
   train_batches    the training view: RandomResizedCrop + flip, seeded per epoch
 Both yield normalised float batches on the device. In-memory arrays (kind "array") are sliced and
 transformed a whole batch at a time in the main process; image trees (kind "files") are decoded once
-per image per pass in DataLoader workers, which also crop; the uint8 crops travel to the device (a
-quarter of the bytes of floats) and are normalised there in one batched op.
+per image per pass in DataLoader workers, which also crop; the uint8 crops travel to a GPU (a quarter
+of the bytes of floats) and are normalised there in one batched op (on a CPU, in the workers).
 """
 from __future__ import annotations
 
@@ -259,6 +259,7 @@ class _FileViews(torch.utils.data.Dataset):
         self.paths, self.rows, self.channels, self.crop_size = paths, rows, channels, crop_size
         self.fill, self.seed, self.scale, self.hflip = fill, seed, scale, hflip
         self.raw_jpegs = raw_jpegs  # decode: gpu: JPEGs leave the worker undecoded (see decode_on_device)
+        self.norm: tuple[list[float], list[float]] | None = None  # (mean, std): normalise in the worker
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -267,10 +268,11 @@ class _FileViews(torch.utils.data.Dataset):
         if self.raw_jpegs:
             return self.raw_item(j)
         try:
-            return pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
+            pixels, error = pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
         except Exception as e:  # PIL raises many types for damaged files
             blank = torch.tensor(self.fill, dtype=torch.uint8).view(-1, 1, 1)
-            return blank.expand(-1, self.crop_size, self.crop_size).clone(), f"{type(e).__name__}: {e}"
+            pixels, error = blank.expand(-1, self.crop_size, self.crop_size).clone(), f"{type(e).__name__}: {e}"
+        return (pixels if self.norm is None else normalize(pixels[None], *self.norm)[0]), error
 
     def geometry(self, width: int, height: int, j: int) -> tuple[tuple[float, float, float, float], bool]:
         """The view's box in the image and whether to mirror it (the same draws in either decode mode)."""
@@ -362,9 +364,12 @@ def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_wo
     # One loader per pass: its workers start once and decode the whole pass (persistent within it).
     if dataset.raw_jpegs:
         extra["collate_fn"] = list  # bytes of different lengths: decode_on_device takes the list
+    mean, std = images.meta["mean"], images.meta["std"]
+    # On a CPU the workers normalise (the same ops per image, so the same numbers) and the main process, which
+    # runs the network on the same cores, does not; a GPU gets uint8 (a quarter of the bytes) and normalises.
+    dataset.norm = (mean, std) if device.type == "cpu" and workers > 0 else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda", **extra)
-    mean, std = images.meta["mean"], images.meta["std"]
     bad = 0
     for b, batch in enumerate(loader):
         if dataset.raw_jpegs:
@@ -377,7 +382,8 @@ def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_wo
                 path = images.paths[dataset.rows[b * batch_size + k]]
                 print(f"data: cannot decode {path} ({error}); it is used as a mean-colour image this pass",
                       file=sys.stderr)
-        yield normalize(batch.to(device, non_blocking=True), mean, std)
+        yield batch.to(device, non_blocking=True) if dataset.norm else normalize(batch.to(device, non_blocking=True),
+                                                                                 mean, std)
     if bad:
         print(f"data: {bad} of {len(dataset)} images could not be decoded this pass (remove them and rerun "
               "prepare)", file=sys.stderr)

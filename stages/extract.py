@@ -1,8 +1,9 @@
 """Stage `extract`: pre-ReLU fc features of every training image -> features.npy, row i = dataset row i.
 
 Centre view (stages.data.extract_batches: resize + centre crop, as the paper), no augmentation, eval()
-mode (dropout off, BatchNorm running statistics), as the official implementation clusters. Features stream into a .npy memmap batch by batch, so memory is
-bounded by one batch plus the page cache, never N x D in RAM.
+mode (dropout off, BatchNorm running statistics), as the official implementation clusters. Features
+stream into a .npy memmap batch by batch, so memory is bounded by one batch plus the page cache, never
+N x D in RAM.
 """
 from __future__ import annotations
 

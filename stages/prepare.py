@@ -131,8 +131,8 @@ VALUE_DEPENDENT_MODES = ("I", "F")
 def check_image(path: str) -> tuple[str | None, int, int]:
     """(None, width, height) if the file is an image PIL can read, else (the reason, 0, 0).
 
-    Only the header is read (format, mode, size): decoding 1.28M ImageNet files to check them took
-    hours at ~240 images/s (`python -m pipeline.benchmark --only images`). So a file whose header is
+    Only the header is read (format, mode, size): decoding ImageNet's 1.28M files to check them is an
+    hour and a half at ~240 images/s (`python -m pipeline.benchmark --only images`). So a file whose header is
     fine but whose data is not (a truncated JPEG) passes here; the loaders feed it as a mean-colour
     image and name it on stderr each pass (stages.data._FileViews). Images with 16-bit, 32-bit or float
     pixels (rare, never JPEGs) are decoded, since whether they have an 8-bit meaning depends on their values.

@@ -173,13 +173,14 @@ def iterate_batches(images: ImageSet, order: np.ndarray, batch_size: int, num_wo
 
 
 # ---------------------------------------------------------------- the views the stages train and extract on
-# The centre view resizes the short side to crop_size * 256/224, then centre-crops crop_size: the paper's
+# The centre view resizes the short side to round(crop_size * 256/224), then centre-crops crop_size: the paper's
 # (and AlexNet's) resize-256 + centre-crop-224 at 224, the same proportions at any other size.
 RESIZE_PER_CROP = 256 / 224
 # RandomResizedCrop's aspect-ratio range (torchvision's and the paper's); the array path's default too.
 CROP_RATIO = (3 / 4, 4 / 3)
 # Batches each worker decodes ahead: torch's default. At 256 x 3 x 224 x 224 uint8 a batch is 38 MB, so
-# 2 per worker keeps 16 workers' queue near 1.2 GB (pinned, on CUDA) while hiding one batch's decoding.
+# 2 per worker keeps 16 workers' queue near 1.2 GB (pinned, on CUDA) while hiding one batch's decoding
+# (4x that on a CPU, where the workers send normalised floats).
 PREFETCH_FACTOR = 2
 
 
@@ -324,7 +325,8 @@ def decode_on_device(items: list[dict], crop_size: int, channels: int, fill: lis
 
     JPEGs are decoded by torchvision.io.decode_jpeg on the device (nvJPEG on CUDA; libjpeg on a CPU, which
     only the tests use) and their box resampled by roi_align with adaptive sampling (bilinear samples
-    averaged over each output pixel: antialiased like PIL's resize, not bit-equal to it).
+    averaged over each output pixel: antialiased like PIL's resize, not bit-equal to it). torchvision 0.29
+    deprecates its decoders for TorchCodec's: move when this option has been measured on a GPU.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.ops import roi_align

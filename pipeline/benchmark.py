@@ -17,15 +17,24 @@ memory: peak resident memory of the pca and cluster stages (their run_* function
        1M x 256 float32 features in a features.npy file, each in its own process, as multiples of the
        feature matrix's size (1 GB): they must stay O(N x 256), a small multiple of it. The baseline is the
        same process with nothing run (imports only); "features in RAM" is np.load of the whole file.
+images: an image tree of synthetic ImageNet-like JPEGs (375-500 px sides, smoothed noise, quality 90; 2,000 or
+       `--images 20000`): prepare's images/s (header checks vs decoding every file, the old check, as the
+       baseline), and extract's and train's images/s through stages.data's loaders vs a plain torchvision
+       ImageFolder + DataLoader (the baseline) at the same worker count (`--workers`, default auto: the
+       usable cores), the loaders alone and with AlexNet at 224 px (channels_last) on the device; on a
+       GPU also the loaders with decode: gpu (nvJPEG).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import socket
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -300,17 +309,173 @@ def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5
                   f"{r['anon_mb']:5.0f} MB = {(r['anon_mb'] - base_anon) / size_mb:4.2f}x the features above the baseline")
 
 
+def synthetic_jpegs(root: Path, n: int, classes: int = 10, seed: int = 0) -> list[Path]:
+    """n JPEGs (quality 90) in `classes` class folders, sides 375-500 px as most ImageNet photographs, of
+    smoothed colour noise at two scales: JPEG-compressible like a photograph (tens of kB), unlike white noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(375, 501, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        fine = Image.fromarray(rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        path = root / f"class{i % classes:02d}" / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.blend(coarse, fine, 0.3).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _decodes(path: str) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+    return True
+
+
+def _images_per_second(n: int, fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, model_images: int | None = None) -> None:
+    """model_images: the images the rows with the network pass (default: all on a GPU; 256 on a CPU, where
+    AlexNet's few images/s, not the loaders, set the pace and the whole tree would take an hour)."""
+    import torchvision
+    from torchvision import transforms as T
+
+    from stages.data import extract_batches, load_split, loader_workers, train_batches
+    from stages.extract import extract_features
+    from stages.prepare import drop_unreadable, prepare, scan_image_tree
+    from stages.train import body_optimizer, head_optimizer, train_one_epoch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, dataset = Path(tmp) / "tree", Path(tmp) / "dataset"
+        paths = synthetic_jpegs(tree, n)
+        threads = 8  # prepare.num_workers' default
+        with ThreadPoolExecutor(threads) as pool:
+            full = _images_per_second(n, lambda: list(pool.map(_decodes, map(str, paths))))
+        manifest, _, _ = scan_image_tree(tree, labelled=True)
+        header = _images_per_second(n, lambda: drop_unreadable(manifest, threads))
+        stage = _images_per_second(n, lambda: prepare("imagefolder", tree, dataset, {"num_workers": threads,
+                                                                                     "image_size": 256}))
+        images = load_split(dataset, "train")
+        w = loader_workers(workers, images)
+        mb = sum(p.stat().st_size for p in paths) / 2**20
+        print(f"images: {n:,} synthetic JPEGs ({mb / n * 1024:.0f} kB each), {w} workers, batch {batch}, AlexNet 224 px "
+              f"channels_last on {device.type}, {torch.get_num_threads()} threads")
+        print(f"  prepare: {threads} threads decoding every file {full:6.0f} img/s (baseline, the old check); "
+              f"reading headers {header:6.0f} img/s ({header / full:.1f}x); the whole stage {stage:6.0f} img/s "
+              f"({stage / full:.1f}x)")
+
+        norm = T.Normalize(images.meta["mean"], images.meta["std"])
+        views = {"extract": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]),
+                 "train": T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                                     T.ToTensor(), norm])}
+
+        def folder_loader(view: str, first: int = n):
+            data = torchvision.datasets.ImageFolder(str(tree), transform=views[view])
+            # the same files as stages' `few` (both sort the paths)
+            data = torch.utils.data.Subset(data, range(first))
+            return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=view == "train", num_workers=w,
+                                               pin_memory=device.type == "cuda")
+
+        torch.manual_seed(0)
+        model = build_model({"arch": "alexnet", "sobel": True, "dropout": 0.5}, 3, 224).to(device)
+        model.reset_top_layer(100)
+        model = model.to(device, memory_format=torch.channels_last)
+        p = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": batch, "crop_size": 224,
+             "crop_scale": [0.08, 1.0], "hflip": True, "amp": "auto", "num_workers": w}
+        opt, top = body_optimizer(model, p), head_optimizer(model, p)
+        rows = np.random.default_rng(0).permutation(len(images))
+        targets = np.random.default_rng(1).integers(0, 100, len(images))
+        gen = torch.Generator().manual_seed(0)
+
+        def baseline_extract():
+            model.eval()
+            with torch.no_grad(), (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()):
+                for x, _ in folder_loader("extract", m):
+                    model.fc_features(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def baseline_train():
+            model.train()
+            for x, _ in folder_loader("train", m):
+                y = torch.randint(0, 100, (len(x),), device=device)
+                with torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+                    loss = torch.nn.functional.cross_entropy(
+                        model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)).float(), y)
+                opt.zero_grad(set_to_none=True)
+                top.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                top.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        m = model_images or (n if device.type == "cuda" else min(n, 256))
+        few = dataclasses.replace(images, ids=images.ids[:m], labels=images.labels[:m], paths=images.paths[:m])
+        few_rows = np.random.default_rng(0).permutation(m)
+        out = np.empty((m, model.feature_dim), dtype=np.float32)
+        rows_out = [
+            ("extract", "loader only", lambda: sum(len(x) for x, _ in folder_loader("extract")),
+             lambda: sum(len(x) for x in extract_batches(images, np.arange(len(images)), 224, batch, device, w))),
+            ("extract", "+ AlexNet forward", baseline_extract,
+             lambda: extract_features(model, few, out, crop_size=224, batch_size=batch, device=device,
+                                      num_workers=w, progress=False)),
+            ("train", "loader only", lambda: sum(len(x) for x, _ in folder_loader("train")),
+             lambda: sum(len(x) for x in train_batches(images, rows, batch, crop_size=224, scale=(0.08, 1.0),
+                                                       hflip=True, device=device, generator=gen, num_workers=w))),
+            ("train", "+ AlexNet SGD step", baseline_train,
+             lambda: train_one_epoch(model, few, few_rows, targets[few_rows], opt, top, p, device, gen, progress=False)),
+        ]
+        if device.type == "cuda":  # decode: gpu, JPEGs decoded by nvJPEG on the device
+            rows_out[2:2] = [("extract", "loader, decode gpu", rows_out[0][2], lambda: sum(len(x) for x in extract_batches(
+                images, np.arange(len(images)), 224, batch, device, w, decode="gpu")))]
+            rows_out.append(("train", "loader, decode gpu", rows_out[-2][2], lambda: sum(len(x) for x in train_batches(
+                images, rows, batch, crop_size=224, scale=(0.08, 1.0), hflip=True, device=device, generator=gen,
+                num_workers=w, decode="gpu"))))
+        # warm-up (allocator, oneDNN / cuDNN kernels), so that neither side pays for the first batch
+        x = torch.randn(min(batch, 32), 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        model.train()
+        model(x).sum().backward()
+        opt.zero_grad(set_to_none=True)
+        top.zero_grad(set_to_none=True)
+        for stage_name, what, baseline, ours in rows_out:
+            k = m if "AlexNet" in what else n
+            base, mine = _images_per_second(k, baseline), _images_per_second(k, ours)
+            print(f"  {stage_name:7s} {what:18s} {k:6,} images  torchvision ImageFolder {base:6.0f} img/s (baseline)   stages.data "
+                  f"{mine:6.0f} img/s ({mine / base:4.2f}x)")
+
+
 BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp,
-           "memory": bench_memory}
+           "memory": bench_memory, "images": bench_images}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="pic: numbers of points")
+    parser.add_argument("--images", type=int, default=2000, help="images: JPEGs in the synthetic tree (20000: an "
+                        "ImageNet-like minute per pass on a GPU machine)")
+    parser.add_argument("--model-images", type=int, help="images: images the rows with AlexNet pass (default: all "
+                        "on a GPU, 256 on a CPU)")
+    parser.add_argument("--workers", default="auto", help="images: DataLoader workers on both sides (auto = the "
+                        "usable cores, as num_workers: auto)")
     args = parser.parse_args(argv)
     for name in args.only or BENCHES:
-        BENCHES[name](tuple(args.sizes)) if name == "pic" else BENCHES[name]()
+        if name == "pic":
+            bench_pic(tuple(args.sizes))
+        elif name == "images":
+            bench_images(args.images, args.workers if args.workers == "auto" else int(args.workers),
+                         model_images=args.model_images)
+        else:
+            BENCHES[name]()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Stage `extract`: pre-ReLU fc features of every training image -> features.npy, row i = dataset row i.
 
-Centre crop, no augmentation, eval() mode (dropout off, BatchNorm running statistics), as the
-official implementation clusters. Features stream into a .npy memmap batch by batch, so memory is
-bounded by one batch plus the page cache, never N x D in RAM.
+Centre view (stages.data.extract_batches: resize + centre crop, as the paper), no augmentation, eval()
+mode (dropout off, BatchNorm running statistics), as the official implementation clusters. Features
+stream into a .npy memmap batch by batch, so memory is bounded by one batch plus the page cache, never
+N x D in RAM.
 
 Under torchrun each process computes a contiguous block of rows into the same file (stages/distributed.py).
 """
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from stages.artifacts import allocate_npy, check_architecture
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
 from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, write_json
-from stages.data import ImageSet, center_crop, iterate_batches, load_split, normalize
+from stages.data import ImageSet, extract_batches, load_split
 from stages.distributed import (World, backend_for, barrier, broadcast, check_world, process_group, shard,
                                 stage_device, world_from_env)
 from stages.layout import FEATURES, report
@@ -38,17 +39,15 @@ def autocast(device: torch.device, amp: bool | str):
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, *, crop_size: int,
-                     batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int = 0,
-                     layer: str = "fc", progress: bool = True, rows: np.ndarray | None = None) -> None:
+                     batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int | str = 0,
+                     decode: str = "cpu", layer: str = "fc", progress: bool = True, rows: np.ndarray | None = None) -> None:
     """Fill `out` (len(rows) x D, e.g. a memmap) with the features of the images at `rows` (default: all, in
     dataset order)."""
     model.eval()
-    mean, std = images.meta["mean"], images.meta["std"]
     order = np.arange(len(images)) if rows is None else rows
     start = 0
     bar = tqdm(total=len(order), desc="extract", unit="img", disable=not progress or None, leave=False)
-    for batch in iterate_batches(images, order, batch_size, num_workers):
-        x = normalize(center_crop(batch, crop_size).to(device, non_blocking=True), mean, std)
+    for x in extract_batches(images, order, crop_size, batch_size, device, num_workers, decode):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             feats = model.fc_features(x) if layer == "fc" else model.conv_activations(x)[int(layer)]
@@ -82,7 +81,7 @@ def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_d
             block = shard(len(images), world)
             extract_features(model, images, feats[block], crop_size=section["crop_size"],
                              batch_size=section["batch_size"], device=device, amp=section["amp"],
-                             num_workers=section["num_workers"], progress=world.main,
+                             num_workers=section["num_workers"], decode=section["decode"], progress=world.main,
                              rows=np.arange(block.start, block.stop))
             feats.flush()
             del feats

@@ -25,7 +25,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from stages.cluster import run_kmeans
 from stages.common import StageError
-from stages.data import ImageSet, center_crop, iterate_batches, normalize
+from stages.data import ImageSet, extract_batches
 from stages.extract import autocast
 from stages.labels import match_clusters, nmi
 from stages.models import DeepClusterNet
@@ -58,8 +58,8 @@ def extract_layer_features(model: DeepClusterNet, images: ImageSet, rows: np.nda
                            channel_max_layers: tuple[str, ...] = (), amp: bool | str = "auto") -> LayerFeatures:
     """Pooled activations of `layers` ("conv1".., "fc") for the images at `rows`, in one forward pass each batch.
 
-    Same input as `extract`: centre crop, eval() mode. Conv outputs are captured by hooks on the
-    conv blocks' ReLUs while fc_features runs, so one forward gives every layer.
+    Same input as `extract` (extract_batches: the centre view), eval() mode. Conv outputs are captured by
+    hooks on the conv blocks' ReLUs while fc_features runs, so one forward gives every layer.
     """
     known = conv_layer_names(model) + ["fc"]
     unknown = [name for name in list(layers) + list(channel_max_layers) if name not in known]
@@ -71,11 +71,9 @@ def extract_layer_features(model: DeepClusterNet, images: ImageSet, rows: np.nda
     hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out)) for m in relus]
     pooled: dict[str, np.ndarray] = {}
     channel_max: dict[str, np.ndarray] = {}
-    mean, std = images.meta["mean"], images.meta["std"]
     start = 0
     try:
-        for batch in iterate_batches(images, rows, batch_size):
-            x = normalize(center_crop(batch, crop_size).to(device), mean, std)
+        for x in extract_batches(images, rows, crop_size, batch_size, device):
             captured.clear()
             with autocast(device, amp):
                 fc = model.fc_features(x.contiguous(memory_format=torch.channels_last))
@@ -107,8 +105,7 @@ def pixel_features(images: ImageSet, rows: np.ndarray, *, crop_size: int, max_di
     """Raw-pixel baseline: the normalised centre crop, average-pooled to at most max_dim values."""
     out = None
     start = 0
-    for batch in iterate_batches(images, rows, batch_size):
-        x = normalize(center_crop(batch, crop_size), images.meta["mean"], images.meta["std"])
+    for x in extract_batches(images, rows, crop_size, batch_size, torch.device("cpu")):
         x = F.adaptive_avg_pool2d(x, pool_grid(x.shape[1], x.shape[-1], max_dim)).flatten(1).numpy()
         if out is None:
             out = np.empty((len(rows), x.shape[1]), dtype=np.float32)

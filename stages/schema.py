@@ -143,8 +143,11 @@ class Prepare(Section):
     path: Location = doc("where the source lives")
     max_train_images: Int(1, null="all") = doc("a seeded subset keeps the default run short on a CPU")
     max_test_images: Int(1, null="all") = doc("the held-out split is only used for evaluation")
-    image_size: Int(1) = doc("image trees only: short side resized, then centre-cropped to this")
-    num_workers: Int(0) = doc("threads that check image files are readable")
+    image_size: Int(1) = doc("image trees only: the square (short side resized, centre-cropped) that the pictures "
+                             "show and the channel mean/std are measured on; training and extract crop the "
+                             "original images (extract.crop_size, train.crop_size)")
+    num_workers: Int(0) = doc("threads that read image headers (format, size; no decoding) to check each file; 0 = "
+                              "in this thread")
 
 
 class Model(Section):
@@ -158,10 +161,16 @@ class Model(Section):
 
 
 class Extract(Section):
-    crop_size: Int(1) = doc("centre crop; 224 for ImageNet-style trees resized to 256")
+    crop_size: Int(1) = doc("centre view: short side resized to round(crop_size * 256/224), centre crop of "
+                            "crop_size (the paper's 256 -> 224 at 224); arrays: centre crop only")
     batch_size: Int(1) = doc("images per forward pass; any value gives the same features")
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
-    num_workers: Int(0) = doc("DataLoader workers for image trees (in-memory arrays need none)")
+    num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
+                                           "process; auto = the usable cores (per rank under torchrun), and 0 for "
+                                           "in-memory arrays, which workers only slow down")
+    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
+                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
+                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_features_every: Int(0) = doc("keep every n-th epoch's features.npy (N x D float32 each); 0 = none")
 
@@ -200,7 +209,8 @@ class Train(Section):
     weight_decay: Float(ge=0) = doc("L2 penalty of SGD (paper)")
     batch_size: Int(1) = doc("4x the SGD steps of 256 per epoch at similar cost: the loss leaves ln(k) in the "
                              "first epoch")
-    crop_size: Int(1) = doc("random resized crops of this size")
+    crop_size: Int(1) = doc("random resized crops of this size (for image trees, of the original image, as the "
+                            "paper)")
     crop_scale: CropScale = doc("RandomResizedCrop area range; the paper's 0.08 crops most of a 28 px garment away")
     hflip: Bool = doc("random horizontal flips (paper)")
     sync_batchnorm: Bool = doc("several processes: BatchNorm statistics over the global batch, as one process "
@@ -209,7 +219,12 @@ class Train(Section):
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
     samples_per_epoch: Int(1, null="as many draws as training images") = doc(
         "images drawn (uniformly over clusters) per epoch")
-    num_workers: Int(0) = doc("DataLoader workers for image trees (in-memory arrays need none)")
+    num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
+                                           "process; auto = the usable cores (per rank under torchrun), and 0 for "
+                                           "in-memory arrays, which workers only slow down")
+    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
+                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
+                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_checkpoint_every: Int(0) = doc("keep every n-th epoch's checkpoint (plus last.pt); 0 = only the last")
 

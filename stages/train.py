@@ -5,7 +5,8 @@
 - the top layer is new every epoch (cluster ids mean nothing across epochs): N(0, 0.01) weights,
   sized to the non-empty clusters, trained by its own momentum-free SGD;
 - the body's SGD (momentum 0.9) keeps its state across epochs through the checkpoint;
-- random resized crop + horizontal flip, dropout; channels_last; bf16 autocast on GPU.
+- random resized crop + horizontal flip (of the original image for image trees: stages.data.train_batches),
+  dropout; channels_last; bf16 autocast on GPU.
 
 `--init` writes the epoch-0 checkpoint (the seeded random network that epoch 1 clusters with).
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from stages.artifacts import check_architecture, check_assignments
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, seed_for, write_json
-from stages.data import ImageSet, iterate_batches, load_split, normalize, random_resized_crop_flip
+from stages.data import ImageSet, load_split, train_batches
 from stages.distributed import (World, all_sum, backend_for, check_world, global_batchnorm, process_group,
                                 split_sample, stage_device, world_from_env)
 from stages.extract import autocast
@@ -71,15 +72,15 @@ def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, t
                     device: torch.device, generator: torch.Generator, progress: bool = True) -> dict:
     """One pass over `rows` (dataset rows, already sampled) with pseudo-labels `targets` (same length)."""
     model.train()
-    mean, std = images.meta["mean"], images.meta["std"]
     criterion = torch.nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(total=len(rows), desc="train", unit="img", disable=not progress or None, leave=False)
     bs = p["batch_size"]
-    for i, batch in enumerate(iterate_batches(images, rows, bs, p["num_workers"])):
-        y = torch.from_numpy(targets[i * bs : i * bs + len(batch)]).to(device)
-        x = normalize(batch.to(device, non_blocking=True), mean, std)
-        x = random_resized_crop_flip(x, p["crop_size"], tuple(p["crop_scale"]), hflip=p["hflip"], generator=generator)
+    batches = train_batches(images, rows, bs, crop_size=p["crop_size"], scale=p["crop_scale"], hflip=p["hflip"],
+                            device=device, generator=generator, num_workers=p["num_workers"],
+                            decode=p.get("decode", "cpu"))
+    for i, x in enumerate(batches):
+        y = torch.from_numpy(targets[i * bs : i * bs + len(x)]).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, p["amp"]):
             logits = model(x)

@@ -171,13 +171,13 @@ def _identity_crop(x, size, scale=None, ratio=None, hflip=True, generator=None):
 def _worker(rank: int, size: int, port: int, params: dict, root, dataset) -> None:
     import os
 
-    import stages.train
+    import stages.data
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # Even at crop_scale [1, 1] the crop's aspect ratio is drawn at random; the comparison wants
     # deterministic inputs, so that the batch split is the one difference from one process.
-    stages.train.random_resized_crop_flip = _identity_crop
+    stages.data.random_resized_crop_flip = _identity_crop
     world = World(rank=rank, size=size, local_rank=rank, local_size=size)
     run_extract(params, dataset, root / "epoch_0000.pt", root / f"extract{size}", world=world)
     run_train(params, dataset, root / "assignments.parquet", root / "epoch_0000.pt", root / f"train{size}.pt", 1,
@@ -196,7 +196,7 @@ def runs(tmp_path_factory, small_params, fashion_dataset):
     write_assignments(root / "assignments.parquet", load_split(fashion_dataset).ids, np.arange(n) % 10,
                       np.zeros(n, np.float32))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("stages.train.random_resized_crop_flip", _identity_crop)
+        mp.setattr("stages.data.random_resized_crop_flip", _identity_crop)
         world = SINGLE
         run_extract(params, fashion_dataset, root / "epoch_0000.pt", root / "extract1", world=world)
         run_train(params, fashion_dataset, root / "assignments.parquet", root / "epoch_0000.pt", root / "train1.pt", 1,

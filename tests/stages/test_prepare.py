@@ -280,3 +280,33 @@ def test_unreadable_folder_and_unscalable_images_are_listed_with_their_reason(tm
     assert "2 unreadable, listed in" in proc.stdout and f"skipping unreadable {root.resolve() / 'locked'}" in proc.stderr
     images = load_split(tmp_path / "out", "train")
     assert sorted(images.ids) == ["cats/camera16.png", "cats/chelsea.png"]  # the 16-bit image is kept, scaled
+
+
+# ---------------------------------------------------------------- header checks, not decoding
+def test_prepare_reads_headers_only_and_records_each_images_original_size(tmp_path, small_params):
+    """Policy for a file whose header is fine but whose data is not (a truncated JPEG): prepare keeps it
+    (it reads headers only, so an ImageNet-sized tree is not decoded once just to be checked); the stages
+    that load it feed it as a mean-colour image and name it on stderr (tests/stages/test_data.py)."""
+    root = tmp_path / "tree"
+    save(root / "cats" / "chelsea.jpg", skdata.chelsea())
+    save(root / "cats" / "coffee.jpg", skdata.coffee())
+    (root / "cats" / "cut.jpg").write_bytes((root / "cats" / "coffee.jpg").read_bytes()[:3000])
+    (root / "cats" / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # not even a header
+    meta = prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
+    assert manifest[["width", "height"]].to_dict("index") == {
+        "cats/chelsea.jpg": {"width": 451, "height": 300}, "cats/coffee.jpg": {"width": 600, "height": 400},
+        "cats/cut.jpg": {"width": 600, "height": 400}}
+    assert meta["unreadable"] == 1
+    assert pd.read_csv(tmp_path / "out" / "unreadable.csv")["path"].tolist() == [str((root / "cats" / "garbage.jpg")
+                                                                                    .resolve())]
+
+
+def test_histogram_stats_are_channel_stats():
+    from stages.prepare import channel_stats, histogram_stats
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(4)]
+    flat = np.concatenate([im.reshape(-1, 1, 3) for im in images])  # channel_stats needs equal sizes: one column
+    np.testing.assert_allclose(histogram_stats(images), channel_stats(flat), rtol=1e-12)
+    assert histogram_stats([np.zeros((4, 4, 1), np.uint8)]) == ([0.0], [1e-3])  # a flat image: std floored

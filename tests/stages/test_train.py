@@ -266,3 +266,37 @@ def test_full_disk_during_a_checkpoint_write_is_a_clear_error_and_the_rerun_give
     assert proc.returncode == 0, proc.stderr
     a, b = load_checkpoint(out), load_checkpoint(tiny_run.checkpoint(1))
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---------------------------------------------------------------- image trees
+def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_path):
+    """Crops are drawn per image in the DataLoader workers from (the epoch's seed, the image's position in
+    the epoch's sample), so two workers train the same network as none."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from stages.data import ImageSet
+    from stages.train import body_optimizer, head_optimizer, train_one_epoch
+
+    paths = []
+    for i, img in enumerate([skdata.chelsea(), skdata.coffee(), skdata.astronaut()[::4, ::4], skdata.rocket()]):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(img).save(paths[-1])
+    meta = {"kind": "files", "channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    images = ImageSet(tmp_path, meta, np.array(["a", "b", "c", "d"]), np.full(4, -1), None, paths)
+    rows = np.array([0, 1, 2, 3, 3, 2, 1, 0, 2, 2])
+    p = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": 4, "crop_size": 32,
+         "crop_scale": [0.08, 1.0], "hflip": True, "amp": False}
+
+    def epoch(workers: int) -> dict:
+        torch.manual_seed(0)
+        model = build_model({"arch": "small_alexnet", "sobel": True, "width": 2, "fc_dim": 8, "dropout": 0.5}, 3, 32)
+        model.reset_top_layer(2)
+        stats = train_one_epoch(model, images, rows, rows % 2, body_optimizer(model, p), head_optimizer(model, p),
+                                {**p, "num_workers": workers}, torch.device("cpu"), torch.Generator().manual_seed(5),
+                                progress=False)
+        return {"stats": stats, **{k: v.clone() for k, v in model.state_dict().items()}}
+
+    none, two = epoch(0), epoch(2)
+    assert none["stats"] == two["stats"] and none["stats"]["n_samples"] == 10
+    assert all(torch.equal(none[k], two[k]) for k in none if k != "stats")

@@ -160,17 +160,21 @@ class Model(Section):
     dropout: Float(ge=0, lt=1) = doc("dropout of the fc layers, as in AlexNet and the paper")
 
 
+# extract and train read image trees alike
+LOADER_WORKERS = ("DataLoader processes that decode and crop image trees; 0 = in this process; auto = the usable "
+                  "cores (per rank under torchrun), and 0 for in-memory arrays, which workers only slow down")
+JPEG_DECODING = ("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded with nvJPEG on the CUDA "
+                 "device (torchvision.io.decode_jpeg), for when the CPUs cannot keep up; not measured on a GPU yet "
+                 "(make gpu-check)")
+
+
 class Extract(Section):
     crop_size: Int(1) = doc("centre view: short side resized to round(crop_size * 256/224), centre crop of "
                             "crop_size (the paper's 256 -> 224 at 224); arrays: centre crop only")
     batch_size: Int(1) = doc("images per forward pass; any value gives the same features")
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
-    num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
-                                           "process; auto = the usable cores (per rank under torchrun), and 0 for "
-                                           "in-memory arrays, which workers only slow down")
-    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
-                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
-                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
+    num_workers: Int(0, word="auto") = doc(LOADER_WORKERS)
+    decode: Choice("cpu", "gpu") = doc(JPEG_DECODING)
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_features_every: Int(0) = doc("keep every n-th epoch's features.npy (N x D float32 each); 0 = none")
 
@@ -219,12 +223,8 @@ class Train(Section):
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
     samples_per_epoch: Int(1, null="as many draws as training images") = doc(
         "images drawn (uniformly over clusters) per epoch")
-    num_workers: Int(0, word="auto") = doc("DataLoader processes that decode and crop image trees; 0 = in this "
-                                           "process; auto = the usable cores (per rank under torchrun), and 0 for "
-                                           "in-memory arrays, which workers only slow down")
-    decode: Choice("cpu", "gpu") = doc("image trees: cpu = PIL in the DataLoader workers; gpu = JPEGs decoded "
-                                       "with nvJPEG on the CUDA device (torchvision.io.decode_jpeg), for when the "
-                                       "CPUs cannot keep up; not measured on a GPU yet (make gpu-check)")
+    num_workers: Int(0, word="auto") = doc(LOADER_WORKERS)
+    decode: Choice("cpu", "gpu") = doc(JPEG_DECODING)
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")
     keep_checkpoint_every: Int(0) = doc("keep every n-th epoch's checkpoint (plus last.pt); 0 = only the last")
 

@@ -131,12 +131,22 @@ def to_8bit(im: "PIL.Image.Image") -> "PIL.Image.Image":
     return im
 
 
-def open_8bit(path: str, channels: int) -> "PIL.Image.Image":
-    """The decoded file as an 8-bit grey (channels 1) or RGB image, at its own size."""
+def open_8bit(path: str, channels: int, short_side: int | None = None) -> "PIL.Image.Image":
+    """The decoded file as an 8-bit grey (channels 1) or RGB image, at its own size; with `short_side`,
+    a JPEG may decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when that still leaves short_side pixels."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if short_side is not None:
+            ratio = short_side / min(im.size)
+            im.draft(None, (math.ceil(im.width * ratio), math.ceil(im.height * ratio)))
         return to_8bit(im).convert("L" if channels == 1 else "RGB")
+
+
+def centred_square(width: int, height: int, side: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the square of `side` in the middle of a width x height image."""
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
 
 
 def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
@@ -145,10 +155,8 @@ def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
     from PIL import Image
 
     im = open_8bit(path, channels)
-    side = min(im.size)
-    left, top = (im.width - side) / 2, (im.height - side) / 2
     # one PIL resampling of the centred square: resize + crop in one step (as _FileViews)
-    return pil_to_tensor(im.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side)))
+    return pil_to_tensor(im.resize((size, size), Image.BILINEAR, box=centred_square(im.width, im.height, min(im.size))))
 
 
 def pil_to_tensor(im: "PIL.Image.Image") -> torch.Tensor:
@@ -206,9 +214,7 @@ def centre_box(width: int, height: int, crop_size: int) -> tuple[float, float, f
     keeps the centred square of side short * crop_size / that; resampling this box straight to crop_size
     is the same view in one resampling instead of two.
     """
-    side = min(width, height) * crop_size / round(crop_size * RESIZE_PER_CROP)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+    return centred_square(width, height, min(width, height) * crop_size / round(crop_size * RESIZE_PER_CROP))
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -306,12 +312,8 @@ class _FileViews(torch.utils.data.Dataset):
         from PIL import Image
 
         size = (self.crop_size, self.crop_size)
-        if self.seed is None:
-            with Image.open(path) as im:
-                # JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when the view needs no more pixels
-                ratio = round(self.crop_size * RESIZE_PER_CROP) / min(im.size)
-                im.draft(None, (math.ceil(im.width * ratio), math.ceil(im.height * ratio)))
-                im = to_8bit(im).convert("L" if self.channels == 1 else "RGB")
+        if self.seed is None:  # the centre view needs no more than its resized short side
+            im = open_8bit(path, self.channels, short_side=round(self.crop_size * RESIZE_PER_CROP))
             return im.resize(size, Image.BILINEAR, box=centre_box(im.width, im.height, self.crop_size))
         im = open_8bit(path, self.channels)
         box, flip = self.geometry(im.width, im.height, j)

@@ -11,8 +11,7 @@ What it runs, each as a row of the table:
 - two DeepCluster epochs of the stages themselves on Fashion-MNIST (prepare, train --init, then extract, pca,
   cluster, labels, train per epoch) on the GPU: bf16 autocast (amp: auto) and channels_last are what the
   stages do on CUDA; extract and train are launched under `python -m torch.distributed.run
-  --nproc_per_node <GPUs>` where the stages support DDP (stages/distributed.py), else as one process and
-  the DDP row says "pending integration";
+  --nproc_per_node <GPUs>` (stages/distributed.py);
 - AlexNet at 224 px: images/s of inference and of a training step on synthetic tensors, then of the
   extract and train stages on a synthetic JPEG tree (decoding included), as a ratio of the former.
 
@@ -30,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib
-import importlib.util
 import os
 import platform
 import shutil
@@ -59,7 +57,7 @@ class CheckFailed(RuntimeError):
 class Row:
     check: str
     result: str
-    status: str = "ok"  # ok | FAILED | pending | note
+    status: str = "ok"  # ok | FAILED | note
 
 
 @dataclass
@@ -91,11 +89,6 @@ class Sizes:
 
 
 # ---------------------------------------------------------------- launching the stages
-def ddp_supported() -> bool:
-    """Whether the stages run under torchrun as one DDP job (the DDP work adds stages/distributed.py)."""
-    return importlib.util.find_spec("stages.distributed") is not None
-
-
 def stage_command(stage: str, args: list[str], nproc: int | None) -> list[str]:
     """The command line of a stage: under torchrun with nproc processes, or plain `python -m`."""
     if nproc is None:
@@ -211,7 +204,7 @@ class Check:
     @property
     def nproc(self) -> int | None:
         """torchrun's processes for extract and train, or None: one plain process."""
-        return self.gpus if self.device == "cuda" and ddp_supported() else None
+        return self.gpus if self.device == "cuda" else None
 
     def stage_overrides(self) -> dict:
         s = self.sizes
@@ -315,9 +308,7 @@ class Check:
                 f"img/s, loss {tr['loss']:.2f}); NMI(labels) {lab['nmi_labels']:.3f}{nmi_prev}"))
         self.rows.append(Row(f"DDP over {self.gpus} GPU(s)",
                              f"extract and train ran under torchrun --nproc_per_node={self.nproc}" if self.nproc else
-                             "pending integration: stages/distributed.py is not on this branch, extract and train ran "
-                             "as one process" if self.device == "cuda" else "not run on the CPU",
-                             "ok" if self.nproc else "pending" if self.device == "cuda" else "note"))
+                             "not run on the CPU", "ok" if self.nproc else "note"))
 
     def alexnet_tensors(self) -> float:
         """AlexNet at 224 on synthetic tensors: inference and training images/s; returns the training rate."""

@@ -457,6 +457,21 @@ def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch[..., top : top + size, left : left + size]
 
 
+def intensity_jitter(batch: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image contrast and brightness jitter of a normalised batch: x * c + b, c ~ U(1 - s, 1 + s),
+    b ~ U(-s, s) (in units of the data set's std). The grey-image counterpart of the paper's colour
+    augmentations, which its Sobel input makes moot: without it, images of one class shot darker or
+    with less contrast can form their own clusters, and the network learns to tell them apart.
+    """
+    if strength <= 0:
+        return batch
+    n = batch.shape[0]
+    c = torch.empty(n).uniform_(1 - strength, 1 + strength, generator=generator)
+    b = torch.empty(n).uniform_(-strength, strength, generator=generator)
+    shape = (n,) + (1,) * (batch.dim() - 1)
+    return batch * c.view(shape).to(batch.device, batch.dtype) + b.view(shape).to(batch.device, batch.dtype)
+
+
 def random_resized_crop_flip(
     batch: torch.Tensor,
     size: int,

@@ -217,6 +217,8 @@ class Train(Section):
                             "paper)")
     crop_scale: CropScale = doc("RandomResizedCrop area range; the paper's 0.08 crops most of a 28 px garment away")
     hflip: Bool = doc("random horizontal flips (paper)")
+    intensity_jitter: Float(ge=0, lt=1) = doc("per-image contrast x U(1-s, 1+s) and brightness + U(-s, s) std; "
+                                              "0 = none (the paper's colour jitter is moot after Sobel)")
     sync_batchnorm: Bool = doc("several processes: BatchNorm statistics over the global batch, as one process "
                                "computes them; the recipe's batch of 64 split over 8 GPUs would leave 8 images per "
                                "process's statistics")

@@ -6,7 +6,7 @@
   sized to the non-empty clusters, trained by its own momentum-free SGD;
 - the body's SGD (momentum 0.9) keeps its state across epochs through the checkpoint;
 - random resized crop + horizontal flip (of the original image for image trees: stages.data.train_batches),
-  dropout; channels_last; bf16 autocast on GPU.
+  contrast/brightness jitter (stages.data.intensity_jitter), dropout; channels_last; bf16 autocast on GPU.
 
 `--init` writes the epoch-0 checkpoint (the seeded random network that epoch 1 clusters with).
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from stages.artifacts import check_architecture, check_assignments
 from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, seed_for, write_json
-from stages.data import ImageSet, load_split, train_batches
+from stages.data import ImageSet, intensity_jitter, load_split, train_batches
 from stages.distributed import (World, all_sum, backend_for, check_world, global_batchnorm, process_group,
                                 split_sample, stage_device, world_from_env)
 from stages.extract import autocast
@@ -81,6 +81,7 @@ def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, t
                             decode=p.get("decode", "cpu"))
     for i, x in enumerate(batches):
         y = torch.from_numpy(targets[i * bs : i * bs + len(x)]).to(device)
+        x = intensity_jitter(x, p.get("intensity_jitter", 0.0), generator)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, p["amp"]):
             logits = model(x)

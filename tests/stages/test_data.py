@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stages.common import StageError
-from stages.data import center_crop, iterate_batches, load_split, normalize, random_resized_crop_flip
+from stages.data import (center_crop, intensity_jitter, iterate_batches, load_split, normalize,
+                         random_resized_crop_flip)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,20 @@ def test_crops_are_seeded_by_the_generator(digit_batch):
     c = random_resized_crop_flip(digit_batch, 20, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_intensity_jitter_scales_and_shifts_each_image_within_its_bounds():
+    # Constant images make each image's factor and offset readable: a 1 becomes c + b, a 0 becomes b.
+    ones, zeros = torch.ones(500, 1, 4, 4), torch.zeros(500, 1, 4, 4)
+    b = intensity_jitter(zeros, 0.4, torch.Generator().manual_seed(3))[:, 0, 0, 0]
+    cb = intensity_jitter(ones, 0.4, torch.Generator().manual_seed(3))[:, 0, 0, 0]
+    c = cb - b
+    assert b.min() >= -0.4 and b.max() <= 0.4 and c.min() >= 0.6 and c.max() <= 1.4
+    assert b.std() > 0.15 and c.std() > 0.15  # U(-0.4, 0.4): sd 0.23, drawn per image
+    x = torch.rand(500, 1, 4, 4)
+    y = intensity_jitter(x, 0.4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(y, x * c.view(-1, 1, 1, 1) + b.view(-1, 1, 1, 1))  # one (c, b) per image
+    assert intensity_jitter(x, 0.0, torch.Generator().manual_seed(3)) is x
 
 
 def test_small_scale_crops_zoom_in():

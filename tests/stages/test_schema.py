@@ -54,6 +54,7 @@ NUMERIC = {
     "train.batch_size": ([1], [0]),
     "train.crop_size": ([1], [0]),
     "train.crop_scale": ([[0.01, 1.0], [1.0, 1.0]], [[0.0, 1.0], [0.5, 1.5], [0.9, 0.5], [0.5]]),
+    "train.intensity_jitter": ([0.0, 0.99], [-0.1, 1.0]),
     "train.samples_per_epoch": ([1, None], [0]),
     "train.num_workers": ([0, "auto"], [-1, "all"]),
     "train.keep_checkpoint_every": ([0], [-1]),

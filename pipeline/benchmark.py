@@ -178,9 +178,9 @@ def _ddp_worker(rank: int, size: int, threads: int, port: int, sync_bn: bool, st
     model = build_model(params["model"], 1, 28)
     if size > 1 and sync_bn:
         model = global_batchnorm(model, torch.device("cpu"))
-    optimizer = body_optimizer(model, p)
+    optimizer = body_optimizer(model, p, p["lr"])
     model.reset_top_layer(312)  # the default run's clusters (20k images / 64)
-    top_optimizer = head_optimizer(model, p)
+    top_optimizer = head_optimizer(model, p, p["lr"])
     model = model.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
     world = World(rank=rank, size=size, local_rank=rank, local_size=size)
@@ -390,7 +390,7 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
         model = model.to(device, memory_format=torch.channels_last)
         p = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": batch, "crop_size": 224,
              "crop_scale": [0.08, 1.0], "hflip": True, "amp": "auto", "num_workers": w}
-        opt, top = body_optimizer(model, p), head_optimizer(model, p)
+        opt, top = body_optimizer(model, p, p["lr"]), head_optimizer(model, p, p["lr"])
         rows = np.random.default_rng(0).permutation(len(images))
         targets = np.random.default_rng(1).integers(0, 100, len(images))
         gen = torch.Generator().manual_seed(0)

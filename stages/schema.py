@@ -209,6 +209,8 @@ class Cluster(Section):
 
 class Train(Section):
     lr: Float(gt=0) = doc("the paper's 0.05 learnt less on small grey images")
+    lr_schedule: Choice("constant", "cosine") = doc("constant (paper) | cosine: decays from lr towards 0 over "
+                                                    "run.epochs")
     momentum: Float(ge=0, lt=1) = doc("SGD momentum (paper)")
     weight_decay: Float(ge=0) = doc("L2 penalty of SGD (paper)")
     batch_size: Int(1) = doc("4x the SGD steps of 256 per epoch at similar cost: the loss leaves ln(k) in the "

@@ -58,13 +58,21 @@ def contiguous_targets(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return targets.astype(np.int64), ids
 
 
-def body_optimizer(model: DeepClusterNet, p: dict) -> torch.optim.SGD:
-    return torch.optim.SGD(model.body_parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+def epoch_lr(p: dict, epoch: int, epochs: int) -> float:
+    """The learning rate of `epoch` (1..epochs): train.lr throughout (paper), or cosine-decayed from train.lr
+    towards 0 over the run's epochs (run.epochs: a run resumed with more epochs decays from then on more slowly)."""
+    if p.get("lr_schedule", "constant") == "constant":
+        return p["lr"]
+    return p["lr"] * 0.5 * (1 + math.cos(math.pi * min(epoch - 1, epochs) / epochs))
 
 
-def head_optimizer(model: DeepClusterNet, p: dict) -> torch.optim.SGD:
+def body_optimizer(model: DeepClusterNet, p: dict, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.body_parameters(), lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+
+
+def head_optimizer(model: DeepClusterNet, p: dict, lr: float) -> torch.optim.SGD:
     # No momentum: the head is new each epoch and momentum from an old head would be meaningless.
-    return torch.optim.SGD(model.top_layer.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    return torch.optim.SGD(model.top_layer.parameters(), lr=lr, weight_decay=p["weight_decay"])
 
 
 def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, targets: np.ndarray,
@@ -141,13 +149,14 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
         model = model_from_checkpoint(ckpt, device)
         if world.size > 1 and p["sync_batchnorm"]:
             model = global_batchnorm(model, device)
-        optimizer = body_optimizer(model, p)
+        lr = epoch_lr(p, epoch, params["run"]["epochs"])
+        optimizer = body_optimizer(model, p, lr)
         if ckpt["optimizer"] is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             for group in optimizer.param_groups:  # params.yaml wins over the stored hyper-parameters
-                group.update(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+                group.update(lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
         model.reset_top_layer(len(cluster_ids))
-        top_optimizer = head_optimizer(model, p)
+        top_optimizer = head_optimizer(model, p, lr)
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs and GPUs alike
         if world.size > 1:
             torch.manual_seed(seed + world.rank)  # dropout masks: each rank its own (the head is drawn already)
@@ -170,7 +179,7 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
             save_checkpoint(checkpoint_out, model=model, epoch=epoch, model_params=ckpt["model_params"],
                             in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], optimizer=optimizer,
                             top_optimizer=top_optimizer, cluster_ids=torch.from_numpy(cluster_ids))
-    stats.update(epoch=epoch, n_clusters=len(cluster_ids), device=device.type, processes=world.size, seconds=t.seconds,
+    stats.update(epoch=epoch, lr=lr, n_clusters=len(cluster_ids), device=device.type, processes=world.size, seconds=t.seconds,
                  images_per_second=stats["n_samples"] / t.seconds, peak_rss_mb=peak_rss_mb())
     if stats_out is not None and world.main:
         write_json(stats_out, stats)

@@ -88,6 +88,7 @@ OTHER = {
     "cluster.device": (["auto", "cpu", "gpu"], ["cuda", "GPU", ""]),
     "cluster.pic.graph": (["exact", "ivf"], ["hnsw", "approximate"]),
     "train.hflip": ([True, False], ["sometimes"]),
+    "train.lr_schedule": (["constant", "cosine"], ["step", "Cosine"]),
     "train.sync_batchnorm": ([True, False], ["yes", 1]),
     "run.rdzv_endpoint": (["127.0.0.1:29500", "gpu-node-0.cluster:1234"], ["node0", "127.0.0.1:", ":29500", 29500]),
     "run.dist_backend": (["auto", "gloo", "nccl"], ["mpi", "NCCL"]),

@@ -10,7 +10,7 @@ from stages.common import StageError, read_json, seed_for
 from stages.data import load_split
 from stages.labels import write_assignments
 from stages.models import build_model
-from stages.train import contiguous_targets, init_checkpoint, run_train, uniform_cluster_sample
+from stages.train import contiguous_targets, epoch_lr, init_checkpoint, run_train, uniform_cluster_sample
 
 # ---------------------------------------------------------------- the sampler
 SKEWED = {0: 5, 2: 50, 5: 500, 7: 5000, 11: 20}  # cluster id -> size; ids 1, 3, 4, 6, 8-10 are empty
@@ -72,6 +72,33 @@ def test_contiguous_targets_maps_non_empty_cluster_ids_to_head_outputs():
     targets, ids = contiguous_targets(np.array([7, 3, 3, 12, 7]))
     assert targets.tolist() == [1, 0, 0, 2, 1] and targets.dtype == np.int64
     assert ids.tolist() == [3, 7, 12]
+
+
+def test_constant_schedule_keeps_the_learning_rate():
+    p = {"lr": 0.1, "lr_schedule": "constant"}
+    assert [epoch_lr(p, e, 32) for e in (1, 16, 32)] == [0.1, 0.1, 0.1]
+
+
+def test_cosine_schedule_starts_at_lr_halves_midway_and_ends_near_zero():
+    p = {"lr": 0.1, "lr_schedule": "cosine"}
+    lrs = [epoch_lr(p, e, 10) for e in range(1, 11)]
+    assert lrs[0] == 0.1 and abs(lrs[5] - 0.05) < 1e-12  # epoch 6 of 10: half way through, cos(pi / 2) = 0
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.003  # 0.1 * (1 + cos(0.9 pi)) / 2
+
+
+def test_the_epochs_learning_rate_reaches_both_optimizers(fashion_dataset, train_params, tmp_path):
+    p = {**train_params, "run": {**train_params["run"], "epochs": 4},
+         "train": {**train_params["train"], "lr_schedule": "cosine"}}
+    train = load_split(fashion_dataset, "train")
+    write_assignments(tmp_path / "a.parquet", train.ids, np.arange(len(train)) % 3, np.zeros(len(train), np.float32))
+    init_checkpoint(p, fashion_dataset, tmp_path / "0.pt")
+    run_train(p, fashion_dataset, tmp_path / "a.parquet", tmp_path / "0.pt", tmp_path / "1.pt", epoch=1)
+    stats = run_train(p, fashion_dataset, tmp_path / "a.parquet", tmp_path / "1.pt", tmp_path / "2.pt", epoch=2)
+    ckpt = torch.load(tmp_path / "2.pt", map_location="cpu", weights_only=True)
+    expected = 0.5 * p["train"]["lr"] * (1 + np.cos(np.pi / 4))  # epoch 2 of 4
+    assert stats["lr"] == pytest.approx(expected)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)  # not epoch 1's stored lr
+    assert ckpt["top_optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------- run_train on real images
@@ -292,7 +319,7 @@ def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_pa
         torch.manual_seed(0)
         model = build_model({"arch": "small_alexnet", "sobel": True, "width": 2, "fc_dim": 8, "dropout": 0.5}, 3, 32)
         model.reset_top_layer(2)
-        stats = train_one_epoch(model, images, rows, rows % 2, body_optimizer(model, p), head_optimizer(model, p),
+        stats = train_one_epoch(model, images, rows, rows % 2, body_optimizer(model, p, p["lr"]), head_optimizer(model, p, p["lr"]),
                                 {**p, "num_workers": workers}, torch.device("cpu"), torch.Generator().manual_seed(5),
                                 progress=False)
         return {"stats": stats, **{k: v.clone() for k, v in model.state_dict().items()}}

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import StageError, cli_errors, load_params, parse_override, seeded_subset
+from stages.common import StageError, cli_errors, load_params, parse_override, pick_device, seeded_subset
 from stages.data import load_split
 from stages.epoch import EPOCH_STAGES, run_stage
 from stages.layout import DATASET, RunLayout
@@ -44,7 +43,7 @@ def score(params: dict, checkpoint: Path, dataset: Path, kmeans_runs: int) -> di
     seed = params["run"]["seed"]
     tr_rows = seeded_subset(len(train), e["train_images"], seed)
     te_rows = seeded_subset(len(test), e["test_images"], seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(params["extract"]["device"])
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
     kw = dict(crop_size=params["extract"]["crop_size"], batch_size=params["extract"]["batch_size"], device=device,
               max_dim=e["probe_dim"], amp=params["extract"]["amp"])

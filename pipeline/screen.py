@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.common import StageError, cli_errors, load_params, parse_override, pick_device, seeded_subset

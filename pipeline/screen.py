@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.common import StageError, cli_errors, load_params, parse_override, pick_device, seeded_subset
 from stages.data import load_split

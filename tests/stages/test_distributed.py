@@ -188,7 +188,8 @@ def _worker(rank: int, size: int, port: int, params: dict, root, dataset) -> Non
 def runs(tmp_path_factory, small_params, fashion_dataset):
     """The same extract and train on one process and on two (gloo): their output directory."""
     params = apply_overrides(small_params, {"model.dropout": 0.0, "train.crop_scale": [1.0, 1.0],
-                                            "train.hflip": False, "train.sync_batchnorm": True,
+                                            "train.hflip": False, "train.intensity_jitter": 0.0,
+                                            "train.sync_batchnorm": True,
                                             "train.samples_per_epoch": 200})  # 64, 64, 64, 8: a short last batch
     root = tmp_path_factory.mktemp("ddp")
     init_checkpoint(params, fashion_dataset, root / "epoch_0000.pt")

@@ -20,39 +20,30 @@ import time
 from pathlib import Path
 
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import StageError, cli_errors, load_params, parse_override, pick_device, seeded_subset
-from stages.data import load_split
+from stages.common import StageError, cli_errors, load_params, parse_override, pick_device
 from stages.epoch import EPOCH_STAGES, run_stage
+from stages.evaluate import evaluation_data, fc_scores
 from stages.layout import DATASET, RunLayout
-from stages.probes import extract_layer_features, kmeans_quality, knn_accuracy
+from stages.probes import extract_layer_features
 from stages.train import init_checkpoint
 
 SCREEN_ROOT = Path("data/screen")
 RESULTS = "results.jsonl"
 
 
-def score(params: dict, checkpoint: Path, dataset: Path, kmeans_runs: int) -> dict:
-    """kNN and k-means (k = classes) on the fc features of the held-out split, as `evaluate` scores them."""
-    e = params["evaluate"]
-    train, test = load_split(dataset, "train"), load_split(dataset, "test")
-    if not (train.has_labels and test.has_labels):
-        raise StageError(f"{dataset} has no labels: screening scores against them (prepare.source: fashion-mnist "
+def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int) -> dict:
+    """kNN and k-means (k = classes) on the fc features of evaluate's held-out images, as `evaluate` scores them."""
+    if not data["labelled"]:
+        raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
                          "or imagefolder)")
-    seed = params["run"]["seed"]
-    tr_rows = seeded_subset(len(train), e["train_images"], seed)
-    te_rows = seeded_subset(len(test), e["test_images"], seed)
-    device = pick_device(params["extract"]["device"])
+    e, ex = params["evaluate"], params["extract"]
+    device = pick_device(ex["device"])
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
-    kw = dict(crop_size=params["extract"]["crop_size"], batch_size=params["extract"]["batch_size"], device=device,
-              max_dim=e["probe_dim"], amp=params["extract"]["amp"])
-    f_train = extract_layer_features(model, train, tr_rows, ["fc"], **kw).pooled["fc"]
-    f_test = extract_layer_features(model, test, te_rows, ["fc"], **kw).pooled["fc"]
-    y_train, y_test = train.labels[tr_rows], test.labels[te_rows]
-    n_classes = int(max(y_train.max(), y_test.max()) + 1)
-    q = kmeans_quality(f_test, y_test, k=n_classes, niter=params["cluster"]["niter"], seed=seed, runs=kmeans_runs,
-                       pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
-    knn = knn_accuracy(f_train, y_train, f_test, y_test, k=e["knn_k"], temperature=e["knn_temperature"],
-                       n_classes=n_classes)
+    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device, max_dim=e["probe_dim"],
+              amp=ex["amp"])
+    f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
+    f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
+    knn, q = fc_scores(f_train, f_test, data, params, params["run"]["seed"], kmeans_runs)
     return {"knn": knn, "acc": q["acc"], "acc_std": q["acc_std"], "nmi": q["nmi"], "nmi_std": q["nmi_std"]}
 
 
@@ -67,6 +58,7 @@ def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Pat
     done = {r["epoch"] for r in results}
     if not layout.checkpoint(0).exists():
         init_checkpoint(params, dataset, layout.checkpoint(0))
+    data = evaluation_data(params, params["evaluate"], dataset, params["run"]["seed"])  # read once, not per score
     for epoch in range(0, max(eval_at) + 1):
         if epoch > 0 and not layout.checkpoint(epoch).exists():
             start = time.perf_counter()
@@ -76,7 +68,7 @@ def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Pat
             for features in layout.epoch(epoch).glob("*.npy"):  # the N x D arrays: not needed once trained
                 features.unlink()
         if epoch in eval_at and epoch not in done:
-            row = {"name": name, "epoch": epoch, **score(params, layout.checkpoint(epoch), dataset, kmeans_runs)}
+            row = {"name": name, "epoch": epoch, **score(params, layout.checkpoint(epoch), data, kmeans_runs)}
             print(json.dumps(row), flush=True)
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -111,6 +111,17 @@ def probe_options(cfg: dict) -> dict:
             "val_fraction": cfg["probe_val_fraction"]}
 
 
+def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: dict, params: dict, seed: int,
+              kmeans_runs: int) -> tuple[float, dict]:
+    """Weighted kNN accuracy and k-means (k = classes, PCA-whitened as in training) quality of fc features."""
+    cfg = params["evaluate"]
+    knn = knn_accuracy(fc_train, data["y_train"], fc_test, data["y_test"], k=cfg["knn_k"],
+                       temperature=cfg["knn_temperature"], n_classes=data["n_classes"])
+    q = kmeans_quality(fc_test, data["y_test"], k=data["n_classes"], niter=params["cluster"]["niter"], seed=seed,
+                       runs=kmeans_runs, pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+    return knn, q
+
+
 def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict, cfg: dict, device: torch.device,
                      seed: int, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """Probes on every layer, kNN and k-means on fc for one network.
@@ -136,10 +147,8 @@ def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict
         conv = {k: v for k, v in metrics.items() if k.split(".")[-1].startswith("conv")}
         if conv:
             metrics[f"probe.{name}.best"] = max(conv.values())
-        metrics[f"knn.{name}"] = knn_accuracy(ftr.pooled["fc"], ytr, fte.pooled["fc"], yte, k=cfg["knn_k"],
-                                              temperature=cfg["knn_temperature"], n_classes=data["n_classes"])
-        q = kmeans_quality(fte.pooled["fc"], yte, k=data["n_classes"], niter=params["cluster"]["niter"], seed=seed,
-                           runs=cfg["kmeans_runs"], pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+        knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg["kmeans_runs"])
+        metrics[f"knn.{name}"] = knn
         metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
     return metrics, extras

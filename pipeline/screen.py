@@ -7,6 +7,7 @@ with k = classes on the PCA-whitened features (evaluate's protocol, fewer seeds)
 table and the sweep that chose the recipe are in the README ("The recipe").
 
     python -m pipeline.screen wd5e-4 --set train.weight_decay=0.0005 --eval-at 8,16
+    python -m pipeline.screen seed1 --set run.seed=1 --eval-seed 0 --eval-at 0,16   # another init, judged alike
     python -m pipeline.screen --table            # every screened change, a row each
 
 Needs a prepared dataset (data/dataset: `python -m stages.prepare` or one `make run`). Each change keeps its
@@ -31,7 +32,7 @@ SCREEN_ROOT = Path("data/screen")
 RESULTS = "results.jsonl"
 
 
-def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int) -> dict:
+def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int, eval_seed: int) -> dict:
     """kNN and k-means (k = classes) on the fc features of evaluate's held-out images, as `evaluate` scores them."""
     if not data["labelled"]:
         raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
@@ -43,22 +44,27 @@ def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int) -> dict:
               amp=ex["amp"])
     f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
     f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
-    knn, q = fc_scores(f_train, f_test, data, params, params["run"]["seed"], kmeans_runs)
+    knn, q = fc_scores(f_train, f_test, data, params, eval_seed, kmeans_runs)
     return {"knn": knn, "acc": q["acc"], "acc_std": q["acc_std"], "nmi": q["nmi"], "nmi_std": q["nmi_std"]}
 
 
 def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Path = SCREEN_ROOT,
-           kmeans_runs: int = 5) -> list[dict]:
-    """Run epochs 1..max(eval_at) of `params` (resuming), scoring the checkpoints of eval_at (0 = random init)."""
+           kmeans_runs: int = 5, eval_seed: int | None = None) -> list[dict]:
+    """Run epochs 1..max(eval_at) of `params` (resuming), scoring the checkpoints of eval_at (0 = random init).
+
+    eval_seed picks the held-out subsets and k-means seeds (default run.seed, as `evaluate`): runs of
+    different run.seed scored with one eval_seed differ only by their networks.
+    """
+    eval_seed = params["run"]["seed"] if eval_seed is None else eval_seed
     out = root / name
     layout = RunLayout(dataset, out / "epochs", out / "checkpoints")
     layout.checkpoints.mkdir(parents=True, exist_ok=True)
     results_file = out / RESULTS
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    done = {r["epoch"] for r in results}
+    done = {r["epoch"] for r in results if r.get("eval_seed", params["run"]["seed"]) == eval_seed}
     if not layout.checkpoint(0).exists():
         init_checkpoint(params, dataset, layout.checkpoint(0))
-    data = evaluation_data(params, params["evaluate"], dataset, params["run"]["seed"])  # read once, not per score
+    data = evaluation_data(params, params["evaluate"], dataset, eval_seed)  # read once, not per score
     for epoch in range(0, max(eval_at) + 1):
         if epoch > 0 and not layout.checkpoint(epoch).exists():
             start = time.perf_counter()
@@ -68,19 +74,21 @@ def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Pat
             for features in layout.epoch(epoch).glob("*.npy"):  # the N x D arrays: not needed once trained
                 features.unlink()
         if epoch in eval_at and epoch not in done:
-            row = {"name": name, "epoch": epoch, **score(params, layout.checkpoint(epoch), data, kmeans_runs)}
+            row = {"name": name, "epoch": epoch, "eval_seed": eval_seed,
+                   **score(params, layout.checkpoint(epoch), data, kmeans_runs, eval_seed)}
             print(json.dumps(row), flush=True)
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             results.append(row)
-    return sorted(results, key=lambda r: r["epoch"])
+    return sorted((r for r in results if r.get("eval_seed", params["run"]["seed"]) == eval_seed),
+                  key=lambda r: r["epoch"])
 
 
 def table(root: Path = SCREEN_ROOT) -> str:
-    rows = ["| change | epoch | weighted kNN | k-means ACC | k-means NMI |", "|---|---:|---:|---:|---:|"]
+    rows = ["| change | epoch | eval seed | weighted kNN | k-means ACC | k-means NMI |", "|---|---:|---:|---:|---:|---:|"]
     for results_file in sorted(root.glob(f"*/{RESULTS}")):
         for r in sorted((json.loads(line) for line in results_file.read_text().splitlines()), key=lambda r: r["epoch"]):
-            rows.append(f"| {r['name']} | {r['epoch']} | {100 * r['knn']:.2f} | {100 * r['acc']:.1f} ± "
+            rows.append(f"| {r['name']} | {r['epoch']} | {r.get('eval_seed', '')} | {100 * r['knn']:.2f} | {100 * r['acc']:.1f} ± "
                         f"{100 * r['acc_std']:.1f} | {r['nmi']:.3f} ± {r['nmi_std']:.3f} |")
     return "\n".join(rows)
 
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                              "trend: on the defaults k-means peaks early and falls while kNN keeps rising")
     parser.add_argument("--kmeans-runs", type=int, default=5,
                         help="k-means seeds per score; their spread is printed beside the mean")
+    parser.add_argument("--eval-seed", type=int, default=None,
+                        help="seed of the held-out subsets and k-means runs (default: run.seed). Fix it to compare "
+                             "runs of several run.seed values: the random network alone moves kNN by about 2 points")
     parser.add_argument("--table", action="store_true", help="print every screened change as a markdown table")
     args = parser.parse_args(argv)
     with cli_errors("screen"):
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         if eval_at[0] < 0:
             parser.error("--eval-at: epochs are 0 or more")
         params = load_params(args.params, dict(parse_override(s) for s in args.set))
-        screen(args.name, params, eval_at, Path(args.dataset), kmeans_runs=args.kmeans_runs)
+        screen(args.name, params, eval_at, Path(args.dataset), kmeans_runs=args.kmeans_runs, eval_seed=args.eval_seed)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 import torch
 
 from pipeline.screen import RESULTS, main, screen, table
+from stages.layout import checkpoint_name
 
 
 def test_screen_runs_the_flows_epochs_and_scores_the_chosen_ones(small_params, fashion_dataset, tiny_run, tmp_path):
@@ -29,6 +31,21 @@ def test_rerunning_a_name_resumes_without_training_or_scoring_again(small_params
     lines = (tmp_path / "again" / RESULTS).read_text().splitlines()
     assert sorted(json.loads(line)["epoch"] for line in lines) == [0, 1]
     assert "| again | 1 |" in table(tmp_path)
+
+
+def test_a_fixed_eval_seed_scores_runs_of_another_seed_alike(small_params, fashion_dataset, tmp_path):
+    (ours,) = screen("seed0", small_params, [0], fashion_dataset, root=tmp_path)
+    other = {**small_params, "run": {**small_params["run"], "seed": 1}}
+    (theirs,) = screen("seed1", other, [0], fashion_dataset, root=tmp_path)
+    # seed 0's random network under seed 1's run: with eval_seed 0 it must score exactly as in seed 0's screen
+    (tmp_path / "swap" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "seed0" / "checkpoints" / checkpoint_name(0), tmp_path / "swap" / "checkpoints")
+    (swapped,) = screen("swap", other, [0], fashion_dataset, root=tmp_path, eval_seed=0)
+    assert swapped["eval_seed"] == 0 and theirs["eval_seed"] == 1
+    assert {k: swapped[k] for k in ("knn", "acc", "nmi")} == {k: ours[k] for k in ("knn", "acc", "nmi")}
+    # and a rescore under another eval seed is a new row, not the stored one
+    (again,) = screen("swap", other, [0], fashion_dataset, root=tmp_path)
+    assert again["eval_seed"] == 1 and len((tmp_path / "swap" / RESULTS).read_text().splitlines()) == 2
 
 
 def test_overrides_reach_the_run_and_bad_ones_are_refused(small_params, fashion_dataset, tmp_path, write_params,

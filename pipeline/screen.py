@@ -23,9 +23,8 @@ from pathlib import Path
 from stages.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.common import StageError, cli_errors, load_params, parse_override, pick_device
 from stages.epoch import EPOCH_STAGES, run_stage
-from stages.evaluate import evaluation_data, fc_scores
+from stages.evaluate import evaluation_data, network_fc_scores
 from stages.layout import DATASET, RunLayout
-from stages.probes import extract_layer_features
 from stages.train import init_checkpoint
 
 SCREEN_ROOT = Path("data/screen")
@@ -37,14 +36,9 @@ def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int, eval_see
     if not data["labelled"]:
         raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
                          "or imagefolder)")
-    e, ex = params["evaluate"], params["extract"]
-    device = pick_device(ex["device"])
+    device = pick_device(params["extract"]["device"])
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
-    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device, max_dim=e["probe_dim"],
-              amp=ex["amp"])
-    f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
-    f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
-    knn, q = fc_scores(f_train, f_test, data, params, eval_seed, kmeans_runs)
+    knn, q = network_fc_scores(model, data, params, device, eval_seed, kmeans_runs)
     return {"knn": knn, "acc": q["acc"], "acc_std": q["acc_std"], "nmi": q["nmi"], "nmi_std": q["nmi_std"]}
 
 

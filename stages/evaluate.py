@@ -49,6 +49,7 @@ NETWORKS = ("trained", "random")
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
 HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "knn.trained", "knn.random", "knn.pixels",
             *(f"cluster.{s}.{m}" for s in ("trained", "random", "pixels") for m in ("acc", "nmi")),
+            "knn.random_inits", "knn.random_inits_std", "cluster.random_inits.acc", "cluster.random_inits.nmi",
             "last_nmi_previous")
 
 
@@ -60,6 +61,15 @@ def evaluate_settings(params: dict) -> dict:
         raise StageError(f"params.yaml's evaluate section: unknown {unknown}, missing {missing}; the project's "
                          "params.yaml documents every setting (`git show HEAD:params.yaml`)")
     return section
+
+
+def seeded_init_network(params: dict, dataset: str | Path, trained: dict, seed: int, device: torch.device) -> dict:
+    """The checkpoint of the network that the train stage's init builds for run.seed = seed (trained's architecture)."""
+    p = {**params, "run": {**params["run"], "seed": seed}, "model": dict(trained["model_params"]),
+         "train": {**params["train"], "crop_size": trained["image_size"]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        init_checkpoint(p, dataset, Path(tmp) / checkpoint_name(0))
+        return load_checkpoint(Path(tmp) / checkpoint_name(0), device)
 
 
 def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Path, trained: dict,
@@ -74,10 +84,7 @@ def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Pat
         ckpt = load_checkpoint(path, device)
         source = str(path)
     else:
-        p = {**params, "model": dict(trained["model_params"]), "train": {**params["train"], "crop_size": trained["image_size"]}}
-        with tempfile.TemporaryDirectory() as tmp:
-            init_checkpoint(p, dataset, Path(tmp) / checkpoint_name(0))
-            ckpt = load_checkpoint(Path(tmp) / checkpoint_name(0), device)
+        ckpt = seeded_init_network(params, dataset, trained, params["run"]["seed"], device)
         source = f"rebuilt with run.seed={params['run']['seed']}"
     if ckpt["model_params"] != trained["model_params"] or ckpt["epoch"] != 0:
         raise StageError(f"{path} is not this run's epoch-0 network (epoch {ckpt['epoch']}, model {ckpt['model_params']} "
@@ -122,6 +129,17 @@ def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: dict, params: dic
     return knn, q
 
 
+def network_fc_scores(model: torch.nn.Module, data: dict, params: dict, device: torch.device, seed: int,
+                      kmeans_runs: int) -> tuple[float, dict]:
+    """fc_scores of one network: its fc features of the probe-train and held-out images, then kNN and k-means."""
+    ex = params["extract"]
+    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device,
+              max_dim=params["evaluate"]["probe_dim"], amp=ex["amp"])
+    f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
+    f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
+    return fc_scores(f_train, f_test, data, params, seed, kmeans_runs)
+
+
 def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict, cfg: dict, device: torch.device,
                      seed: int, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """Probes on every layer, kNN and k-means on fc for one network.
@@ -152,6 +170,25 @@ def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict
         metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
     return metrics, extras
+
+
+def evaluate_random_inits(params: dict, cfg: dict, dataset: str | Path, trained: dict, data: dict, first: dict,
+                          device: torch.device, seed: int) -> dict:
+    """kNN and k-means of `random_inits` random networks: mean and standard deviation over the networks.
+
+    The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
+    of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds.
+    """
+    knn, acc, nmi = [first["knn.random"]], [first["cluster.random.acc"]], [first["cluster.random.nmi"]]
+    for i in range(1, cfg["random_inits"]):
+        ckpt = seeded_init_network(params, dataset, trained, params["run"]["seed"] + i, device)
+        model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
+        k, q = network_fc_scores(model, data, params, device, seed, cfg["kmeans_runs"])
+        knn.append(k), acc.append(q["acc"]), nmi.append(q["nmi"])
+    return {"knn.random_inits": float(np.mean(knn)), "knn.random_inits_std": float(np.std(knn)),
+            "cluster.random_inits.acc": float(np.mean(acc)), "cluster.random_inits.acc_std": float(np.std(acc)),
+            "cluster.random_inits.nmi": float(np.mean(nmi)), "cluster.random_inits.nmi_std": float(np.std(nmi)),
+            "random_inits": cfg["random_inits"]}
 
 
 def evaluate_pixels(data: dict, params: dict, cfg: dict, seed: int) -> tuple[dict, int]:
@@ -268,6 +305,7 @@ def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
 def write_report(path: Path, metrics: dict, info: dict) -> None:
     """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    n_inits = metrics.get("random_inits", 1)
     f3 = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
     def probe_cell(name: str, layer: str) -> str:
@@ -294,13 +332,17 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
                   f"## Weighted kNN (k = {info['knn_k']}, T = {info['knn_t']}, cosine), %", "",
-                  "| trained fc | random init fc | raw pixels |", "|---:|---:|---:|",
-                  f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | {pct(metrics.get('knn.pixels'))} |",
+                  f"| trained fc | random init fc | {n_inits} random inits fc (mean +- sd) | raw pixels |",
+                  "|---:|---:|---:|---:|",
+                  f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | "
+                  f"{pct(metrics.get('knn.random_inits'))} +- {pct(metrics.get('knn.random_inits_std'))} | "
+                  f"{pct(metrics.get('knn.pixels'))} |",
                   "", f"## Clustering the held-out images (k-means, k = {info['n_classes']})", "",
                   "fc features PCA-whitened and L2-normalised as in training; raw pixels clustered as they are. "
                   f"Means over {info['kmeans_runs']} k-means seeds (NMI: +- its standard deviation).", "",
                   "| features | NMI | ARI | ACC (Hungarian) |", "|---|---:|---:|---:|"]
-        for name, title in (("trained", "trained fc"), ("random", "random init fc"), ("pixels", "raw pixels")):
+        for name, title in (("trained", "trained fc"), ("random", "random init fc"),
+                            ("random_inits", f"{n_inits} random inits fc (+- over the networks)"), ("pixels", "raw pixels")):
             lines.append(f"| {title} | {f3(metrics.get(f'cluster.{name}.nmi'))} +- {f3(metrics.get(f'cluster.{name}.nmi_std'))} | "
                          f"{f3(metrics.get(f'cluster.{name}.ari'))} | {f3(metrics.get(f'cluster.{name}.acc'))} +- "
                          f"{f3(metrics.get(f'cluster.{name}.acc_std'))} |")
@@ -312,7 +354,15 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
                 ("k-means ACC, points", "cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "acc_std"),
                 ("k-means NMI", "cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "nmi_std")):
             lines.append(f"| {title} | {margin(metrics, t, r, std)} | {margin(metrics, t, p, std)} |")
-        lines += ["", "k-means margins: difference of the means over the seeds, +- the two seed spreads combined."]
+        for title, t, r, std in (
+                (f"weighted kNN vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits", None),
+                (f"k-means ACC vs the {n_inits} random inits, points", "cluster.trained.acc", "cluster.random_inits.acc", "acc_std"),
+                (f"k-means NMI vs the {n_inits} random inits", "cluster.trained.nmi", "cluster.random_inits.nmi", "nmi_std")):
+            lines.append(f"| {title} | {margin(metrics, t, r, std)} | |")
+        lines += ["", "k-means margins: difference of the means over the seeds, +- the two seed spreads combined. "
+                  f"Against the {n_inits} random inits (the run's epoch 0 and the networks of run.seed + 1, ...): the "
+                  "mean over the networks; its spread is the networks' (kNN: "
+                  f"+- {pct(metrics.get('knn.random_inits_std'))}), since one random network moves kNN by points."]
     else:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
@@ -410,6 +460,9 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
             probes[name] = extras[name]["probes"]
             seconds[f"{name} network"] = tn.seconds
         if data["labelled"]:
+            with Timer() as tr:
+                summary.update(evaluate_random_inits(params, cfg, dataset, trained, data, summary, device, seed))
+            seconds["more random networks"] = tr.seconds
             with Timer() as tp:
                 m, probes["pixels"] = evaluate_pixels(data, params, cfg, seed)
             summary.update(m)

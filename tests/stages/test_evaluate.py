@@ -15,8 +15,9 @@ from stages.checkpoints import load_checkpoint
 from stages.common import StageError, apply_overrides
 from stages.evaluate import (evaluate_settings, main, margin, random_init_network,
                              run_final_evaluation, score_tables)
-from stages.layout import RunLayout
+from stages.layout import RunLayout, checkpoint_name
 from stages.prepare import prepare
+from stages.train import init_checkpoint
 from tests.conftest import run_epochs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,3 +164,27 @@ def test_the_last_clusterings_sizes_are_kept_with_the_evaluation(tiny_eval, tiny
     assert kept["epoch"] == m["epochs"] == 2 and kept["method"] == small_params["cluster"]["method"]
     assert kept["sizes"] == sorted(counts[counts > 0].tolist(), reverse=True)
     assert sum(kept["sizes"]) == small_params["prepare"]["max_train_images"]
+
+
+@pytest.mark.slow  # two evaluations of a two-epoch run
+def test_random_inits_average_the_run_s_own_and_the_next_seeds_networks(tiny_run, small_params, tmp_path):
+    params = apply_overrides(small_params, {"evaluate.random_inits": 2, "evaluate.pictures": False,
+                                            "evaluate.probe_layers": ["fc"]})
+    two = run_final_evaluation(params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint, tmp_path / "a")
+    # the network a run of run.seed + 1 starts from, judged as the random init of the same trained network
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    shutil.copy(tiny_run.last_checkpoint, ckpts / "last.pt")
+    init_checkpoint(apply_overrides(params, {"run.seed": params["run"]["seed"] + 1}), tiny_run.dataset,
+                    ckpts / checkpoint_name(0))
+    one = apply_overrides(params, {"evaluate.random_inits": 1})
+    nxt = run_final_evaluation(one, tiny_run.dataset, tiny_run.epochs_root, ckpts / "last.pt", tmp_path / "b")
+    assert nxt["knn.random"] != two["knn.random"]  # another network
+    assert two["knn.random_inits"] == pytest.approx((two["knn.random"] + nxt["knn.random"]) / 2)
+    assert two["knn.random_inits_std"] == pytest.approx(abs(two["knn.random"] - nxt["knn.random"]) / 2)
+    for m in ("acc", "nmi"):
+        assert two[f"cluster.random_inits.{m}"] == pytest.approx((two[f"cluster.random.{m}"] + nxt[f"cluster.random.{m}"]) / 2)
+    assert nxt["knn.random_inits"] == nxt["knn.random"] and nxt["knn.random_inits_std"] == 0  # one network: itself
+    headline = json.loads((tmp_path / "a" / "headline.json").read_text())
+    assert headline["knn.random_inits"] == two["knn.random_inits"]
+    assert "2 random inits fc" in (tmp_path / "a" / "report.md").read_text()

@@ -67,6 +67,7 @@ NUMERIC = {
     "evaluate.knn_k": ([1], [0]),
     "evaluate.knn_temperature": ([1e-6], [0.0]),
     "evaluate.kmeans_runs": ([1], [0]),
+    "evaluate.random_inits": ([1, 3], [0]),
     "evaluate.picture_filters": ([1], [0]),
     "evaluate.ascent_steps": ([0], [-1]),
     "evaluate.ascent_lr": ([1e-6], [0.0]),

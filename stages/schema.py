@@ -125,7 +125,8 @@ class Section(BaseModel):
 
 # ------------------------------------------------------------------ the sections
 class Run(Section):
-    seed: Int(0) = doc("seeds every stage's randomness (per epoch and purpose), so a run is reproducible")
+    seed: Int(0) = doc("seeds every stage's randomness (per epoch and purpose), so a run is reproducible on one machine "
+                       "(another CPU's floating-point sums take it elsewhere, README \"Figures of the default run\")")
     epochs: Int(1) = doc("NMI(t-1, t) rises, then saturates near 0.8 (paper Fig. 2b); the paper trains 500")
     nproc_per_node: Int(1) = doc("processes per node for extract and train (torchrun, one per GPU); 1 = in-process, "
                                  "as on a single CPU or GPU")

@@ -33,9 +33,6 @@ RESULTS = "results.jsonl"
 
 def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int, eval_seed: int) -> dict:
     """kNN and k-means (k = classes) on the fc features of evaluate's held-out images, as `evaluate` scores them."""
-    if not data["labelled"]:
-        raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
-                         "or imagefolder)")
     device = pick_device(params["extract"]["device"])
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
     knn, q = network_fc_scores(model, data, params, device, eval_seed, kmeans_runs)
@@ -52,13 +49,17 @@ def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Pat
     eval_seed = params["run"]["seed"] if eval_seed is None else eval_seed
     out = root / name
     layout = RunLayout(dataset, out / "epochs", out / "checkpoints")
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
     results_file = out / RESULTS
-    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    done = {r["epoch"] for r in results if r.get("eval_seed", params["run"]["seed"]) == eval_seed}
+    stored = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    results = [r for r in stored if r.get("eval_seed", params["run"]["seed"]) == eval_seed]
+    done = {r["epoch"] for r in results}
+    data = evaluation_data(params, params["evaluate"], dataset, eval_seed)  # read once, not per score
+    if not data["labelled"]:  # before any epoch is trained
+        raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
+                         "or imagefolder)")
+    layout.checkpoints.mkdir(parents=True, exist_ok=True)
     if not layout.checkpoint(0).exists():
         init_checkpoint(params, dataset, layout.checkpoint(0))
-    data = evaluation_data(params, params["evaluate"], dataset, eval_seed)  # read once, not per score
     for epoch in range(0, max(eval_at) + 1):
         if epoch > 0 and not layout.checkpoint(epoch).exists():
             start = time.perf_counter()
@@ -74,8 +75,7 @@ def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Pat
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             results.append(row)
-    return sorted((r for r in results if r.get("eval_seed", params["run"]["seed"]) == eval_seed),
-                  key=lambda r: r["epoch"])
+    return sorted(results, key=lambda r: r["epoch"])
 
 
 def table(root: Path = SCREEN_ROOT) -> str:

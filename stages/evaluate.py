@@ -118,6 +118,13 @@ def probe_options(cfg: dict) -> dict:
             "val_fraction": cfg["probe_val_fraction"]}
 
 
+def extraction_options(params: dict, device: torch.device) -> dict:
+    """How evaluate reads a network's features: extract's centre view, batch and precision, pooled to probe_dim."""
+    ex = params["extract"]
+    return dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device,
+                max_dim=params["evaluate"]["probe_dim"], amp=ex["amp"])
+
+
 def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: dict, params: dict, seed: int,
               kmeans_runs: int) -> tuple[float, dict]:
     """Weighted kNN accuracy and k-means (k = classes, PCA-whitened as in training) quality of fc features."""
@@ -132,9 +139,7 @@ def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: dict, params: dic
 def network_fc_scores(model: torch.nn.Module, data: dict, params: dict, device: torch.device, seed: int,
                       kmeans_runs: int) -> tuple[float, dict]:
     """fc_scores of one network: its fc features of the probe-train and held-out images, then kNN and k-means."""
-    ex = params["extract"]
-    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device,
-              max_dim=params["evaluate"]["probe_dim"], amp=ex["amp"])
+    kw = extraction_options(params, device)
     f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
     f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
     return fc_scores(f_train, f_test, data, params, seed, kmeans_runs)
@@ -146,11 +151,9 @@ def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict
 
     Returns the flat metrics and what the pictures need (fc features, filter maxima on the test split).
     """
-    ex = params["extract"]
     layers = probe_layers(cfg, model)
     needed = layers if "fc" in layers else layers + ["fc"]  # kNN and clustering use fc
-    kw = dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device, max_dim=cfg["probe_dim"],
-              amp=ex["amp"])
+    kw = extraction_options(params, device)
     train, test = data["train"], data["test"]
     ftr = extract_layer_features(model, train, data["train_rows"], needed, **kw)
     fte = extract_layer_features(model, test, data["test_rows"], needed, channel_max_layers=channel_max_layers, **kw)

@@ -49,7 +49,7 @@ serve-status:
 clean-run:
 	rm -rf data/dataset data/epochs data/eval data/ablations models/checkpoints mlflow.db mlruns
 
-# The GPU check (pipeline/gpu_check.py, README "The GPU check"). On a GPU machine with only torch and
+# The GPU check (pipeline/tools/gpu_check.py, README "The GPU check"). On a GPU machine with only torch and
 # the working tree: the system python, plus pydantic/pyyaml/tqdm from the carried wheels if missing
 # (installed into data/gpu-check/site, never into the system). Skips with exit 0 without a GPU.
 GPU_PYTHON ?= python3
@@ -58,13 +58,13 @@ gpu-check:
 	if ! $(GPU_PYTHON) -c 'import pydantic, yaml, tqdm' 2>/dev/null; then \
 	  test -d $(GPU_CHECK)/wheels || { echo "gpu-check: pydantic, pyyaml or tqdm missing and no $(GPU_CHECK)/wheels (make gpu-check-bundle)"; exit 1; }; \
 	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(GPU_CHECK)/wheels --target $(GPU_CHECK)/site pydantic pyyaml tqdm; fi
-	PYTHONPATH=$(abspath $(GPU_CHECK))/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m pipeline.gpu_check $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(abspath $(GPU_CHECK))/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m pipeline.tools.gpu_check $(GPU_CHECK_ARGS)
 
 # What the GPU machine needs from here (gitignored, carried with the working tree): the Fashion-MNIST
 # subset and the wheels of pydantic (+ pydantic-core, annotated-types, typing-extensions,
 # typing-inspection), pyyaml and tqdm for CPython 3.10-3.13. About 18 MB in all.
 gpu-check-bundle: install dataset
-	$(PY) -m pipeline.gpu_check --bundle
+	$(PY) -m pipeline.tools.gpu_check --bundle
 	for v in 3.10 3.11 3.12 3.13; do \
 	  $(PY) -m pip download -q --only-binary=:all: --python-version $$v --implementation cp \
 	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \

@@ -14,7 +14,9 @@ from pathlib import Path
 import yaml
 from ruamel.yaml import YAML
 
-from stages.common import StageError, atomic_path, cli_errors, flatten, load_params, yaml_problem
+from stages.core.errors import StageError, cli_errors
+from stages.core.io import atomic_path
+from stages.core.params import flatten, load_params, yaml_problem
 
 PRESETS = Path(__file__).parent / "presets"
 

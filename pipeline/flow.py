@@ -23,24 +23,25 @@ import os
 import time
 from pathlib import Path
 
-import pipeline  # noqa: F401  (offline-safe environment defaults, before prefect/mlflow import)
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+import pipeline  # noqa: F401  (offline-safe environment defaults, before prefect/mlflow import)
 from pipeline import PROJECT_ROOT, project_server_url, tracking
 from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
 from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
                                 workspace_lock)
-from stages.common import (StageError, TransientError, cli_errors, failure_message, first_line, flatten, is_transient,
-                           load_params, parse_override, read_json, write_json)
+from stages.core.checkpoints import init_checkpoint
+from stages.core.errors import StageError, TransientError, cli_errors, failure_message, first_line, is_transient
+from stages.core.io import read_json, write_json
+from stages.core.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention,
+                                keeps_checkpoint, report)
+from stages.core.params import flatten, load_params, parse_override
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
-from stages.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention, keeps_checkpoint,
-                           report)
-from stages.train import init_checkpoint
 
-# A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.common.is_transient)
+# A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.core.errors.is_transient)
 # may succeed on a second try; each try starts the stage over, its outputs being atomic. Anything else
 # (bad parameters or inputs, a damaged file) would fail again, hours later: it is never retried.
 TASK_RETRIES = 2

@@ -16,9 +16,12 @@ from pathlib import Path
 import mlflow
 
 from pipeline import PROJECT_ROOT
-from stages.common import StageError, flatten, read_json
-from stages.labels import size_histogram
-from stages.layout import CHECKPOINTS, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, LAST_CHECKPOINT, METRICS, RUN_FILE
+from stages.core.assignments import size_histogram
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.layout import (CHECKPOINTS, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, LAST_CHECKPOINT,
+                                METRICS, RUN_FILE)
+from stages.core.params import flatten
 
 EXPERIMENT = "deepcluster"
 

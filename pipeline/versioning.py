@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stages.common import StageError
+from stages.core.errors import StageError
 
 STAGE = "deepcluster"  # the dvc.yaml stage that runs the epoch loop
 LOCK_TIMEOUT_S = 120.0  # how long to wait for another DVC command to release the workspace

@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from stages.common import StageError, flatten, read_json, write_json
-from stages.layout import RunLayout
+from stages.core.errors import StageError
+from stages.core.io import read_json, write_json
+from stages.core.layout import RunLayout
+from stages.core.params import flatten
 
 # The modules whose code decides the numbers a run produces (dvc.yaml's deepcluster stage lists the
 # same files as deps; tests/pipeline/test_workspace.py checks). A run resumed after any of them
 # changed would mix two versions of the method, so the run records their hash (see run_identity).
-CODE_MODULES = ("common", "data", "models", "checkpoints", "layout", "epoch", "extract", "pca", "cluster", "labels",
-                "train", "distributed")
+CODE_MODULES = ("core/*.py", "epoch.py", "extract.py", "pca.py", "cluster.py", "labels.py", "train.py")
 # The params.yaml sections the epochs read (dvc.yaml's deepcluster stage lists the same); `prepare`
 # is covered by the dataset's hash, `evaluate` plays no part in the epochs.
 EPOCH_SECTIONS = ("model", "extract", "pca", "cluster", "train")
@@ -95,8 +96,9 @@ def code_version() -> str:
 
     root = Path(stages.__file__).parent
     h = hashlib.sha256()
-    for name in CODE_MODULES:
-        h.update(name.encode() + b"\0" + (root / f"{name}.py").read_bytes())
+    for pattern in CODE_MODULES:
+        for path in sorted(root.glob(pattern)):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -119,7 +121,7 @@ def dataset_version(dataset: str | Path) -> str | None:
 
 # ------------------------------------------------------------------ leftovers of a killed run
 def is_temp_file(path: Path) -> bool:
-    """A temp file of stages.common.atomic_path: `.<name>.<random><suffix>` (`*.tmp`, or `*.npz` for numpy)."""
+    """A temp file of stages.core.io.atomic_path: `.<name>.<random><suffix>` (`*.tmp`, or `*.npz` for numpy)."""
     return path.name.endswith(".tmp") or path.name.startswith(".")
 
 

@@ -1,7 +1,7 @@
 """One DeepCluster epoch as a chain of stages on a run layout, written once for the flow, the
 ablations and the tests: extract -> pca -> cluster -> labels -> train, then `epoch_metrics`.
 
-Each stage reads the files the previous ones wrote (stages/layout.py names them) and ends by
+Each stage reads the files the previous ones wrote (stages/core/layout.py names them) and ends by
 writing its <stage>.json report, so a chain can resume after the last finished stage.
 """
 from __future__ import annotations
@@ -14,18 +14,21 @@ from typing import Callable
 
 import yaml
 
-from stages.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
-from stages.checkpoints import verify_checkpoint
-from stages.cluster import CLUSTERING_ARRAYS, run_cluster
-from stages.common import StageError, read_json, what_is_wrong
-from stages.data import load_split
-from stages.distributed import announced, check_launch, check_world, launch, processes
+from stages.cluster import run_cluster
+from stages.core.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
+from stages.core.checkpoints import verify_checkpoint
+from stages.core.clustering import CLUSTERING_ARRAYS
+from stages.core.data import load_split
+from stages.core.distributed import announced, check_launch, check_world, launch, processes
+from stages.core.errors import StageError, what_is_wrong
+from stages.core.io import read_json
+from stages.core.layout import (ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout,
+                                report)
+from stages.core.whitening import PCAWhitening
 from stages.extract import run_extract
 from stages.labels import run_labels
-from stages.layout import ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout, report
-from stages.pca import PCAWhitening, run_pca
+from stages.pca import run_pca
 from stages.train import run_train
-
 
 # The order is the method's: each stage consumes what the one before it wrote.
 EPOCH_STAGES = ("extract", "pca", "cluster", "labels", "train")
@@ -35,7 +38,7 @@ def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: 
     """Run one stage of `epoch` on the layout's files; `previous` is the epoch directory NMI(t-1, t)
     compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's).
     extract and train run on run.nproc_per_node x run.nnodes processes under torchrun when that is
-    more than one (stages/distributed.py), else here, in this process."""
+    more than one (stages/core/distributed.py), else here, in this process."""
     d = layout.epoch(epoch)
     if name in DISTRIBUTED_STAGES and processes(params["run"]) > 1:
         return run_under_torchrun(name, params, layout, epoch)

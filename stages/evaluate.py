@@ -19,19 +19,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages import pictures
-from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import (StageError, Timer, atomic_path, cli_errors, load_params, pick_device, read_json, seed_for,
-                           seeded_subset, write_json)
-from stages.data import ImageSet, center_crop, iterate_batches, load_split
-from stages.epoch import epoch_metrics
-from stages.labels import read_assignments
-from stages.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, EVAL_HEADLINE,
-                           LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
-from stages.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality, knn_accuracy,
-                           linear_probe, pixel_features)
-from stages.schema import Evaluate
-from stages.train import init_checkpoint
+from stages.core import pictures
+from stages.core.assignments import read_assignments
+from stages.core.checkpoints import check_input_size, init_checkpoint, load_checkpoint, model_from_checkpoint
+from stages.core.data import ImageSet, center_crop, iterate_batches, load_split
+from stages.core.errors import StageError, cli_errors
+from stages.core.io import atomic_path, read_json, write_json
+from stages.core.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES,
+                                EVAL_HEADLINE, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
+from stages.core.params import load_params
+from stages.core.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality,
+                                knn_accuracy, linear_probe, pixel_features)
+from stages.core.runtime import Timer, pick_device, seed_for, seeded_subset
+from stages.core.schema import Evaluate
 
 
 def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
@@ -42,7 +42,7 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- final evaluation
-# The settings `evaluate final` reads: stages/schema.py holds their types and ranges, params.yaml their values.
+# The settings `evaluate final` reads: stages/core/schema.py holds their types and ranges, params.yaml their values.
 EVALUATE_KEYS = tuple(Evaluate.model_fields)
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
@@ -483,7 +483,7 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     write_json(out_dir / METRICS, summary)
     write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
-    # comparisons of runs (k-means vs PIC: pipeline.studies) read the last clustering's sizes from here
+    # comparisons of runs (k-means vs PIC: pipeline.tools.studies) read the last clustering's sizes from here
     sizes = cluster_sizes(epochs_root, summary["epochs"])
     write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params["cluster"]["method"],
                                          "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
@@ -504,9 +504,6 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
-    ep = sub.add_parser("epoch", help="gather one epoch's metrics into <epoch-dir>/metrics.json")
-    ep.add_argument("--epoch-dir", required=True)
-    ep.add_argument("--epoch", type=int, required=True)
     fin = sub.add_parser("final", help="evaluate the run's last network and write the per-epoch curves")
     fin.add_argument("--params", default="params.yaml", help="params file (reads evaluate, extract, pca, cluster, run)")
     fin.add_argument("--dataset", default=DATASET)
@@ -515,11 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     fin.add_argument("--out", default=EVAL)
     args = parser.parse_args(argv)
     with cli_errors("evaluate"):
-        if args.mode == "epoch":
-            m = epoch_metrics(args.epoch_dir, args.epoch)
-            write_json(Path(args.epoch_dir) / METRICS, m)
-        else:
-            m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
+        m = run_final_evaluation(load_params(args.params), args.dataset, args.epochs_root, args.checkpoint, args.out)
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 

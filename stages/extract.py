@@ -1,11 +1,11 @@
 """Stage `extract`: pre-ReLU fc features of every training image -> features.npy, row i = dataset row i.
 
-Centre view (stages.data.extract_batches: resize + centre crop, as the paper), no augmentation, eval()
+Centre view (stages.core.data.extract_batches: resize + centre crop, as the paper), no augmentation, eval()
 mode (dropout off, BatchNorm running statistics), as the official implementation clusters. Features
 stream into a .npy memmap batch by batch, so memory is bounded by one batch plus the page cache, never
 N x D in RAM.
 
-Under torchrun each process computes a contiguous block of rows into the same file (stages/distributed.py).
+Under torchrun each process computes a contiguous block of rows into the same file (stages/core/distributed.py).
 """
 from __future__ import annotations
 
@@ -17,24 +17,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.artifacts import allocate_npy, check_architecture
-from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
-from stages.common import StageError, Timer, atomic_path, cli_errors, load_params, peak_rss_mb, write_json
-from stages.data import ImageSet, extract_batches, load_split
-from stages.distributed import (World, backend_for, barrier, broadcast, check_world, process_group, shard,
-                                stage_device, world_from_env)
-from stages.layout import FEATURES, report
-
-
-def autocast(device: torch.device, amp: bool | str):
-    """bf16 autocast when amp is true, or "auto" on a GPU.
-
-    "auto" keeps fp32 on the CPU, where bf16 autocast is slower than fp32 for these networks
-    (`python -m pipeline.benchmark --only model` measures it).
-    """
-    if amp is False or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+from stages.core.artifacts import allocate_npy, check_architecture
+from stages.core.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint
+from stages.core.data import ImageSet, extract_batches, load_split
+from stages.core.distributed import (World, backend_for, barrier, broadcast, check_world, process_group, shard,
+                                     stage_device, world_from_env)
+from stages.core.errors import StageError, cli_errors
+from stages.core.io import atomic_path, write_json
+from stages.core.layout import FEATURES, report
+from stages.core.params import load_params
+from stages.core.runtime import Timer, autocast, peak_rss_mb
 
 
 @torch.no_grad()

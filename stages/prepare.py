@@ -1,4 +1,4 @@
-"""Stage `prepare`: import a source into the canonical dataset (see stages/data.py for the layout).
+"""Stage `prepare`: import a source into the canonical dataset (see stages/core/data.py for the layout).
 
 Sources:
   fashion-mnist  gzipped IDX files (the embedded default, Debian package dataset-fashion-mnist)
@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import StageError, cli_errors, load_params, seeded_subset, write_json
-from stages.data import IMAGE_EXTENSIONS
+from stages.core.data import IMAGE_EXTENSIONS
+from stages.core.errors import StageError, cli_errors
+from stages.core.io import write_json
+from stages.core.params import load_params
+from stages.core.runtime import seeded_subset
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -132,14 +135,14 @@ def check_image(path: str) -> tuple[str | None, int, int]:
     """(None, width, height) if the file is an image PIL can read, else (the reason, 0, 0).
 
     Only the header is read (format, mode, size): decoding ImageNet's 1.28M files to check them is an
-    hour and a half at ~240 images/s (`python -m pipeline.benchmark --only images`). So a file whose header is
+    hour and a half at ~240 images/s (`python -m pipeline.tools.benchmark --only images`). So a file whose header is
     fine but whose data is not (a truncated JPEG) passes here; the loaders feed it as a mean-colour
-    image and name it on stderr each pass (stages.data._FileViews). Images with 16-bit, 32-bit or float
+    image and name it on stderr each pass (stages.core.data._FileViews). Images with 16-bit, 32-bit or float
     pixels (rare, never JPEGs) are decoded, since whether they have an 8-bit meaning depends on their values.
     """
     from PIL import Image
 
-    from stages.data import to_8bit
+    from stages.core.data import to_8bit
 
     try:
         with Image.open(path) as im:
@@ -172,7 +175,7 @@ def drop_unreadable(df: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, p
 def _pixels_or_none(path: str, size: int, channels: int) -> np.ndarray | None:
     """H x W x C pixels of prepare.image_size's square, or None for a file that passed the header check but
     does not decode (it is reported when a stage loads it)."""
-    from stages.data import decode_image
+    from stages.core.data import decode_image
 
     try:
         return decode_image(path, size, channels).permute(1, 2, 0).numpy()

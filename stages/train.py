@@ -5,12 +5,12 @@
 - the top layer is new every epoch (cluster ids mean nothing across epochs): N(0, 0.01) weights,
   sized to the non-empty clusters, trained by its own momentum-free SGD;
 - the body's SGD (momentum 0.9) keeps its state across epochs through the checkpoint;
-- random resized crop + horizontal flip (of the original image for image trees: stages.data.train_batches),
-  contrast/brightness jitter (stages.data.intensity_jitter), dropout; channels_last; bf16 autocast on GPU.
+- random resized crop + horizontal flip (of the original image for image trees: stages.core.data.train_batches),
+  contrast/brightness jitter (stages.core.data.intensity_jitter), dropout; channels_last; bf16 autocast on GPU.
 
 `--init` writes the epoch-0 checkpoint (the seeded random network that epoch 1 clusters with).
 
-Under torchrun (stages/distributed.py) every rank draws the same sample and takes its share of each
+Under torchrun (stages/core/distributed.py) every rank draws the same sample and takes its share of each
 batch; the step count and global batch stay one process's. Augmentation and dropout draw from each
 rank's own seeded stream, seed_for(seed, epoch, "train") + rank (rank 0's is one process's), so the
 ranks do not crop their shares alike.
@@ -25,15 +25,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.artifacts import check_architecture, check_assignments
-from stages.checkpoints import check_input_size, load_checkpoint, model_from_checkpoint, save_checkpoint
-from stages.common import StageError, Timer, cli_errors, load_params, peak_rss_mb, seed_for, write_json
-from stages.data import ImageSet, intensity_jitter, load_split, train_batches
-from stages.distributed import (World, all_sum, backend_for, check_world, global_batchnorm, process_group,
-                                split_sample, stage_device, world_from_env)
-from stages.extract import autocast
-from stages.layout import report
-from stages.models import DeepClusterNet, build_model
+from stages.core.artifacts import check_architecture, check_assignments
+from stages.core.checkpoints import (check_input_size, init_checkpoint, load_checkpoint, model_from_checkpoint,
+                                     save_checkpoint)
+from stages.core.data import ImageSet, intensity_jitter, load_split, train_batches
+from stages.core.distributed import (World, all_sum, backend_for, check_world, global_batchnorm, process_group,
+                                     split_sample, stage_device, world_from_env)
+from stages.core.errors import StageError, cli_errors
+from stages.core.io import write_json
+from stages.core.layout import report
+from stages.core.models import DeepClusterNet
+from stages.core.params import load_params
+from stages.core.runtime import Timer, autocast, peak_rss_mb, seed_for
 
 
 def uniform_cluster_sample(labels: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -108,15 +111,6 @@ def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, t
     if not math.isfinite(total_loss):
         raise StageError("training loss is not finite: the network diverged; lower train.lr")
     return {"loss": total_loss / seen, "pseudo_label_accuracy": correct / seen, "n_samples": seen}
-
-
-def init_checkpoint(params: dict, dataset: str | Path, path: str | Path) -> None:
-    """Epoch 0: the seeded random network that the first clustering runs on."""
-    images = load_split(dataset, "train")
-    torch.manual_seed(seed_for(params["run"]["seed"], 0, "init"))
-    model = build_model(params["model"], images.channels, params["train"]["crop_size"])
-    save_checkpoint(path, model=model, epoch=0, model_params=params["model"], in_channels=images.channels,
-                    image_size=params["train"]["crop_size"])
 
 
 def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkpoint_in: str | Path,

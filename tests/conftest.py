@@ -23,19 +23,20 @@ atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 # A safety net: tests that track runs point MLflow at their own tmp_path; nothing may reach ./mlflow.db.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
-import pipeline  # noqa: E402,F401  (the rest of the offline environment, as every entry point gets it)
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+import pipeline  # noqa: E402,F401  (the rest of the offline environment, as every entry point gets it)
+
 torch.set_num_threads(1)
 
-from stages.common import apply_overrides, write_json  # noqa: E402
+from stages.core.checkpoints import init_checkpoint  # noqa: E402
+from stages.core.io import write_json
+from stages.core.layout import METRICS, RunLayout  # noqa: E402
+from stages.core.params import apply_overrides  # noqa: E402
 from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage  # noqa: E402
-from stages.layout import METRICS, RunLayout  # noqa: E402
-from stages.train import init_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.apply_preset import apply_preset, load_preset
-from stages.common import StageError
+from stages.core.errors import StageError
 
 REPO = Path(__file__).resolve().parents[2]
 

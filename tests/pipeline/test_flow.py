@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import normalized_mutual_info_score
 
 from pipeline.flow import deepcluster
-from stages.common import StageError, read_json
+from stages.core.errors import StageError
+from stages.core.io import read_json
 from stages.evaluate import run_final_evaluation
 
 pytestmark = pytest.mark.slow
@@ -308,8 +309,8 @@ def test_damaged_file_of_an_unfinished_epoch_is_recomputed_by_the_flow(tracked, 
 
 
 def test_checkpoint_of_another_network_swapped_in_is_not_trained_on(tracked, tmp_path, small_params):
-    from stages.common import apply_overrides
-    from stages.train import init_checkpoint
+    from stages.core.checkpoints import init_checkpoint
+    from stages.core.params import apply_overrides
 
     ws = tracked.copy(tmp_path)
     e2 = ws.epochs / "0002"
@@ -415,7 +416,7 @@ def test_full_disk_during_extract_stops_clearly_and_the_run_resumes_to_the_same_
 
 def test_a_pic_run_trains_a_head_sized_to_each_epochs_clusters(prefect_harness, mlflow_uri, fashion_dataset,
                                                                 small_params, write_params, tmp_path):
-    from stages.checkpoints import load_checkpoint
+    from stages.core.checkpoints import load_checkpoint
 
     params_file = write_params(tmp_path, small_params, {"cluster.method": "pic", "cluster.k": "auto"})
     ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
@@ -436,7 +437,7 @@ def test_a_pic_run_trains_a_head_sized_to_each_epochs_clusters(prefect_harness, 
 def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefect_harness, mlflow_uri, fashion_dataset,
                                                                            small_params, write_params, tmp_path):
     from pipeline.apply_preset import apply_preset
-    from stages.common import load_params
+    from stages.core.params import load_params
 
     params_file = write_params(tmp_path, small_params)
     ws = Workspace(tmp_path, params_file, fashion_dataset, mlflow_uri)
@@ -454,7 +455,7 @@ def test_deployment_overrides_and_presets_are_validated_by_the_same_schema(prefe
     assert str(preset.value).startswith("preset train.batch_size=0 is not allowed")
     why = {str(e.value).split(" is not allowed: ", 1)[1] for e in (deployment, preset, cli)}
     assert why == {"train.batch_size must be int ≥ 1; set it to an allowed value. Every key, its allowed values and "
-                   "its meaning: `python -m stages.schema --markdown` (the README's table)"}
+                   "its meaning: `python -m stages.core.params --markdown` (docs/params.md)"}
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing deleted or edited
 
 

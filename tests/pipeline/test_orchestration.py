@@ -261,14 +261,14 @@ def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path
 
 
 def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
-    from pipeline.studies import PREFIX, queue_command
+    from pipeline.tools.studies import PREFIX, queue_command
 
     p = copy_project(repro, tmp_path / "project")
     sh(["git", "add", "-A"], p)
     sh(["git", "commit", "-qm", "the tiny run"], p)
     run_now = [a for a in queue_command("pic") if a != "--queue"]  # the queued command, run in the foreground
     sh(run_now, p, served[1], timeout=600)
-    out = sh([PY, "-m", "pipeline.studies", "report", "--out", str(tmp_path / "abl")], p).stdout
+    out = sh([PY, "-m", "pipeline.tools.studies", "report", "--out", str(tmp_path / "abl")], p).stdout
     row = next(line for line in out.splitlines() if line.startswith(f"| clustering | `{PREFIX}pic`"))
     n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
     metrics = read(p, "data/eval/metrics.json")
@@ -299,7 +299,7 @@ def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):
     target.unlink()
     assert "data/epochs" in sh([DVC, "status"], p).stdout  # DVC sees the deletion
     # Read through DVC at a git revision (its cache), then restore the workspace with dvc checkout.
-    shown = json.loads(sh([PY, "-m", "pipeline.inspect", "show", "1", "--rev", "HEAD", "--json"], p).stdout)
+    shown = json.loads(sh([PY, "-m", "pipeline.tools.inspect", "show", "1", "--rev", "HEAD", "--json"], p).stdout)
     assert shown["images"] == 200 and shown["clusters"] == K
     sh([DVC, "checkout", "data/epochs"], p)
     assert sha(target) == original
@@ -307,15 +307,15 @@ def test_epoch_fetched_through_dvc_after_deletion(repro, tmp_path):
 
 
 def test_inspect_lists_and_compares_epochs(repro, capsys):
-    listed = json.loads(sh([PY, "-m", "pipeline.inspect", "list", "--json"], repro).stdout)
+    listed = json.loads(sh([PY, "-m", "pipeline.tools.inspect", "list", "--json"], repro).stdout)
     assert [r["epoch"] for r in listed] == [1, 2]
     assert [r["features"] for r in listed] == ["-", "kept"]  # extract.keep_features_every = 2
-    cmp = json.loads(sh([PY, "-m", "pipeline.inspect", "compare", "1", "2", "--json"], repro).stdout)
+    cmp = json.loads(sh([PY, "-m", "pipeline.tools.inspect", "compare", "1", "2", "--json"], repro).stdout)
     # NMI of the two epochs is what the labels stage measured for epoch 2.
     assert cmp["nmi"] == pytest.approx(read(repro, "data/epochs/0002/metrics.json")["nmi_previous"])
     assert cmp["images"] == 200 and 0 <= cmp["changed"] <= 200 and cmp["matching"] == "hungarian"
     assert sum(r["images"] for r in cmp["sizes_a"]) == 200
-    from pipeline import inspect
+    from pipeline.tools import inspect
 
     inspect.main(["--repo", str(repro), "compare", "1", "2"])  # the text report, in this process
     text = capsys.readouterr().out
@@ -327,7 +327,7 @@ def test_single_stage_rerun_leaves_the_main_run_byte_identical(repro, tmp_path):
     main_files = ("data/epochs", "models/checkpoints", "data/eval", "data/dataset", "dvc.lock", "params.yaml")
     before = tree_hashes(p, *main_files)
     mtimes = {f: (p / f).stat().st_mtime_ns for f in before}
-    out = sh([PY, "-m", "pipeline.ablate", "cluster", "--epoch", "2", "--set", "cluster.k=5", "--set", "pca.dim=8",
+    out = sh([PY, "-m", "pipeline.tools.ablate", "cluster", "--epoch", "2", "--set", "cluster.k=5", "--set", "pca.dim=8",
               "--name", "k5"], p).stdout
     assert tree_hashes(p, *main_files) == before
     assert {f: (p / f).stat().st_mtime_ns for f in before} == mtimes
@@ -342,7 +342,7 @@ def test_single_stage_rerun_leaves_the_main_run_byte_identical(repro, tmp_path):
                             "where r.name = 'ablation-k5' and t.key = 'mlflow.parentRunId'")
     assert parent == [(read(p, "data/epochs/run.json")["mlflow_run_id"],)]
     assert "k5" in out
-    cmp = json.loads(sh([PY, "-m", "pipeline.inspect", "compare", "2", "k5:2", "--json"], p).stdout)
+    cmp = json.loads(sh([PY, "-m", "pipeline.tools.inspect", "compare", "2", "k5:2", "--json"], p).stdout)
     assert cmp["clusters_b"] == 5 and cmp["nmi"] == pytest.approx(rec["metrics"]["nmi_main"])
 
 
@@ -427,7 +427,7 @@ def test_retry_condition_retries_only_transient_faults():
     from prefect.states import Failed
 
     from pipeline.flow import retry_if_transient
-    from stages.common import StageError, TransientError
+    from stages.core.errors import StageError, TransientError
 
     assert retry_if_transient(None, None, Failed(data=TransientError("stage train, epoch 3: OSError EIO")))
     assert not retry_if_transient(None, None, Failed(data=StageError("stage pca, epoch 1: bad pca.dim")))

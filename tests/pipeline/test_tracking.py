@@ -6,7 +6,8 @@ import pytest
 
 from pipeline import tracking
 from pipeline.tracking import numeric_metrics, publish
-from stages.common import StageError, write_json
+from stages.core.errors import StageError
+from stages.core.io import write_json
 
 PICTURES = {"conv1_filters.png", "filters_conv1.png", "filters_conv3.png", "filters_conv5.png", "neighbours.png",
             "cluster_sizes.png", "epoch_curves.png", "cluster_samples.png"}

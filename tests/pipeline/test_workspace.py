@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from pipeline.workspace import CODE_MODULES, EPOCH_SECTIONS, claim_workspace, run_fingerprint
-from stages.common import StageError, apply_overrides, read_json
-from stages.layout import RunLayout
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.layout import RunLayout
+from stages.core.params import apply_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,8 +39,8 @@ def test_a_finished_run_is_resumed_after_an_evaluate_change(tmp_path, small_para
 
 def test_dvc_yaml_deepcluster_stage_lists_the_code_and_sections_the_run_identity_hashes():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["deepcluster"]
-    stage_code = {Path(d).stem for d in stage["deps"] if d.startswith("stages/")}
-    assert stage_code == set(CODE_MODULES)
+    stage_code = {d.removeprefix("stages/") for d in stage["deps"] if d.startswith("stages/")}
+    assert stage_code == {m.removesuffix("/*.py") for m in CODE_MODULES}
     assert set(stage["params"]) == {"run", *EPOCH_SECTIONS}
 
 

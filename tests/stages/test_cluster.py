@@ -9,10 +9,13 @@ import yaml
 from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
-from stages.cluster import (Clustering, absorb_singletons, cluster_features, cluster_means, knn_graph, load_clustering,
-                            number_of_clusters, run_cluster, run_kmeans, run_pic, save_clustering)
-from stages.common import StageError, read_json, seed_for
-from stages.labels import nmi
+from stages.cluster import run_cluster
+from stages.core.assignments import nmi
+from stages.core.clustering import (Clustering, absorb_singletons, cluster_features, cluster_means, knn_graph,
+                                    load_clustering, number_of_clusters, run_kmeans, run_pic, save_clustering)
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.runtime import seed_for
 
 
 def blobs(n: int, centers: int, seed: int = 1, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,12 @@ import errno
 import json
 
 import numpy as np
-
 import pytest
 
-from stages.common import (StageError, apply_overrides, atomic_path, cli_errors, failure_message, is_transient, load_params,
-                           parse_override, seed_for, seeded_subset, write_json)
+from stages.core.errors import StageError, cli_errors, failure_message, is_transient
+from stages.core.io import atomic_path, write_json
+from stages.core.params import apply_overrides, load_params, parse_override
+from stages.core.runtime import seed_for, seeded_subset
 
 
 def test_apply_overrides_sets_dotted_keys_and_leaves_the_input_untouched(repo_params):
@@ -80,7 +81,8 @@ def test_a_write_refused_for_want_of_room_is_a_stage_error_and_keeps_the_old_fil
     target = tmp_path / "report.json"
     target.write_text('{"old": true}\n')
     code = ("import resource, sys\n"
-            "from stages.common import StageError, write_json\n"
+            "from stages.core.errors import StageError\n"
+            "from stages.core.io import write_json\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
             "try:\n"
             f"    write_json({str(target)!r}, {{'x': list(range(10000))}})\n"

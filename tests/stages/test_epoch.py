@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.common import StageError, read_json
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.layout import RunLayout
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage
-from stages.layout import RunLayout
 
 
 def test_the_chain_runs_in_the_methods_order():
@@ -62,7 +63,7 @@ def cut(path, keep: float = 0.5) -> None:
 
 def finish(params: dict, layout: RunLayout, epoch: int, start: int) -> None:
     """What the flow does after first_stage_to_run: the stages from `start`, then metrics.json."""
-    from stages.common import write_json
+    from stages.core.io import write_json
 
     for name in EPOCH_STAGES[start:]:
         run_stage(name, params, layout, epoch)

@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 
-from stages.checkpoints import load_checkpoint
-from stages.common import StageError, apply_overrides
-from stages.evaluate import (evaluate_settings, main, margin, random_init_network,
-                             run_final_evaluation, score_tables)
-from stages.layout import RunLayout, checkpoint_name
+from stages.core.checkpoints import init_checkpoint, load_checkpoint
+from stages.core.errors import StageError
+from stages.core.layout import RunLayout, checkpoint_name
+from stages.core.params import apply_overrides
+from stages.evaluate import evaluate_settings, main, margin, random_init_network, run_final_evaluation, score_tables
 from stages.prepare import prepare
-from stages.train import init_checkpoint
 from tests.conftest import run_epochs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +118,7 @@ def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[Run
     """One epoch on an unlabelled folder of 120 PNG files (prepare.source: folder)."""
     from PIL import Image
 
-    from stages.data import load_split
+    from stages.core.data import load_split
 
     root = tmp_path_factory.mktemp("folder")
     pixels = load_split(fashion_dataset, "train").pixels[:120]

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.checkpoints import load_checkpoint, model_from_checkpoint
-from stages.common import StageError, apply_overrides, read_json
-from stages.data import center_crop, load_split, normalize
+from stages.core.checkpoints import init_checkpoint, load_checkpoint, model_from_checkpoint
+from stages.core.data import center_crop, load_split, normalize
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.params import apply_overrides
 from stages.extract import run_extract
-from stages.train import init_checkpoint
 
 
 @pytest.fixture(scope="module")

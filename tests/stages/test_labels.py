@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.cluster import Clustering, save_clustering
-from stages.common import StageError, read_json
-from stages.data import load_split
-from stages.labels import (cluster_size_stats, match_clusters, nmi, nmi_between, read_assignments, run_labels,
-                           size_histogram)
-from stages.layout import ASSIGNMENTS
+from stages.core.assignments import (cluster_size_stats, match_clusters, nmi, nmi_between, read_assignments,
+                                     size_histogram)
+from stages.core.clustering import Clustering, save_clustering
+from stages.core.data import load_split
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.layout import ASSIGNMENTS
+from stages.labels import run_labels
 
 
 def h(*p: float) -> float:
@@ -146,7 +148,7 @@ def test_run_labels_refuses_a_clustering_of_another_dataset(tmp_path, fashion_da
 
 
 def test_match_clusters_pairs_groups_one_to_one_and_greedy_never_overcounts(monkeypatch):
-    from stages import labels as labels_module
+    from stages.core import assignments as labels_module
 
     a = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
     b = np.array([5, 5, 7, 7, 7, 7, 9, 9, 9, 5])  # best pairing 5-0, 7-1, 9-2: 2 + 3 + 3

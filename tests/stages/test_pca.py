@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.common import StageError, apply_overrides, seed_for, seeded_subset
-from stages.pca import PCAWhitening, apply_in_chunks, fit_pca_whitening, run_pca
+from stages.core.errors import StageError
+from stages.core.params import apply_overrides
+from stages.core.runtime import seed_for, seeded_subset
+from stages.core.whitening import PCAWhitening, apply_in_chunks, fit_pca_whitening
+from stages.pca import run_pca
 
 DIM = 16  # well below the rank of the digits (some of their 64 pixels are always 0)
 

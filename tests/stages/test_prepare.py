@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from stages.common import StageError, read_json
-from stages.data import iterate_batches, load_split
+from stages.core.data import iterate_batches, load_split
+from stages.core.errors import StageError
+from stages.core.io import read_json
 from stages.prepare import prepare, read_idx
 
 

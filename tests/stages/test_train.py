@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.checkpoints import load_checkpoint, save_checkpoint
-from stages.common import StageError, read_json, seed_for
-from stages.data import load_split
-from stages.labels import write_assignments
-from stages.models import build_model
-from stages.train import contiguous_targets, epoch_lr, init_checkpoint, run_train, uniform_cluster_sample
+from stages.core.assignments import write_assignments
+from stages.core.checkpoints import init_checkpoint, load_checkpoint, save_checkpoint
+from stages.core.data import load_split
+from stages.core.errors import StageError
+from stages.core.io import read_json
+from stages.core.models import build_model
+from stages.core.runtime import seed_for
+from stages.train import contiguous_targets, epoch_lr, run_train, uniform_cluster_sample
 
 # ---------------------------------------------------------------- the sampler
 SKEWED = {0: 5, 2: 50, 5: 500, 7: 5000, 11: 20}  # cluster id -> size; ids 1, 3, 4, 6, 8-10 are empty
@@ -302,7 +304,7 @@ def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_pa
     from PIL import Image
     from skimage import data as skdata
 
-    from stages.data import ImageSet
+    from stages.core.data import ImageSet
     from stages.train import body_optimizer, head_optimizer, train_one_epoch
 
     paths = []

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: ablations (ablate), studies and screens, inspect, the GPU check, benchmarks."""

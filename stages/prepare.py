@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core.crops import crop_warning, image_side
 from stages.core.data import IMAGE_EXTENSIONS
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
@@ -279,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         meta = prepare(args.source or section["source"], args.path or section["path"], args.out, section, params["run"]["seed"])
     print(f"prepare: {meta['counts']} images from {meta['source']} -> {args.out}"
           + (f"; {meta['unreadable']} unreadable, listed in {args.out}/unreadable.csv" if meta["unreadable"] else ""))
+    # The defaults' 28 px crops run on photos too, as thumbnails: say so once, with the fix (stages/core/crops.py).
+    files = meta["kind"] == "files"  # an image tree: its manifest holds every image's width and height
+    side = image_side(meta, pd.read_parquet(Path(args.out) / "manifest.parquet") if files else pd.DataFrame())
+    warning = crop_warning(side, {"extract.crop_size": params["extract"]["crop_size"],
+                                  "train.crop_size": params["train"]["crop_size"]})
+    if warning:
+        print(f"prepare: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ from stages.core.errors import StageError
 from stages.core.io import read_json, write_json
 from stages.core.layout import RunLayout
 from stages.core.params import flatten
+from stages.epoch import EPOCH_CHAIN
 
 # The modules whose code decides the numbers a run produces (dvc.yaml's deepcluster stage lists the
 # same files as deps; tests/pipeline/test_workspace.py checks). A run resumed after any of them
 # changed would mix two versions of the method, so the run records their hash (see run_identity).
-CODE_MODULES = ("core/*.py", "epoch.py", "extract.py", "pca.py", "cluster.py", "labels.py", "train.py")
-# The params.yaml sections the epochs read (dvc.yaml's deepcluster stage lists the same); `prepare`
-# is covered by the dataset's hash, `evaluate` plays no part in the epochs.
-EPOCH_SECTIONS = ("model", "extract", "pca", "cluster", "train")
+CODE_MODULES = ("core/*.py", "epoch.py", *(stage.module.split(".")[-1] + ".py" for stage in EPOCH_CHAIN))
+# The params.yaml sections the epochs read (dvc.yaml's deepcluster stage lists the same, with `run`);
+# `prepare` is covered by the dataset's hash, `evaluate` plays no part in the epochs.
+EPOCH_SECTIONS = tuple(dict.fromkeys(p for stage in EPOCH_CHAIN for p in stage.reads_params if "." not in p))
 # Parameters that do not change any result: a run can be resumed with other values.
 RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every", "extract.batch_size",
                   "extract.num_workers", "extract.device", "train.num_workers", "train.device")

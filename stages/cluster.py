@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.artifacts import check_npy
+from stages.core.artifacts import train_rows, check_npy
 from stages.core.clustering import ClusteringPlan, cluster_features, plan_for, save_clustering
 from stages.core.errors import cli_errors
 from stages.core.io import write_json
@@ -39,12 +39,12 @@ from stages.core.params import load_params
 from stages.core.runtime import Timer, peak_rss_mb, seed_for
 
 
-def run_cluster(params: dict, features: str | Path, out_dir: str | Path, epoch: int,
-                n_images: int | None = None) -> dict:
-    """n_images: the dataset's training images, the rows `features` must have (None: not checked)."""
+def run_cluster(params: dict, features: str | Path, out: str | Path, epoch: int,
+                dataset: str | Path | None = None) -> dict:
+    """dataset: the run's dataset; `features` must have a row per training image (None: not checked)."""
     section = params["cluster"]
-    check_npy(features, rows=n_images, fix="run pca for this epoch (again)")
-    out_dir = Path(out_dir)
+    check_npy(features, rows=train_rows(dataset) if dataset else None, fix="run pca for this epoch (again)")
+    out_dir = Path(out)
     with Timer() as t:
         plan = plan_for(section.get("device", "auto"))
         c = cluster_features(section, np.load(features), seed_for(params["run"]["seed"], epoch, "cluster"), plan)
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", required=True, help="pca_features.npy written by pca")
     parser.add_argument("--out", required=True, help="epoch directory for clusters.npz")
     parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it (PIC is deterministic)")
+    parser.add_argument("--dataset", help="the run's dataset: the features must have a row per training image")
     args = parser.parse_args(argv)
     with cli_errors("cluster"):
-        stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch)
+        stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch, args.dataset)
     loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
     print(f"cluster ({stats['method']}, {plan_text(stats)}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
           f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")

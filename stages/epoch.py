@@ -1,5 +1,10 @@
-"""One DeepCluster epoch as a chain of stages on a run layout, written once for the flow, the
-ablations and the tests: extract -> pca -> cluster -> labels -> train, then `epoch_metrics`.
+"""One DeepCluster epoch as a chain of stages on a run layout: the stage graph, written once.
+
+`EPOCH_CHAIN` holds one record per stage, in the method's order (extract -> pca -> cluster -> labels ->
+train): what it reads, how it runs in this process, its command line (for torchrun and the GPU check),
+and how its outputs are checked before a resumed run trusts them. The flow, the resume logic, the
+ablations, the screens, the GPU check and the torchrun launcher all loop over it; adding a stage is
+one record here and its module (plus its file in dvc.yaml's deepcluster deps, which a test checks).
 
 Each stage reads the files the previous ones wrote (stages/core/layout.py names them) and ends by
 writing its <stage>.json report, so a chain can resume after the last finished stage.
@@ -9,12 +14,13 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from stages.cluster import run_cluster
+from stages import cluster, extract, labels, pca, train
 from stages.core.artifacts import check_assignments, check_json, check_npy, check_npz, first_problem, train_rows
 from stages.core.checkpoints import verify_checkpoint
 from stages.core.clustering import CLUSTERING_ARRAYS
@@ -25,58 +31,102 @@ from stages.core.io import read_json
 from stages.core.layout import (ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout,
                                 report)
 from stages.core.whitening import PCAWhitening
-from stages.extract import run_extract
-from stages.labels import run_labels
-from stages.pca import run_pca
-from stages.train import run_train
 
-# The order is the method's: each stage consumes what the one before it wrote.
-EPOCH_STAGES = ("extract", "pca", "cluster", "labels", "train")
+Check = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class EpochStage:
+    """One stage of the epoch chain.
+
+    options(layout, epoch, previous): the stage's files and numbers for `epoch`, as the keyword
+      arguments of `run` that are also its command-line options (`checkpoint_in` is
+      `--checkpoint-in`), so the in-process chain, torchrun and the GPU check wire it alike;
+      `previous` is the epoch directory NMI(t-1, t) compares with.
+    inputs(layout, epoch): the files it reads, named in the error of a stage that failed unexpectedly.
+    outputs(params, layout, epoch, rows): checks of what it wrote, its report aside; `rows(file)` checks
+      a features file, which retention may delete once the next stage is done.
+    reads_params: the params.yaml sections (or keys) its outputs depend on.
+    distributed: runs on run.nproc_per_node x run.nnodes processes under torchrun when that is > 1.
+    """
+    name: str
+    run: Callable[..., dict]
+    options: Callable[[RunLayout, int, Path | None], dict]
+    inputs: Callable[[RunLayout, int], list[Path]]
+    outputs: Callable[[dict, RunLayout, int, Callable[[str], Check]], list[Check]]
+    reads_params: tuple[str, ...]
+    distributed: bool = False
+
+    @property
+    def module(self) -> str:
+        """What `python -m` runs: the stage's command line."""
+        return self.run.__module__
+
+
+EPOCH_CHAIN = (
+    EpochStage("extract", extract.run_extract,
+               lambda lay, e, prev: {"dataset": lay.dataset, "checkpoint": lay.checkpoint(e - 1), "out": lay.epoch(e)},
+               lambda lay, e: [lay.dataset, lay.checkpoint(e - 1)],
+               lambda params, lay, e, rows: [rows(FEATURES)], ("extract",), distributed=True),
+    EpochStage("pca", pca.run_pca,
+               lambda lay, e, prev: {"features": lay.epoch(e) / FEATURES, "out": lay.epoch(e), "epoch": e,
+                                     "dataset": lay.dataset},
+               lambda lay, e: [lay.epoch(e) / FEATURES],
+               lambda params, lay, e, rows: [lambda: check_npz(lay.epoch(e) / PCA, PCAWhitening.ARRAYS),
+                                             rows(PCA_FEATURES)], ("pca", "run.seed")),
+    EpochStage("cluster", cluster.run_cluster,
+               lambda lay, e, prev: {"features": lay.epoch(e) / PCA_FEATURES, "out": lay.epoch(e), "epoch": e,
+                                     "dataset": lay.dataset},
+               lambda lay, e: [lay.epoch(e) / PCA_FEATURES],
+               lambda params, lay, e, rows: [lambda: check_npz(lay.epoch(e) / CLUSTERING, CLUSTERING_ARRAYS)],
+               ("cluster", "run.seed")),
+    EpochStage("labels", labels.run_labels,
+               lambda lay, e, prev: {"epoch_dir": lay.epoch(e), "dataset": lay.dataset,
+                                     "previous": lay.epoch(e - 1) if prev is None else prev},
+               lambda lay, e: [lay.epoch(e) / CLUSTERING, lay.dataset, lay.epoch(e - 1) / ASSIGNMENTS],
+               lambda params, lay, e, rows: [lambda: check_assignments(lay.epoch(e) / ASSIGNMENTS,
+                                                                       load_split(lay.dataset).ids)], ()),
+    EpochStage("train", train.run_train,
+               lambda lay, e, prev: {"dataset": lay.dataset, "assignments": lay.epoch(e) / ASSIGNMENTS,
+                                     "checkpoint_in": lay.checkpoint(e - 1), "checkpoint_out": lay.checkpoint(e),
+                                     "epoch": e, "stats_out": lay.epoch(e) / report("train")},
+               lambda lay, e: [lay.dataset, lay.epoch(e) / ASSIGNMENTS, lay.checkpoint(e - 1)],
+               lambda params, lay, e, rows: [lambda: verify_checkpoint(lay.checkpoint(e), params["model"],
+                                                                       load_split(lay.dataset).channels, e)],
+               ("model", "train", "run.seed"), distributed=True),
+)
+STAGES = {stage.name: stage for stage in EPOCH_CHAIN}
+EPOCH_STAGES = tuple(STAGES)
+
+
+def epoch_stage(name: str) -> EpochStage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
+    return STAGES[name]
 
 
 def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> dict:
     """Run one stage of `epoch` on the layout's files; `previous` is the epoch directory NMI(t-1, t)
     compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's).
-    extract and train run on run.nproc_per_node x run.nnodes processes under torchrun when that is
+    A distributed stage runs on run.nproc_per_node x run.nnodes processes under torchrun when that is
     more than one (stages/core/distributed.py), else here, in this process."""
-    d = layout.epoch(epoch)
-    if name in DISTRIBUTED_STAGES and processes(params["run"]) > 1:
-        return run_under_torchrun(name, params, layout, epoch)
-    if name == "extract":
-        return run_extract(params, layout.dataset, layout.checkpoint(epoch - 1), d)
-    if name == "pca":
-        return run_pca(params, d / FEATURES, d, epoch, train_rows(layout.dataset))
-    if name == "cluster":
-        return run_cluster(params, d / PCA_FEATURES, d, epoch, train_rows(layout.dataset))
-    if name == "labels":
-        return run_labels(params, d, layout.dataset, previous if previous is not None else layout.epoch(epoch - 1))
-    if name == "train":
-        return run_train(params, layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1),
-                         layout.checkpoint(epoch), epoch, d / report("train"))
-    raise ValueError(f"unknown stage {name!r}: the epoch's stages are {', '.join(EPOCH_STAGES)}")
+    stage = epoch_stage(name)
+    if stage.distributed and processes(params["run"]) > 1:
+        return run_under_torchrun(stage, params, layout, epoch)
+    return stage.run(params, **stage.options(layout, epoch, previous))
 
 
-# The stages that run on several processes when run.nproc_per_node * run.nnodes > 1.
-DISTRIBUTED_STAGES = ("extract", "train")
-
-
-def stage_arguments(name: str, layout: RunLayout, epoch: int) -> list[str]:
+def stage_arguments(name: str, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> list[str]:
     """The command line of `python -m stages.<name>` for what run_stage runs in-process (less --params)."""
-    d = layout.epoch(epoch)
-    if name == "extract":
-        return ["--dataset", layout.dataset, "--checkpoint", layout.checkpoint(epoch - 1), "--out", d]
-    if name == "train":
-        return ["--dataset", layout.dataset, "--assignments", d / ASSIGNMENTS, "--checkpoint-in",
-                layout.checkpoint(epoch - 1), "--checkpoint-out", layout.checkpoint(epoch), "--epoch", epoch,
-                "--stats-out", d / report("train")]
-    raise ValueError(f"stage {name!r} does not run under torchrun: only {', '.join(DISTRIBUTED_STAGES)} do")
+    options = epoch_stage(name).options(layout, epoch, previous)
+    return [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def run_under_torchrun(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
-    """Stage `name` on the run's processes: the settings are checked here first (a bad one stops before
-    any process starts), the processes read the run's params from a file beside the epoch's, and the
-    stage's report is what they wrote."""
-    section = params[name]
+def run_under_torchrun(stage: EpochStage, params: dict, layout: RunLayout, epoch: int) -> dict:
+    """A distributed stage on the run's processes: the settings are checked here first (a bad one stops
+    before any process starts), the processes read the run's params from a file beside the epoch's, and
+    the stage's report is what they wrote."""
+    name, section = stage.name, params[stage.name]
     n_images = train_rows(layout.dataset)
     if name == "train":
         n_images = section["samples_per_epoch"] or n_images
@@ -109,24 +159,12 @@ def output_problem(name: str, params: dict, layout: RunLayout, epoch: int, neede
     consumed = not needed and name != EPOCH_STAGES[-1] and layout.stage_done(
         epoch, EPOCH_STAGES[EPOCH_STAGES.index(name) + 1])
 
-    def features(file: str) -> Callable[[], object]:
+    def rows(file: str) -> Check:
         path = d / file
         return lambda: None if consumed and file in DISPOSABLE and not path.exists() else check_npy(
             path, rows=train_rows(layout.dataset))
 
-    checks = [lambda: check_json(d / report(name))]
-    if name == "extract":
-        checks.append(features(FEATURES))
-    elif name == "pca":
-        checks += [lambda: check_npz(d / PCA, PCAWhitening.ARRAYS), features(PCA_FEATURES)]
-    elif name == "cluster":
-        checks.append(lambda: check_npz(d / CLUSTERING, CLUSTERING_ARRAYS))
-    elif name == "labels":
-        checks.append(lambda: check_assignments(d / ASSIGNMENTS, load_split(layout.dataset).ids))
-    elif name == "train":
-        checks.append(lambda: verify_checkpoint(layout.checkpoint(epoch), params["model"],
-                                                load_split(layout.dataset).channels, epoch))
-    return first_problem(checks)
+    return first_problem([lambda: check_json(d / report(name)), *epoch_stage(name).outputs(params, layout, epoch, rows)])
 
 
 def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> int:
@@ -171,11 +209,8 @@ def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Calla
 
 
 def stage_inputs(name: str, layout: RunLayout, epoch: int) -> list[Path]:
-    """The files stage `name` of `epoch` reads (as run_stage wires them), for error messages."""
-    d, prev = layout.epoch(epoch), layout.epoch(epoch - 1)
-    return {"extract": [layout.dataset, layout.checkpoint(epoch - 1)], "pca": [d / FEATURES],
-            "cluster": [d / PCA_FEATURES], "labels": [d / CLUSTERING, layout.dataset, prev / ASSIGNMENTS],
-            "train": [layout.dataset, d / ASSIGNMENTS, layout.checkpoint(epoch - 1)]}[name]
+    """The files stage `name` of `epoch` reads, for error messages."""
+    return epoch_stage(name).inputs(layout, epoch)
 
 
 def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:

@@ -49,11 +49,11 @@ def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, 
     bar.close()
 
 
-def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out_dir: str | Path,
+def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out: str | Path,
                 world: World | None = None) -> dict:
     """world: this process's place under torchrun (default: from the environment; one process without)."""
+    out_dir = Path(out)
     section = params["extract"]
-    out_dir = Path(out_dir)
     world = world_from_env() if world is None else world
     with Timer() as t:
         images = load_split(dataset, "train")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.artifacts import allocate_npy, check_npy
+from stages.core.artifacts import train_rows, allocate_npy, check_npy
 from stages.core.errors import cli_errors
 from stages.core.io import atomic_path, write_json
 from stages.core.layout import PCA, PCA_FEATURES, report
@@ -26,22 +26,22 @@ from stages.core.runtime import Timer, peak_rss_mb, seed_for, seeded_subset
 from stages.core.whitening import apply_in_chunks, fit_pca_whitening
 
 
-def run_pca(params: dict, features: str | Path, out_dir: str | Path, epoch: int = 0,
-            n_images: int | None = None) -> dict:
-    """n_images: the dataset's training images, the rows `features` must have (None: not checked)."""
+def run_pca(params: dict, features: str | Path, out: str | Path, epoch: int = 0,
+            dataset: str | Path | None = None) -> dict:
+    """dataset: the run's dataset; `features` must have a row per training image (None: not checked)."""
     section = params["pca"]
-    out_dir = Path(out_dir)
-    check_npy(features, rows=n_images, fix="run extract for this epoch (again)")
+    out_dir = Path(out)
+    check_npy(features, rows=train_rows(dataset) if dataset else None, fix="run extract for this epoch (again)")
     with Timer() as t:
         x = np.load(features, mmap_mode="r")
         rows = seeded_subset(len(x), section["max_fit_rows"], seed_for(params["run"]["seed"], epoch, "pca"))
         pca = fit_pca_whitening(x[rows], section["dim"], section["eps"])
         pca.save(out_dir / PCA)
         with atomic_path(out_dir / PCA_FEATURES) as tmp:
-            out = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32, out_dir / PCA_FEATURES)
-            apply_in_chunks(pca, x, out)
-            out.flush()
-            del out
+            whitened = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32, out_dir / PCA_FEATURES)
+            apply_in_chunks(pca, x, whitened)
+            whitened.flush()
+            del whitened
     total = float(np.sum(np.var(np.asarray(x[rows], dtype=np.float64), axis=0, ddof=1)))  # same ddof as the eigenvalues
     stats = {"dim": int(pca.components.shape[1]), "fit_rows": len(rows), "seconds": t.seconds,
              "explained_variance": float(pca.eigenvalues.sum() / total) if total > 0 else 0.0,
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", required=True, help="features.npy written by extract")
     parser.add_argument("--out", required=True, help="directory for pca.npz and pca_features.npy")
     parser.add_argument("--epoch", type=int, default=0, help="epoch number (seeds the fitting sample)")
+    parser.add_argument("--dataset", help="the run's dataset: the features must have a row per training image")
     args = parser.parse_args(argv)
     with cli_errors("pca"):
-        stats = run_pca(load_params(args.params), args.features, args.out, args.epoch)
+        stats = run_pca(load_params(args.params), args.features, args.out, args.epoch, args.dataset)
     print(f"pca: {stats['dim']} dims, {stats['explained_variance']:.1%} of variance, {stats['seconds']:.1f}s")
 
 

@@ -35,16 +35,27 @@ from stages.core.io import read_json, write_json
 from stages.core.layout import (ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, CLUSTERING, DATASET, DISPOSABLE, EPOCHS_ROOT,
                                 FEATURES, METRICS, PCA, PCA_FEATURES, RUN_FILE, RunLayout, epoch_dir, report)
 from stages.core.params import apply_overrides, parse_override
-from stages.epoch import run_stage
+from stages.epoch import EPOCH_STAGES, epoch_stage, run_stage
 
-STAGES = ("pca", "cluster", "labels", "evaluate")
-# Which parameters can change each rerun; anything else would be silently ignored, so it is refused.
-AFFECTS = {"pca": ("pca.", "cluster.", "run.seed"), "cluster": ("pca.", "cluster.", "run.seed"), "labels": (),
-           "evaluate": None}  # None: any parameter (the final evaluation reads several sections)
+# The stages an ablation reruns: after extract (features are kept, or re-extracted with the main run's
+# network) up to labels (train would change the network itself); or `evaluate final` on an epoch's network.
+RERUNNABLE = EPOCH_STAGES[EPOCH_STAGES.index("extract") + 1:EPOCH_STAGES.index("labels") + 1]
+STAGES = (*RERUNNABLE, "evaluate")
+
+
+def affects(stage: str) -> tuple[str, ...] | None:
+    """The parameters that can change a rerun of `stage` (None: any, the final evaluation reads several
+    sections); anything else would be silently ignored, so it is refused. A pca or cluster rerun starts
+    at pca when its parameters differ from the main run's; a labels rerun uses the epoch's own clustering."""
+    if stage == "evaluate":
+        return None
+    first = stage if stage == "labels" else RERUNNABLE[0]
+    keys = dict.fromkeys(k for name in RERUNNABLE[RERUNNABLE.index(first):] for k in epoch_stage(name).reads_params)
+    return tuple(k if "." in k else k + "." for k in keys)
 
 
 def check_overrides(stage: str, overrides: dict) -> None:
-    allowed = AFFECTS[stage]
+    allowed = affects(stage)
     if allowed is None:
         return
     bad = [k for k in overrides if not k.startswith(allowed)]

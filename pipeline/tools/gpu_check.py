@@ -91,10 +91,11 @@ class Sizes:
 # ---------------------------------------------------------------- launching the stages
 def stage_command(stage: str, args: list[str], nproc: int | None) -> list[str]:
     """The command line of a stage: under torchrun with nproc processes, or plain `python -m`."""
+    from stages.core.distributed import torchrun_command
+
     if nproc is None:
         return [sys.executable, "-m", f"stages.{stage}", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", f"stages.{stage}", *args]
+    return torchrun_command(f"stages.{stage}", args, nproc)
 
 
 def run_stage(stage: str, args: list[str], nproc: int | None = None) -> None:
@@ -217,33 +218,24 @@ class Check:
     def epochs(self, params: Path, dataset: Path, run: Path, epochs: int, label: str) -> list[dict]:
         """train --init, then `epochs` epochs of extract, pca, cluster, labels, train; each epoch's reports."""
         from stages.core.io import read_json
-        from stages.core.layout import ASSIGNMENTS, FEATURES, PCA_FEATURES, RunLayout, report
+        from stages.core.layout import RunLayout, report
+        from stages.epoch import EPOCH_CHAIN, stage_arguments
 
         layout = RunLayout(dataset, run / "epochs", run / "checkpoints")
         run_stage("train", ["--params", str(params), "--dataset", str(dataset), "--init",
                             "--checkpoint-out", str(layout.checkpoint(0))])
-        common = ["--params", str(params)]
         out = []
         for e in range(1, epochs + 1):
-            d = layout.epoch(e)
             timings = {}
-            steps = [("extract", ["--dataset", str(dataset), "--checkpoint", str(layout.checkpoint(e - 1)), "--out", str(d)],
-                      self.nproc),
-                     ("pca", ["--features", str(d / FEATURES), "--out", str(d), "--epoch", str(e)], None),
-                     ("cluster", ["--features", str(d / PCA_FEATURES), "--out", str(d), "--epoch", str(e)], None),
-                     ("labels", ["--epoch-dir", str(d), "--dataset", str(dataset)]
-                      + (["--previous", str(layout.epoch(e - 1))] if e > 1 else []), None),
-                     ("train", ["--dataset", str(dataset), "--assignments", str(d / ASSIGNMENTS), "--checkpoint-in",
-                                str(layout.checkpoint(e - 1)), "--checkpoint-out", str(layout.checkpoint(e)), "--epoch",
-                                str(e)], self.nproc)]
-            for stage, args, nproc in steps:
+            for stage in EPOCH_CHAIN:  # as the flow chains them, each through its own command line
                 t = time.perf_counter()
                 try:
-                    run_stage(stage, common + args, nproc)
+                    run_stage(stage.name, ["--params", str(params), *stage_arguments(stage.name, layout, e)],
+                              self.nproc if stage.distributed else None)
                 except CheckFailed as err:
-                    raise CheckFailed(f"{label}, epoch {e}, {stage}: {err}") from None
-                timings[stage] = time.perf_counter() - t
-            reports = {stage: read_json(d / report(stage)) for stage in ("extract", "cluster", "labels", "train")}
+                    raise CheckFailed(f"{label}, epoch {e}, {stage.name}: {err}") from None
+                timings[stage.name] = time.perf_counter() - t
+            reports = {name: read_json(layout.epoch(e) / report(name)) for name in timings}
             out.append({"epoch": e, "wall": timings, **reports})
         return out
 

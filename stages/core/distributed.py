@@ -13,7 +13,7 @@ each stage does with several processes:
   DistributedDataParallel, BatchNorm optionally global (train.sync_batchnorm), and rank 0 alone writes
   the checkpoint and train.json (loss and accuracy summed over ranks).
 
-Nothing here imports pipeline/: `torchrun_command` is what the flow (stages/epoch.py) launches.
+Nothing here imports pipeline/: `launch` is how the epoch chain (stages/epoch.py) starts a distributed stage.
 """
 from __future__ import annotations
 
@@ -272,21 +272,27 @@ def global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 # ---------------------------------------------------------------- launching a stage under torchrun
-def torchrun_command(run: dict, module: str, args: list[str]) -> list[str]:
-    """`python -m torch.distributed.run ... -m <module> <args>` for the run's settings on this node.
+def torchrun_command(module: str, args: list, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str = "") -> list[str]:
+    """`python -m torch.distributed.run ... -m <module> <args>` for this node (run.nproc_per_node, ...).
 
     One node: --standalone (torchrun picks a free local port, so two runs on one machine never meet).
-    Several: a static rendezvous at run.rdzv_endpoint (node 0's host:port) with this node's run.node_rank,
-    so global ranks are node_rank * nproc_per_node + local_rank and rank 0 (who writes) is on node 0.
+    Several: a static rendezvous at rdzv_endpoint (node 0's host:port) with this node's node_rank, so
+    global ranks are node_rank * nproc_per_node + local_rank and rank 0 (who writes) is on node 0.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run['nproc_per_node']}"]
-    if int(run["nnodes"]) == 1:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
+    if int(nnodes) == 1:
         cmd.append("--standalone")
     else:
-        host, port = run["rdzv_endpoint"].rsplit(":", 1)
-        cmd += [f"--nnodes={run['nnodes']}", f"--node_rank={run['node_rank']}", f"--master_addr={host}",
-                f"--master_port={port}"]
+        host, port = rdzv_endpoint.rsplit(":", 1)
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={host}", f"--master_port={port}"]
     return cmd + ["-m", module, *map(str, args)]
+
+
+def node_command(run, stage: str, args: list) -> list[str]:
+    """torchrun_command for stage `stage` with the run section's settings of this node."""
+    return torchrun_command(f"stages.{stage}", args, run["nproc_per_node"], run["nnodes"], run["node_rank"],
+                            run["rdzv_endpoint"])
 
 
 def launch(run: dict, stage: str, args: list[str]) -> None:
@@ -297,7 +303,7 @@ def launch(run: dict, stage: str, args: list[str]) -> None:
 
     check_launch(run)
     tail: deque[bytes] = deque(maxlen=256)
-    with subprocess.Popen(torchrun_command(run, f"stages.{stage}", args), stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen(node_command(run, stage, args), stderr=subprocess.PIPE) as proc:
         for chunk in iter(lambda: proc.stderr.read1(65536), b""):
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
@@ -365,7 +371,7 @@ def follow(run: dict, epochs_root: str | Path, poll_s: float = 0.5, log=print) -
         if job and job["id"] != seen:
             seen = job["id"]
             log(f"follow: {job['stage']} of epoch {job['epoch']}")
-            status = subprocess.run(torchrun_command(run, f"stages.{job['stage']}", job["args"]), cwd=job["cwd"]).returncode
+            status = subprocess.run(node_command(run, job["stage"], job["args"]), cwd=job["cwd"]).returncode
             if status:
                 log(f"follow: {job['stage']} of epoch {job['epoch']} failed (status {status}); node 0's flow says "
                     "why and retries or stops")

@@ -26,7 +26,7 @@ def test_without_a_gpu_the_check_says_so_and_exits_0(monkeypatch, capsys):
 
 def test_extract_and_train_run_under_torchrun_with_one_process_per_gpu():
     cmd = gpu_check.stage_command("train", ["--epoch", "1"], 4)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "stages.train",
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "-m", "stages.train",
                        "--epoch", "1"]
     assert gpu_check.stage_command("pca", ["--epoch", "1"], None)[1:] == ["-m", "stages.pca", "--epoch", "1"]
 

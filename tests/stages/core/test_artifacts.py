@@ -69,14 +69,14 @@ def test_truncated_features_stop_pca_and_cluster_before_any_mmap(tiny_run, small
         path = truncated(tiny_run.epoch(2) / name, tmp_path)
         with pytest.raises(DamagedArtifact, match=r"bytes, but its header describes a float32 array of shape "
                                                   r"\(240, \d+\).*truncated or half-written; run \w+ for this epoch"):
-            stage(small_params, path, tmp_path / "out", 2, 240)
+            stage(small_params, path, tmp_path / "out", 2, tiny_run.dataset)
         assert not (tmp_path / "out").exists()
 
 
 def test_features_of_another_dataset_are_refused(tiny_run, small_params, tmp_path):
     np.save(tmp_path / "features.npy", np.load(tiny_run.epoch(2) / "features.npy")[:200])
     with pytest.raises(DamagedArtifact, match="has 200 rows but the dataset has 240 training images"):
-        run_pca(small_params, tmp_path / "features.npy", tmp_path / "out", 2, 240)
+        run_pca(small_params, tmp_path / "features.npy", tmp_path / "out", 2, tiny_run.dataset)
     np.save(tmp_path / "f64.npy", np.load(tiny_run.epoch(2) / "features.npy").astype(np.float64))
     with pytest.raises(DamagedArtifact, match="holds a 2-D float64 array"):
         check_npy(tmp_path / "f64.npy", rows=240)

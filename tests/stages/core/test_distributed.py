@@ -124,13 +124,11 @@ def test_global_batchnorm_keeps_the_parameters_the_optimizer_holds_and_the_check
 
 
 # ---------------------------------------------------------------- launching
-def test_torchrun_command_one_node_and_several(small_params):
-    run = {**small_params["run"], "nproc_per_node": 8}
-    cmd = torchrun_command(run, "stages.train", ["--epoch", 3])
+def test_torchrun_command_one_node_and_several():
+    cmd = torchrun_command("stages.train", ["--epoch", 3], nproc_per_node=8)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--standalone"]
     assert cmd[-4:] == ["-m", "stages.train", "--epoch", "3"]
-    run.update(nnodes=4, node_rank=2, rdzv_endpoint="gpu-node-0:29500")
-    cmd = torchrun_command(run, "stages.extract", [])
+    cmd = torchrun_command("stages.extract", [], 8, nnodes=4, node_rank=2, rdzv_endpoint="gpu-node-0:29500")
     assert "--standalone" not in cmd
     assert {"--nnodes=4", "--node_rank=2", "--master_addr=gpu-node-0", "--master_port=29500"} <= set(cmd)
 

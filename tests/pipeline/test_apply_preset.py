@@ -39,3 +39,16 @@ def test_a_preset_is_validated_by_the_schema_and_written_normalised(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == before  # refused as a whole: nothing written
     apply_preset(tmp_path / "params.yaml", {"train.lr": "1e-3"})  # what YAML makes of `train.lr: 1e-3`
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.001
+
+
+def test_the_photos_preset_sets_network_crops_and_image_size_together(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_preset(tmp_path / "params.yaml", load_preset("photos"))  # validated by the schema, or StageError
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert params["prepare"]["source"] == "imagefolder" and params["prepare"]["image_size"] == 256
+    assert params["model"]["arch"] == "alexnet"
+    assert params["extract"]["crop_size"] == params["train"]["crop_size"] == 224  # one input size for the fc layers
+    assert params["train"]["crop_scale"] == [0.08, 1.0] and params["pca"]["dim"] == 256
+    # every line of the preset says why its value is what it is
+    for line in (REPO / "pipeline" / "presets" / "photos.yaml").read_text().splitlines():
+        assert not line.strip() or line.startswith("#") or "  # " in line, line

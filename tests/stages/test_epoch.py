@@ -164,3 +164,34 @@ def test_a_stage_rerun_after_retention_reruns_the_one_that_wrote_its_deleted_inp
     assert EPOCH_STAGES[start] == "extract" and "features.npy not found" in logged[-1]
     finish(small_params, layout, 2, start)
     same_epoch(layout, tiny_run, 2)
+
+
+def test_each_stage_s_command_line_takes_the_wiring_the_chain_runs_in_process(tiny_run, params_file, tmp_path):
+    """pca, cluster and labels of epoch 2 through `python -m stages.<name>` with stage_arguments (as torchrun
+    and the GPU check start them) write what the in-process chain wrote; extract and train take the same
+    path under the GPU check's CPU run (tests/pipeline/tools/test_gpu_check.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from stages.core.assignments import read_assignments
+    from stages.core.layout import ASSIGNMENTS, CLUSTERING, FEATURES, PCA_FEATURES
+    from stages.epoch import EPOCH_CHAIN, stage_arguments
+
+    copy = RunLayout(tiny_run.dataset, tmp_path / "epochs", tiny_run.checkpoints)
+    copy.epoch(2).mkdir(parents=True)
+    shutil.copytree(tiny_run.epoch(1), copy.epoch(1))
+    shutil.copy(tiny_run.epoch(2) / FEATURES, copy.epoch(2) / FEATURES)
+    for stage in EPOCH_CHAIN:
+        if stage.name in ("pca", "cluster", "labels"):
+            args = stage_arguments(stage.name, copy, 2)
+            assert args[::2] == [f"--{k.replace('_', '-')}" for k in stage.options(copy, 2, None)]
+            done = subprocess.run([sys.executable, "-m", stage.module, "--params", params_file, *args],
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(copy.epoch(2) / PCA_FEATURES), np.load(tiny_run.epoch(2) / PCA_FEATURES))
+    np.testing.assert_array_equal(np.load(copy.epoch(2) / CLUSTERING)["labels"],
+                                  np.load(tiny_run.epoch(2) / CLUSTERING)["labels"])
+    assert read_assignments(copy.epoch(2) / ASSIGNMENTS).equals(read_assignments(tiny_run.epoch(2) / ASSIGNMENTS))
+    assert read_json(copy.epoch(2) / "labels.json")["nmi_previous"] == read_json(tiny_run.epoch(2) / "labels.json")[
+        "nmi_previous"]

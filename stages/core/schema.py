@@ -22,7 +22,7 @@ DOCS = "Every key, its allowed values and its meaning: `python -m stages.core.pa
 
 # ------------------------------------------------------------------ value types
 class Allowed:
-    """Annotated metadata: the allowed values in words, for messages and the README table."""
+    """Annotated metadata: the allowed values in words, for messages and the table of docs/params.md."""
 
     def __init__(self, text: str, numeric: bool = False):
         self.text, self.numeric = text, numeric
@@ -125,12 +125,13 @@ class Section(BaseModel):
 # ------------------------------------------------------------------ the sections
 class Run(Section):
     seed: Int(0) = doc("seeds every stage's randomness (per epoch and purpose), so a run is reproducible on one machine "
-                       "(another CPU's floating-point sums take it elsewhere, README \"Figures of the default run\")")
+                       "(another CPU's floating-point sums take it elsewhere, "
+                       "docs/results.md \"Figures of the default run\")")
     epochs: Int(1) = doc("NMI(t-1, t) rises, then saturates near 0.8 (paper Fig. 2b); the paper trains 500")
     nproc_per_node: Int(1) = doc("processes per node for extract and train (torchrun, one per GPU); 1 = in-process, "
                                  "as on a single CPU or GPU")
     nnodes: Int(1) = doc("machines taking part in extract and train; each runs the same command with its own "
-                         "run.node_rank (README \"Several GPUs, several nodes\")")
+                         "run.node_rank (docs/operations.md \"Several GPUs, several nodes\")")
     node_rank: Int(0) = doc("this machine's number, 0..nnodes-1; node 0 runs the flow and the other stages")
     rdzv_endpoint: Endpoint = doc("host:port of node 0 where the nodes meet; only read when nnodes > 1 (one node "
                                   "finds a free local port itself)")

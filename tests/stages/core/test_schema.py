@@ -288,12 +288,3 @@ def test_a_stage_cli_refuses_bad_params_without_a_traceback(tmp_path, run_cli):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"pca: pca.dim: 0 in {path} is not allowed: pca.dim must be int ≥ 1")
     assert _snapshot(tmp_path) == before
-
-
-def test_the_readme_table_is_the_schema_rendered():
-    readme = (REPO / "README.md").read_text()
-    rendered = subprocess.run([sys.executable, "-m", "stages.core.params", "--markdown"], capture_output=True, text=True,
-                              check=True, cwd=REPO).stdout
-    assert rendered == schema.markdown_table()
-    assert rendered in readme, "README's parameter table is stale: paste `python -m stages.core.params --markdown` into it"
-    assert len(rendered.splitlines()) == len(schema.leaf_fields()) + 2

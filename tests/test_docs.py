@@ -127,6 +127,17 @@ def test_the_readme_is_short_and_opens_with_the_two_commands():
     assert "make run" in first and "make test" in first  # .ci/run calls `make test`
 
 
+def test_the_readme_map_names_every_module():
+    """Every module of stages/, stages/core/, pipeline/ and pipeline/tools/ appears on the README's map,
+    alone (`stages/epoch.py`) or in a group (`stages/core/{data,crops}.py`)."""
+    named = set()
+    for m in re.finditer(r"`([\w/]+)/(?:\{([\w,]+)\}|(\w+))\.py`", README.read_text()):
+        named |= {f"{m.group(1)}/{stem}.py" for stem in (m.group(2) or m.group(3)).split(",")}
+    modules = {str(p.relative_to(REPO)) for d in ("stages", "stages/core", "pipeline", "pipeline/tools")
+               for p in (REPO / d).glob("*.py") if p.name != "__init__.py"}
+    assert not modules - named, f"README.md's map misses {sorted(modules - named)}"
+
+
 # ---------------------------------------------------------------- README commands
 def shell_commands(lines: list[str]) -> list[list[str]]:
     """The simple commands of a bash block: continuation lines joined, comments dropped, split at

@@ -49,7 +49,7 @@ serve-status:
 clean-run:
 	rm -rf data/dataset data/epochs data/eval data/ablations models/checkpoints mlflow.db mlruns
 
-# The GPU check (pipeline/tools/gpu_check.py, README "The GPU check"). On a GPU machine with only torch and
+# The GPU check (pipeline/tools/gpu_check.py, docs/gpus.md "The GPU check"). On a GPU machine with only torch and
 # the working tree: the system python, plus pydantic/pyyaml/tqdm from the carried wheels if missing
 # (installed into data/gpu-check/site, never into the system). Skips with exit 0 without a GPU.
 GPU_PYTHON ?= python3

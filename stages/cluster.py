@@ -16,7 +16,7 @@ vectorised pointer jumping (no loop over nodes), and `cluster.k` is refused rath
 Where it runs (`cluster.device`, `clustering_plan`): with `auto`, a faiss GPU build that sees GPUs
 clusters on all of them (the index sharded over them), else, where faiss has no GPU but torch sees
 CUDA, k-means and the exact k-NN graph run in plain torch on one GPU (`torch_kmeans`, `torch_knn`:
-the faiss GPU wheels are CUDA 12 builds, torch 2.11+ is CUDA 13; README "Clustering on GPUs"), else
+the faiss GPU wheels are CUDA 12 builds, torch 2.11+ is CUDA 13; docs/gpus.md "Clustering on GPUs"), else
 faiss on the CPU. `cpu` forces faiss on the CPU (bit-for-bit what the stage did before it had a
 choice); `gpu` refuses to run without a GPU. faiss itself is imported only when a plan uses it, so the
 stage also runs where only torch is installed.

@@ -1,6 +1,6 @@
 """The GPU check: one command that runs the project's GPU paths on any machine with CUDA and prints a table.
 
-    make gpu-check                                      # a machine with CUDA (see README "The GPU check")
+    make gpu-check                                      # a machine with CUDA (see docs/gpus.md "The GPU check")
     python -m pipeline.tools.gpu_check --device cpu --tiny    # the same code on a CPU in under a minute (the tests)
     python -m pipeline.tools.gpu_check --bundle               # here: the Fashion-MNIST subset the check carries
 

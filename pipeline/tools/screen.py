@@ -4,7 +4,7 @@ A full run (`dvc exp run`) scores only its last epoch, with every probe and pict
 recipe changes on two cores, this runs the same stages (stages.epoch.run_stage, no DVC, Prefect or MLflow)
 and scores the fc features at a few epochs on what the method has room to move: weighted kNN, and k-means
 with k = classes on the PCA-whitened features (evaluate's protocol, fewer seeds). The default run's
-table and the sweep that chose the recipe are in the README ("The recipe").
+table and the sweep that chose the recipe are in docs/results.md ("The recipe").
 
     python -m pipeline.tools.screen wd5e-4 --set train.weight_decay=0.0005 --eval-at 8,16
     python -m pipeline.tools.screen seed1 --set run.seed=1 --eval-seed 0 --eval-at 0,16   # another init, judged alike

@@ -393,7 +393,7 @@ def number_of_clusters(section: dict, n: int) -> int:
     DeepCluster over-segments (paper Fig. 2c): k well above the number of classes. What carries over
     between data sets of different sizes is how many images a cluster holds, not k itself: the paper's
     ImageNet k = 10,000 is 128 images per cluster; on small grey images fewer, larger-k clusters
-    learnt better (README, "The recipe").
+    learnt better (docs/results.md, "The recipe").
     """
     k = section["k"]
     if k == "auto":

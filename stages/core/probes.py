@@ -281,7 +281,7 @@ def kmeans_quality(x: np.ndarray, labels: np.ndarray, *, k: int, niter: int, see
     """k-means (k clusters) on x, scored against labels: mean NMI, ARI, ACC over `runs` seeds, and the
     spread (standard deviation over the seeds) of NMI and ACC.
 
-    With k = 10 a single k-means run's NMI moves by a few hundredths with its seed alone (README,
+    With k = 10 a single k-means run's NMI moves by a few hundredths with its seed alone (docs/results.md,
     "Figures of the default run"): one run cannot tell two close feature sets apart.
     pca_dim: preprocess as DeepCluster does (PCA-whitening then L2 normalisation) before clustering;
     None clusters x as it is (the usual raw-pixel baseline).

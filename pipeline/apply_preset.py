@@ -38,7 +38,7 @@ def apply_preset(params_file: str | Path, overrides: dict, origin: str = "preset
     # ruamel writes None as an empty value; keep the file's `null`, so `git diff params.yaml` shows only real edits
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     # The schema refuses bad keys and values first, and normalises the rest (e.g. "1e-3" -> 0.001).
-    valid = flatten(load_params(params_file, overrides, origin=origin))
+    valid = flatten(load_params(params_file, overrides, origin=origin).model_dump())
     with open(params_file) as f:
         doc = rt.load(f)
     for dotted in overrides:

@@ -39,6 +39,7 @@ from stages.core.io import read_json, write_json
 from stages.core.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention,
                                 keeps_checkpoint, report)
 from stages.core.params import flatten, load_params, parse_override
+from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
 
 # A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.core.errors.is_transient)
@@ -61,7 +62,7 @@ def retry_if_transient(task, task_run, state) -> bool:
 # NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
 @task(retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
-def stage_task(name: str, params: dict, layout: RunLayout, epoch: int) -> dict:
+def stage_task(name: str, params: Params, layout: RunLayout, epoch: int) -> dict:
     """One stage of the chain; its error names the stage and epoch and says what to do: a StageError
     (not retried) for bad inputs and anything unexpected, a TransientError (retried) for a transient fault."""
     try:
@@ -137,7 +138,7 @@ def summarize(stats: dict) -> str:
                        if not isinstance(v, (list, dict))}, sort_keys=True)
 
 
-def version_epoch(ws: DvcWorkspace | None, params: dict, layout: RunLayout, epoch: int) -> float:
+def version_epoch(ws: DvcWorkspace | None, params: Params, layout: RunLayout, epoch: int) -> float:
     """Put what the epoch keeps into DVC's cache (see pipeline.versioning); returns the seconds it took."""
     if ws is None:
         return 0.0
@@ -151,7 +152,7 @@ def version_epoch(ws: DvcWorkspace | None, params: dict, layout: RunLayout, epoc
     return time.perf_counter() - start
 
 
-def finish_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, metrics: dict, ws: DvcWorkspace | None,
+def finish_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, metrics: dict, ws: DvcWorkspace | None,
                  run_id: str, resumed: bool = False) -> dict:
     """Everything after the stages, idempotent so a run killed in the middle of it can redo it."""
     publish_last_checkpoint(layout, epoch)
@@ -164,7 +165,7 @@ def finish_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, met
     return {"seconds_tracking": seconds_tracking, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
 
 
-def run_epoch(params: dict, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
+def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
     logger = get_run_logger()
     start = time.perf_counter()
     ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
@@ -234,12 +235,12 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 logger.info(f"params.yaml: set {changed} (the run's parameters, so dvc.lock records them)")
             ws.repro("prepare", log=logger.info)  # the dataset, from params.yaml (a no-op when up to date)
         state = claim_workspace(params, layout, fresh, "fresh" if in_dvc else "refuse", log=logger.warning)
-        n_epochs = int(params["run"]["epochs"])
+        n_epochs = params.run.epochs
 
         if not layout.checkpoint(0).exists() and not layout.checkpoint(1).exists():
             init_checkpoint(params, layout.dataset, layout.checkpoint(0))
         tags = {"deepcluster.fingerprint": state["fingerprint"], "deepcluster.entry_point": entry_point()}
-        with tracking.start_run(params, run_name=f"deepcluster-{state['fingerprint']}", run_id=state["mlflow_run_id"],
+        with tracking.start_run(params.model_dump(), run_name=f"deepcluster-{state['fingerprint']}", run_id=state["mlflow_run_id"],
                                 tags=tags) as run:
             if state["mlflow_run_id"] != run.info.run_id:
                 state["mlflow_run_id"] = run.info.run_id

@@ -22,6 +22,7 @@ from stages.core.errors import StageError
 from stages.core.io import read_json, write_json
 from stages.core.layout import RunLayout
 from stages.core.params import flatten
+from stages.core.schema import Params
 from stages.epoch import EPOCH_CHAIN
 
 # The modules whose code decides the numbers a run produces (dvc.yaml's deepcluster stage lists the
@@ -147,34 +148,34 @@ def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
 
 # ------------------------------------------------------------------ can this run be resumed?
 def epoch_params(params: dict) -> dict[str, object]:
-    """The flat parameters that decide the epochs' results: run.epochs is left out so a run can be
-    extended, and RESULT_NEUTRAL so e.g. the retention policy can change during a long run."""
+    """The flat parameters (as run.json records them) that decide the epochs' results: run.epochs is left
+    out so a run can be extended, and RESULT_NEUTRAL so e.g. the retention policy can change during a long run."""
     flat = {k: v for k, v in flatten({s: params.get(s, {}) for s in EPOCH_SECTIONS}).items() if k not in RESULT_NEUTRAL}
     flat["run.seed"] = params["run"]["seed"]
     return flat
 
 
-def run_fingerprint(params: dict) -> str:
-    return hashlib.sha256(json.dumps(epoch_params(params), sort_keys=True).encode()).hexdigest()[:16]
+def run_fingerprint(params: Params) -> str:
+    return hashlib.sha256(json.dumps(epoch_params(params.model_dump()), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_identity(params: dict, layout: RunLayout) -> dict:
+def run_identity(params: Params, layout: RunLayout) -> dict:
     return {"fingerprint": run_fingerprint(params), "code_version": code_version(),
             "dataset_version": dataset_version(layout.dataset)}
 
 
-def resume_problems(state: dict, identity: dict, params: dict, layout: RunLayout) -> list[str]:
+def resume_problems(state: dict, identity: dict, params: Params, layout: RunLayout) -> list[str]:
     """Why the run recorded in `state` cannot be continued with `params` (empty: it can)."""
     problems = []
     if state.get("fingerprint") != identity["fingerprint"]:
-        a, b = epoch_params(state.get("params") or {"run": {"seed": None}}), epoch_params(params)
+        a, b = epoch_params(state.get("params") or {"run": {"seed": None}}), epoch_params(params.model_dump())
         diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         problems.append("its parameters differ" + (f" ({', '.join(diff)})" if diff else ""))
     for key, what in (("code_version", "the method's code (stages/*.py)"), ("dataset_version", "the dataset")):
         if state.get(key) and identity.get(key) and state[key] != identity[key]:
             problems.append(f"{what} changed since it started")
     finished = layout.completed_epochs()
-    n_epochs = int(params["run"]["epochs"])
+    n_epochs = params.run.epochs
     if finished and finished[-1] > n_epochs:
         problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={n_epochs}")
     return problems
@@ -196,7 +197,7 @@ def discard_run(layout: RunLayout, identity: dict) -> None:
     shutil.rmtree(layout.checkpoints, ignore_errors=True)
 
 
-def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: str = "refuse", log=print) -> dict:
+def claim_workspace(params: Params, layout: RunLayout, fresh: bool, on_mismatch: str = "refuse", log=print) -> dict:
     """Start or resume the run in this workspace; refuse (or, under dvc repro, replace) a different run."""
     identity = run_identity(params, layout)
     if fresh:
@@ -205,7 +206,7 @@ def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: s
         state = read_json(layout.run_file)
         problems = resume_problems(state, identity, params, layout)
         if not problems:
-            updated = {**state, **{k: v for k, v in identity.items() if not state.get(k)}, "params": params}
+            updated = {**state, **{k: v for k, v in identity.items() if not state.get(k)}, "params": params.model_dump()}
             if updated != state:  # run.epochs may have grown; an unchanged run leaves the file alone
                 write_json(layout.run_file, updated)
             return updated
@@ -213,6 +214,6 @@ def claim_workspace(params: dict, layout: RunLayout, fresh: bool, on_mismatch: s
             refuse_resume(layout, problems)
         log(f"{layout.epochs_root} holds another run ({'; '.join(problems)}): starting over, as DVC reruns a changed stage")
         discard_run(layout, identity)
-    state = {**identity, "mlflow_run_id": None, "params": params}
+    state = {**identity, "mlflow_run_id": None, "params": params.model_dump()}
     write_json(layout.run_file, state)
     return state

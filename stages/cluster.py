@@ -37,20 +37,21 @@ from stages.core.io import write_json
 from stages.core.layout import CLUSTERING, report
 from stages.core.params import load_params
 from stages.core.runtime import Timer, peak_rss_mb, seed_for
+from stages.core.schema import Params
 
 
-def run_cluster(params: dict, features: str | Path, out: str | Path, epoch: int,
+def run_cluster(params: Params, features: str | Path, out: str | Path, epoch: int,
                 dataset: str | Path | None = None) -> dict:
     """dataset: the run's dataset; `features` must have a row per training image (None: not checked)."""
-    section = params["cluster"]
+    section = params.cluster
     check_npy(features, rows=train_rows(dataset) if dataset else None, fix="run pca for this epoch (again)")
     out_dir = Path(out)
     with Timer() as t:
-        plan = plan_for(section.get("device", "auto"))
-        c = cluster_features(section, np.load(features), seed_for(params["run"]["seed"], epoch, "cluster"), plan)
+        plan = plan_for(section.device)
+        c = cluster_features(section, np.load(features), seed_for(params.run.seed, epoch, "cluster"), plan)
         save_clustering(out_dir / CLUSTERING, c)
     sizes = c.sizes()
-    stats = {"method": section.get("method", "kmeans"), "k": c.k, "empty_clusters": c.n_empty(),
+    stats = {"method": section.method, "k": c.k, "empty_clusters": c.n_empty(),
              "singleton_clusters": int((sizes == 1).sum()),
              "objective": float(c.objective[-1]) if len(c.objective) else None, "seed": c.seed,
              "gpu": plan.gpus > 0, "backend": plan.backend, "gpus": plan.gpus, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}

@@ -30,6 +30,7 @@ from stages.core.errors import StageError, what_is_wrong
 from stages.core.io import read_json
 from stages.core.layout import (ASSIGNMENTS, CLUSTERING, DISPOSABLE, FEATURES, METRICS, PCA, PCA_FEATURES, RunLayout,
                                 report)
+from stages.core.schema import Params
 from stages.core.whitening import PCAWhitening
 
 Check = Callable[[], object]
@@ -53,7 +54,7 @@ class EpochStage:
     run: Callable[..., dict]
     options: Callable[[RunLayout, int, Path | None], dict]
     inputs: Callable[[RunLayout, int], list[Path]]
-    outputs: Callable[[dict, RunLayout, int, Callable[[str], Check]], list[Check]]
+    outputs: Callable[[Params, RunLayout, int, Callable[[str], Check]], list[Check]]
     reads_params: tuple[str, ...]
     distributed: bool = False
 
@@ -91,7 +92,7 @@ EPOCH_CHAIN = (
                                      "checkpoint_in": lay.checkpoint(e - 1), "checkpoint_out": lay.checkpoint(e),
                                      "epoch": e, "stats_out": lay.epoch(e) / report("train")},
                lambda lay, e: [lay.dataset, lay.epoch(e) / ASSIGNMENTS, lay.checkpoint(e - 1)],
-               lambda params, lay, e, rows: [lambda: verify_checkpoint(lay.checkpoint(e), params["model"],
+               lambda params, lay, e, rows: [lambda: verify_checkpoint(lay.checkpoint(e), params.model,
                                                                        load_split(lay.dataset).channels, e)],
                ("model", "train", "run.seed"), distributed=True),
 )
@@ -105,13 +106,13 @@ def epoch_stage(name: str) -> EpochStage:
     return STAGES[name]
 
 
-def run_stage(name: str, params: dict, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> dict:
+def run_stage(name: str, params: Params, layout: RunLayout, epoch: int, previous: str | Path | None = None) -> dict:
     """Run one stage of `epoch` on the layout's files; `previous` is the epoch directory NMI(t-1, t)
     compares with (default: epoch - 1 of the same layout; an ablation compares with the main run's).
     A distributed stage runs on run.nproc_per_node x run.nnodes processes under torchrun when that is
     more than one (stages/core/distributed.py), else here, in this process."""
     stage = epoch_stage(name)
-    if stage.distributed and processes(params["run"]) > 1:
+    if stage.distributed and processes(params.run) > 1:
         return run_under_torchrun(stage, params, layout, epoch)
     return stage.run(params, **stage.options(layout, epoch, previous))
 
@@ -122,34 +123,34 @@ def stage_arguments(name: str, layout: RunLayout, epoch: int, previous: str | Pa
     return [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def run_under_torchrun(stage: EpochStage, params: dict, layout: RunLayout, epoch: int) -> dict:
+def run_under_torchrun(stage: EpochStage, params: Params, layout: RunLayout, epoch: int) -> dict:
     """A distributed stage on the run's processes: the settings are checked here first (a bad one stops
     before any process starts), the processes read the run's params from a file beside the epoch's, and
     the stage's report is what they wrote."""
-    name, section = stage.name, params[stage.name]
+    name, section = stage.name, getattr(params, stage.name)
     n_images = train_rows(layout.dataset)
     if name == "train":
-        n_images = section["samples_per_epoch"] or n_images
-    check_launch(params["run"])
-    check_world(processes(params["run"]), n_images=n_images, device=section["device"],
-                backend=params["run"]["dist_backend"], section=name, local_size=params["run"]["nproc_per_node"],
-                batch_size=section.get("batch_size") if name == "train" else None)
+        n_images = section.samples_per_epoch or n_images
+    check_launch(params.run)
+    check_world(processes(params.run), n_images=n_images, device=section.device, backend=params.run.dist_backend,
+                section=name, local_size=params.run.nproc_per_node,
+                batch_size=section.batch_size if name == "train" else None)
     d = layout.epoch(epoch)
     d.mkdir(parents=True, exist_ok=True)
     # Hidden: not an artifact, and one a killed run leaves behind is removed by the next (pipeline.workspace).
     fd, params_file = tempfile.mkstemp(dir=d, prefix=f".{name}.params.", suffix=".yaml")
     try:
         with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(params, f, sort_keys=False)
+            yaml.safe_dump(params.model_dump(), f, sort_keys=False)
         args = ["--params", params_file, *stage_arguments(name, layout, epoch)]
-        with announced(layout.epochs_root, name, epoch, args) if params["run"]["nnodes"] > 1 else nullcontext():
-            launch(params["run"], name, args)
+        with announced(layout.epochs_root, name, epoch, args) if params.run.nnodes > 1 else nullcontext():
+            launch(params.run, name, args)
     finally:
         os.unlink(params_file)
     return read_json(d / report(name))
 
 
-def output_problem(name: str, params: dict, layout: RunLayout, epoch: int, needed: bool = False) -> StageError | None:
+def output_problem(name: str, params: Params, layout: RunLayout, epoch: int, needed: bool = False) -> StageError | None:
     """Why the outputs of stage `name` of `epoch` cannot be used (its report included), or None.
 
     Features files that retention deleted (DISPOSABLE) may be missing once the stage reading them is
@@ -167,7 +168,7 @@ def output_problem(name: str, params: dict, layout: RunLayout, epoch: int, neede
     return first_problem([lambda: check_json(d / report(name)), *epoch_stage(name).outputs(params, layout, epoch, rows)])
 
 
-def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> int:
+def first_stage_to_run(params: Params, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> int:
     """Where an unfinished epoch resumes: the index in EPOCH_STAGES of the first stage not done, or of
     the first done stage whose outputs are damaged (recomputed, not trusted). The reports from there
     on are removed, so every later stage reruns on the recomputed files.
@@ -188,7 +189,7 @@ def first_stage_to_run(params: dict, layout: RunLayout, epoch: int, log: Callabl
     return start
 
 
-def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> bool:
+def reopen_damaged_epoch(params: Params, layout: RunLayout, epoch: int, log: Callable[[str], None] = print) -> bool:
     """A finished epoch whose metrics.json or checkpoint is damaged becomes unfinished, so the flow
     recomputes them (first_stage_to_run); True if it did. Refused, with the way back, when the
     checkpoint cannot be recomputed because the epoch before's is gone or damaged too."""
@@ -198,7 +199,7 @@ def reopen_damaged_epoch(params: dict, layout: RunLayout, epoch: int, log: Calla
         return False
     if ckpt_problem is not None:
         channels = load_split(layout.dataset).channels
-        before = first_problem([lambda: verify_checkpoint(layout.checkpoint(epoch - 1), params["model"], channels,
+        before = first_problem([lambda: verify_checkpoint(layout.checkpoint(epoch - 1), params.model, channels,
                                                           epoch - 1)])
         if before is not None:
             raise StageError(f"{ckpt_problem}. It cannot be recomputed, as the checkpoint it starts from is not usable "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,11 @@ from stages.core.errors import StageError, cli_errors
 from stages.core.io import atomic_path, read_json, write_json
 from stages.core.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES,
                                 EVAL_HEADLINE, LAST_CHECKPOINT, METRICS, checkpoint_name, epoch_dir, report)
-from stages.core.params import load_params
+from stages.core.params import apply_overrides, load_params
 from stages.core.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality,
                                 knn_accuracy, linear_probe, pixel_features)
 from stages.core.runtime import Timer, pick_device, seed_for, seeded_subset
-from stages.core.schema import Evaluate
+from stages.core.schema import Evaluate, Params
 
 
 def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
@@ -42,8 +43,6 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- final evaluation
-# The settings `evaluate final` reads: stages/core/schema.py holds their types and ranges, params.yaml their values.
-EVALUATE_KEYS = tuple(Evaluate.model_fields)
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
@@ -53,26 +52,48 @@ HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "knn.trai
             "last_nmi_previous")
 
 
-def evaluate_settings(params: dict) -> dict:
-    section = params.get("evaluate") or {}
-    unknown = sorted(set(section) - set(EVALUATE_KEYS))
-    missing = [k for k in EVALUATE_KEYS if k not in section]
-    if unknown or missing:
-        raise StageError(f"params.yaml's evaluate section: unknown {unknown}, missing {missing}; the project's "
-                         "params.yaml documents every setting (`git show HEAD:params.yaml`)")
-    return section
+@dataclass(frozen=True)
+class EvaluationData:
+    """The train subset the probes learn on and the held-out images they are tested on, with their labels."""
+    train: ImageSet
+    test: ImageSet
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    labelled: bool  # every image of both subsets has a class: probes, kNN and k-means can be scored
+    n_classes: int
+    class_names: list[str] | None
+
+    @property
+    def held_out(self) -> str:
+        return "the test split" if self.test is not self.train else "train images outside the subset"
 
 
-def seeded_init_network(params: dict, dataset: str | Path, trained: dict, seed: int, device: torch.device) -> dict:
+@dataclass(frozen=True)
+class ReportInputs:
+    """What report.md says besides the metrics."""
+    checkpoint: str
+    random_source: str
+    data: EvaluationData
+    settings: Evaluate
+    layers: list[str]
+    probes: dict[str, dict]  # network (or pixels) -> layer -> its linear probe
+    curves: pd.DataFrame
+    pictures: list[Path]
+    seconds: dict[str, float]
+
+
+def seeded_init_network(params: Params, dataset: str | Path, trained: dict, seed: int, device: torch.device) -> dict:
     """The checkpoint of the network that the train stage's init builds for run.seed = seed (trained's architecture)."""
-    p = {**params, "run": {**params["run"], "seed": seed}, "model": dict(trained["model_params"]),
-         "train": {**params["train"], "crop_size": trained["image_size"]}}
+    p = apply_overrides(params, {"run.seed": seed, "train.crop_size": trained["image_size"],
+                                 **{f"model.{k}": v for k, v in trained["model_params"].items()}})
     with tempfile.TemporaryDirectory() as tmp:
         init_checkpoint(p, dataset, Path(tmp) / checkpoint_name(0))
         return load_checkpoint(Path(tmp) / checkpoint_name(0), device)
 
 
-def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Path, trained: dict,
+def random_init_network(params: Params, checkpoint: str | Path, dataset: str | Path, trained: dict,
                         device: torch.device) -> tuple[torch.nn.Module, str]:
     """The run's epoch-0 network: the same architecture and weights DeepCluster started from.
 
@@ -84,8 +105,8 @@ def random_init_network(params: dict, checkpoint: str | Path, dataset: str | Pat
         ckpt = load_checkpoint(path, device)
         source = str(path)
     else:
-        ckpt = seeded_init_network(params, dataset, trained, params["run"]["seed"], device)
-        source = f"rebuilt with run.seed={params['run']['seed']}"
+        ckpt = seeded_init_network(params, dataset, trained, params.run.seed, device)
+        source = f"rebuilt with run.seed={params.run.seed}"
     if ckpt["model_params"] != trained["model_params"] or ckpt["epoch"] != 0:
         raise StageError(f"{path} is not this run's epoch-0 network (epoch {ckpt['epoch']}, model {ckpt['model_params']} "
                          f"vs {trained['model_params']}): rerun the flow with --fresh")
@@ -107,109 +128,109 @@ def _split_or_none(dataset: str | Path, split: str) -> ImageSet | None:
         return None
 
 
-def probe_layers(cfg: dict, model: torch.nn.Module) -> list[str]:
+def probe_layers(cfg: Evaluate, model: torch.nn.Module) -> list[str]:
     """The layers to probe: evaluate.probe_layers, where `all` = every conv block and fc."""
-    layers = cfg["probe_layers"]
+    layers = cfg.probe_layers
     return conv_layer_names(model) + ["fc"] if layers == "all" else list(layers)
 
 
-def probe_options(cfg: dict) -> dict:
-    return {"weight_decays": tuple(cfg["probe_weight_decays"]), "max_iter": cfg["probe_iters"],
-            "val_fraction": cfg["probe_val_fraction"]}
+def probe_options(cfg: Evaluate) -> dict:
+    return {"weight_decays": tuple(cfg.probe_weight_decays), "max_iter": cfg.probe_iters,
+            "val_fraction": cfg.probe_val_fraction}
 
 
-def extraction_options(params: dict, device: torch.device) -> dict:
+def extraction_options(params: Params, device: torch.device) -> dict:
     """How evaluate reads a network's features: extract's centre view, batch and precision, pooled to probe_dim."""
-    ex = params["extract"]
-    return dict(crop_size=ex["crop_size"], batch_size=ex["batch_size"], device=device,
-                max_dim=params["evaluate"]["probe_dim"], amp=ex["amp"])
+    ex = params.extract
+    return dict(crop_size=ex.crop_size, batch_size=ex.batch_size, device=device, max_dim=params.evaluate.probe_dim,
+                amp=ex.amp)
 
 
-def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: dict, params: dict, seed: int,
+def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: EvaluationData, params: Params, seed: int,
               kmeans_runs: int) -> tuple[float, dict]:
     """Weighted kNN accuracy and k-means (k = classes, PCA-whitened as in training) quality of fc features."""
-    cfg = params["evaluate"]
-    knn = knn_accuracy(fc_train, data["y_train"], fc_test, data["y_test"], k=cfg["knn_k"],
-                       temperature=cfg["knn_temperature"], n_classes=data["n_classes"])
-    q = kmeans_quality(fc_test, data["y_test"], k=data["n_classes"], niter=params["cluster"]["niter"], seed=seed,
-                       runs=kmeans_runs, pca_dim=params["pca"]["dim"], eps=params["pca"]["eps"])
+    cfg = params.evaluate
+    knn = knn_accuracy(fc_train, data.y_train, fc_test, data.y_test, k=cfg.knn_k, temperature=cfg.knn_temperature,
+                       n_classes=data.n_classes)
+    q = kmeans_quality(fc_test, data.y_test, k=data.n_classes, niter=params.cluster.niter, seed=seed,
+                       runs=kmeans_runs, pca_dim=params.pca.dim, eps=params.pca.eps)
     return knn, q
 
 
-def network_fc_scores(model: torch.nn.Module, data: dict, params: dict, device: torch.device, seed: int,
+def network_fc_scores(model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device, seed: int,
                       kmeans_runs: int) -> tuple[float, dict]:
     """fc_scores of one network: its fc features of the probe-train and held-out images, then kNN and k-means."""
     kw = extraction_options(params, device)
-    f_train = extract_layer_features(model, data["train"], data["train_rows"], ["fc"], **kw).pooled["fc"]
-    f_test = extract_layer_features(model, data["test"], data["test_rows"], ["fc"], **kw).pooled["fc"]
+    f_train = extract_layer_features(model, data.train, data.train_rows, ["fc"], **kw).pooled["fc"]
+    f_test = extract_layer_features(model, data.test, data.test_rows, ["fc"], **kw).pooled["fc"]
     return fc_scores(f_train, f_test, data, params, seed, kmeans_runs)
 
 
-def evaluate_network(name: str, model: torch.nn.Module, data: dict, params: dict, cfg: dict, device: torch.device,
+def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device,
                      seed: int, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """Probes on every layer, kNN and k-means on fc for one network.
 
     Returns the flat metrics and what the pictures need (fc features, filter maxima on the test split).
     """
+    cfg = params.evaluate
     layers = probe_layers(cfg, model)
     needed = layers if "fc" in layers else layers + ["fc"]  # kNN and clustering use fc
     kw = extraction_options(params, device)
-    train, test = data["train"], data["test"]
-    ftr = extract_layer_features(model, train, data["train_rows"], needed, **kw)
-    fte = extract_layer_features(model, test, data["test_rows"], needed, channel_max_layers=channel_max_layers, **kw)
+    ftr = extract_layer_features(model, data.train, data.train_rows, needed, **kw)
+    fte = extract_layer_features(model, data.test, data.test_rows, needed, channel_max_layers=channel_max_layers, **kw)
     metrics, details = {}, {}
-    if data["labelled"]:
-        ytr, yte = data["y_train"], data["y_test"]
+    if data.labelled:
+        ytr, yte = data.y_train, data.y_test
         for layer in layers:
-            r = linear_probe(ftr.pooled[layer], ytr, fte.pooled[layer], yte, n_classes=data["n_classes"], seed=seed,
+            r = linear_probe(ftr.pooled[layer], ytr, fte.pooled[layer], yte, n_classes=data.n_classes, seed=seed,
                              **probe_options(cfg))
             metrics[f"probe.{name}.{layer}"] = r["accuracy"]
             details[layer] = r
         conv = {k: v for k, v in metrics.items() if k.split(".")[-1].startswith("conv")}
         if conv:
             metrics[f"probe.{name}.best"] = max(conv.values())
-        knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg["kmeans_runs"])
+        knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg.kmeans_runs)
         metrics[f"knn.{name}"] = knn
         metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
     return metrics, extras
 
 
-def evaluate_random_inits(params: dict, cfg: dict, dataset: str | Path, trained: dict, data: dict, first: dict,
+def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, data: EvaluationData, first: dict,
                           device: torch.device, seed: int) -> dict:
     """kNN and k-means of `random_inits` random networks: mean and standard deviation over the networks.
 
     The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
     of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds.
     """
+    n_inits = params.evaluate.random_inits
     knn, acc, nmi = [first["knn.random"]], [first["cluster.random.acc"]], [first["cluster.random.nmi"]]
-    for i in range(1, cfg["random_inits"]):
-        ckpt = seeded_init_network(params, dataset, trained, params["run"]["seed"] + i, device)
+    for i in range(1, n_inits):
+        ckpt = seeded_init_network(params, dataset, trained, params.run.seed + i, device)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
-        k, q = network_fc_scores(model, data, params, device, seed, cfg["kmeans_runs"])
+        k, q = network_fc_scores(model, data, params, device, seed, params.evaluate.kmeans_runs)
         knn.append(k), acc.append(q["acc"]), nmi.append(q["nmi"])
     return {"knn.random_inits": float(np.mean(knn)), "knn.random_inits_std": float(np.std(knn)),
             "cluster.random_inits.acc": float(np.mean(acc)), "cluster.random_inits.acc_std": float(np.std(acc)),
             "cluster.random_inits.nmi": float(np.mean(nmi)), "cluster.random_inits.nmi_std": float(np.std(nmi)),
-            "random_inits": cfg["random_inits"]}
+            "random_inits": n_inits}
 
 
-def evaluate_pixels(data: dict, params: dict, cfg: dict, seed: int) -> tuple[dict, int]:
-    crop = params["extract"]["crop_size"]
-    xtr = pixel_features(data["train"], data["train_rows"], crop_size=crop, max_dim=cfg["probe_dim"])
-    xte = pixel_features(data["test"], data["test_rows"], crop_size=crop, max_dim=cfg["probe_dim"])
-    ytr, yte, n = data["y_train"], data["y_test"], data["n_classes"]
+def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[dict, int]:
+    cfg, crop = params.evaluate, params.extract.crop_size
+    xtr = pixel_features(data.train, data.train_rows, crop_size=crop, max_dim=cfg.probe_dim)
+    xte = pixel_features(data.test, data.test_rows, crop_size=crop, max_dim=cfg.probe_dim)
+    ytr, yte, n = data.y_train, data.y_test, data.n_classes
     r = linear_probe(xtr, ytr, xte, yte, n_classes=n, seed=seed, **probe_options(cfg))
     metrics = {"probe.pixels": r["accuracy"],
-               "knn.pixels": knn_accuracy(xtr, ytr, xte, yte, k=cfg["knn_k"], temperature=cfg["knn_temperature"], n_classes=n)}
+               "knn.pixels": knn_accuracy(xtr, ytr, xte, yte, k=cfg.knn_k, temperature=cfg.knn_temperature, n_classes=n)}
     # the usual raw-pixel baseline: plain k-means on the pixel vectors, no PCA-whitening
-    q = kmeans_quality(xte, yte, k=n, niter=params["cluster"]["niter"], seed=seed, runs=cfg["kmeans_runs"],
-                       pca_dim=None)
+    q = kmeans_quality(xte, yte, k=n, niter=params.cluster.niter, seed=seed, runs=cfg.kmeans_runs, pca_dim=None)
     metrics.update({f"cluster.pixels.{k}": v for k, v in q.items()})
     return metrics, r
 
 
-def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> dict:
+def evaluation_data(cfg: Evaluate, dataset: str | Path, seed: int) -> EvaluationData:
     """The train subset the probes learn on and the held-out images they are tested on.
 
     Without a test split the held-out images are the train images outside the subset, so the pictures
@@ -217,7 +238,7 @@ def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> 
     """
     train = load_split(dataset, "train")
     test = _split_or_none(dataset, "test")
-    train_rows = seeded_subset(len(train), cfg["train_images"], seed)
+    train_rows = seeded_subset(len(train), cfg.train_images, seed)
     if test is None:
         rest = np.setdiff1d(np.arange(len(train)), train_rows)
         if len(rest) == 0:  # all train images are in the subset: hold out a seeded fifth of them
@@ -226,55 +247,54 @@ def evaluation_data(params: dict, cfg: dict, dataset: str | Path, seed: int) -> 
         test, test_rows = train, rest
     else:
         test_rows = np.arange(len(test))
-    test_rows = test_rows[seeded_subset(len(test_rows), cfg["test_images"], seed + 1)]
+    test_rows = test_rows[seeded_subset(len(test_rows), cfg.test_images, seed + 1)]
     y_train, y_test = train.labels[train_rows], test.labels[test_rows]
     labelled = bool(len(y_train) and len(y_test) and (y_train >= 0).all() and (y_test >= 0).all())
     n_classes = int(max(y_train.max(), y_test.max()) + 1) if labelled else 0
     if labelled and len(train.meta.get("classes") or []) > n_classes:
         n_classes = len(train.meta["classes"])
-    return {"train": train, "test": test, "train_rows": train_rows, "test_rows": test_rows, "y_train": y_train,
-            "y_test": y_test, "labelled": labelled, "n_classes": n_classes,
-            "class_names": train.meta.get("classes")}
+    return EvaluationData(train, test, train_rows, test_rows, y_train, y_test, labelled, n_classes,
+                          train.meta.get("classes"))
 
 
-def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, extras: dict, curves: pd.DataFrame,
+def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, extras: dict, curves: pd.DataFrame,
                   epochs_root: str | Path, seed: int) -> list[Path]:
     """Every picture of the evaluation into out/ (PNG)."""
     written = [pictures.plot_conv1_filters({"random init": nets["random"], "trained": nets["trained"]},
                                            out / "conv1_filters.png")]
-    test, test_rows = data["test"], data["test_rows"]
+    test, test_rows = data.test, data.test_rows
     model = nets["trained"]
-    crop = params["extract"]["crop_size"]
-    for layer in cfg["picture_layers"]:
+    cfg, crop = params.evaluate, params.extract.crop_size
+    for layer in cfg.picture_layers:
         cmax = extras["trained"]["channel_max"][layer]
-        filters = pictures.pick_filters(cmax, cfg["picture_filters"])
+        filters = pictures.pick_filters(cmax, cfg.picture_filters)
         top = pictures.top_images(cmax, filters, min(9, len(cmax)))
         top_imgs = load_images(test, test_rows[top.ravel()])
         top_imgs = center_crop(torch.from_numpy(top_imgs).permute(0, 3, 1, 2), crop).permute(0, 2, 3, 1).numpy()
         top_imgs = top_imgs.reshape(*top.shape, *top_imgs.shape[1:])
         synthetic = None
-        if cfg["ascent_steps"] > 0:
+        if cfg.ascent_steps > 0:
             synthetic = pictures.gradient_ascent(model, layer, filters, size=crop, channels=test.channels,
-                                                 mean=test.meta["mean"], std=test.meta["std"], steps=cfg["ascent_steps"],
-                                                 lr=cfg["ascent_lr"], seed=seed)
+                                                 mean=test.meta["mean"], std=test.meta["std"], steps=cfg.ascent_steps,
+                                                 lr=cfg.ascent_lr, seed=seed)
         written.append(pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png"))
 
-    n_q = min(cfg["picture_queries"], len(test_rows))
-    if n_q > 0 and cfg["picture_neighbours"] > 0:
+    n_q = min(cfg.picture_queries, len(test_rows))
+    if n_q > 0 and cfg.picture_neighbours > 0:
         q = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=n_q, replace=False))
-        k = cfg["picture_neighbours"]
+        k = cfg.picture_neighbours
         panels = {}
         for name, title in (("random", "random init"), ("trained", "trained")):
             _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], k)
-            bank_rows = data["train_rows"][idx]
-            train = data["train"]
+            bank_rows = data.train_rows[idx]
+            train = data.train
             imgs = load_images(train, bank_rows.ravel()).reshape(*idx.shape, train.image_size, train.image_size,
                                                                   train.channels)
-            labels = data["y_train"][idx] if data["labelled"] else None
+            labels = data.y_train[idx] if data.labelled else None
             panels[title] = (imgs, labels)
         queries = load_images(test, test_rows[q])
-        qlabels = data["y_test"][q] if data["labelled"] else None
-        written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data["class_names"]))
+        qlabels = data.y_test[q] if data.labelled else None
+        written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data.class_names))
 
     last_epoch = int(curves["epoch"].iloc[-1])
     assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
@@ -283,11 +303,11 @@ def draw_pictures(out: Path, params: dict, cfg: dict, data: dict, nets: dict, ex
     written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
     if assign_file.exists():
         clusters = read_assignments(assign_file)["cluster"].to_numpy()  # row i = train image i
-        train = data["train"]
+        train = data.train
         if len(clusters) == len(train):  # else the epochs clustered another dataset: nothing to show
-            chosen = pictures.sample_clusters(clusters, n_clusters=cfg["picture_clusters"],
-                                              per_cluster=cfg["picture_cluster_images"], seed=seed,
-                                              labels=train.labels, class_names=data["class_names"])
+            chosen = pictures.sample_clusters(clusters, n_clusters=cfg.picture_clusters,
+                                              per_cluster=cfg.picture_cluster_images, seed=seed,
+                                              labels=train.labels, class_names=data.class_names)
             written.append(pictures.plot_cluster_samples([(t, load_images(train, m)) for t, m in chosen],
                                                          out / "cluster_samples.png"))
     return written
@@ -305,44 +325,46 @@ def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
     return text
 
 
-def write_report(path: Path, metrics: dict, info: dict) -> None:
+def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
     """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
     n_inits = metrics.get("random_inits", 1)
     f3 = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
     def probe_cell(name: str, layer: str) -> str:
-        r = info["probes"].get(name, {}).get(layer)
+        r = info.probes.get(name, {}).get(layer)
         return "n/a" if r is None else f"{pct(r['accuracy'])} ({r['weight_decay']:g})"
 
+    data, cfg = info.data, info.settings
     lines = ["# DeepCluster evaluation", "",
-             f"Network: `{info['checkpoint']}` (epoch {metrics.get('checkpoint_epoch')}); random init: {info['random_source']}.",
-             f"Probes and kNN train on {info['n_train']} images of the train split and are tested on "
-             f"{info['n_test']} held-out images ({info['held_out']}).", ""]
-    if info["labelled"]:
+             f"Network: `{info.checkpoint}` (epoch {metrics.get('checkpoint_epoch')}); random init: {info.random_source}.",
+             f"Probes and kNN train on {len(data.train_rows)} images of the train split and are tested on "
+             f"{len(data.test_rows)} held-out images ({data.held_out}).", ""]
+    if data.labelled:
         lines += ["## Linear probes (test accuracy, %)", "",
-                  f"Frozen features, conv blocks average-pooled to at most {info['probe_dim']} dims; multinomial "
+                  f"Frozen features, conv blocks average-pooled to at most {cfg.probe_dim} dims; multinomial "
                   "logistic regression on standardised features, its weight decay (in brackets) chosen on "
                   "held-out training images.", "",
                   "| layer | dims | trained | random init |", "|---|---:|---:|---:|"]
-        for layer in info["layers"]:
-            r = info["probes"].get("trained", {}).get(layer) or {}
+        for layer in info.layers:
+            r = info.probes.get("trained", {}).get(layer) or {}
             lines.append(f"| {layer} | {r.get('dim', '')} | {probe_cell('trained', layer)} | {probe_cell('random', layer)} |")
-        px = info["probes"].get("pixels", {}).get("pixels") or {}
+        px = info.probes.get("pixels", {}).get("pixels") or {}
         lines.append(f"| raw pixels | {px.get('dim', '')} | {probe_cell('pixels', 'pixels')} | |")
-        best_t, best_r = info["best_layer"].get("trained"), info["best_layer"].get("random")
+        best = best_conv_layers(metrics, info.layers)
+        best_t, best_r = best.get("trained"), best.get("random")
         lines += ["", f"Best conv layer: trained {pct(metrics.get('probe.trained.best'))} % ({best_t}), "
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
-                  f"## Weighted kNN (k = {info['knn_k']}, T = {info['knn_t']}, cosine), %", "",
+                  f"## Weighted kNN (k = {cfg.knn_k}, T = {cfg.knn_temperature}, cosine), %", "",
                   f"| trained fc | random init fc | {n_inits} random inits fc (mean +- sd) | raw pixels |",
                   "|---:|---:|---:|---:|",
                   f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | "
                   f"{pct(metrics.get('knn.random_inits'))} +- {pct(metrics.get('knn.random_inits_std'))} | "
                   f"{pct(metrics.get('knn.pixels'))} |",
-                  "", f"## Clustering the held-out images (k-means, k = {info['n_classes']})", "",
+                  "", f"## Clustering the held-out images (k-means, k = {data.n_classes})", "",
                   "fc features PCA-whitened and L2-normalised as in training; raw pixels clustered as they are. "
-                  f"Means over {info['kmeans_runs']} k-means seeds (NMI: +- its standard deviation).", "",
+                  f"Means over {cfg.kmeans_runs} k-means seeds (NMI: +- its standard deviation).", "",
                   "| features | NMI | ARI | ACC (Hungarian) |", "|---|---:|---:|---:|"]
         for name, title in (("trained", "trained fc"), ("random", "random init fc"),
                             ("random_inits", f"{n_inits} random inits fc (+- over the networks)"), ("pixels", "raw pixels")):
@@ -370,13 +392,13 @@ def write_report(path: Path, metrics: dict, info: dict) -> None:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
               "| epoch | NMI(t-1, t) | NMI(labels, t) | training loss | empty clusters |", "|---:|---:|---:|---:|---:|"]
-    for _, row in info["curves"].iterrows():
+    for _, row in info.curves.iterrows():
         lines.append(f"| {int(row['epoch'])} | {f3(row.get('nmi_previous'))} | {f3(row.get('nmi_labels'))} | "
                      f"{f3(row.get('train_loss'))} | {int(row.get('empty_clusters', 0))} |")
-    if info["pictures"]:
+    if info.pictures:
         lines += ["", "## Pictures", ""]
-        lines += [f"![{p.stem}](pictures/{p.name})" for p in info["pictures"]]
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
+        lines += [f"![{p.stem}](pictures/{p.name})" for p in info.pictures]
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in info.seconds.items())
     lines += ["", f"Evaluation took {metrics['seconds']:.0f} s ({timing}).", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
@@ -425,10 +447,10 @@ def cluster_sizes(epochs_root: str | Path, epoch: int) -> np.ndarray:
     return np.bincount(read_assignments(epoch_dir(epochs_root, epoch) / ASSIGNMENTS)["cluster"].to_numpy())
 
 
-def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
+def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
                          out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
-    cfg = evaluate_settings(params)
+    cfg = params.evaluate
     seconds = {}
     with Timer() as t:
         curves = collect_epoch_metrics(epochs_root)
@@ -440,34 +462,34 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
                    "first_nmi_previous": float(nmi_prev.iloc[0]) if len(nmi_prev) else None,
                    "last_nmi_labels": last["nmi_labels"], "last_train_loss": last["train_loss"]}
 
-        device = pick_device(params["extract"].get("device", "auto"))
+        device = pick_device(params.extract.device)
         trained = load_checkpoint(checkpoint, device)
-        check_input_size(trained, params["extract"]["crop_size"], "extract.crop_size")
+        check_input_size(trained, params.extract.crop_size, "extract.crop_size")
         # Not the epoch: runs of any length (and their random-init and pixel baselines) are then judged on the
         # same images with the same k-means seeds, so experiments compare without the seeds' noise.
-        seed = seed_for(params["run"]["seed"], 0, "evaluate")
+        seed = seed_for(params.run.seed, 0, "evaluate")
         nets = {"trained": model_from_checkpoint(trained, device)}
         nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
         nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
-        data = evaluation_data(params, cfg, dataset, seed)
-        summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data["train_rows"]),
-                       n_test=len(data["test_rows"]))
+        data = evaluation_data(cfg, dataset, seed)
+        summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data.train_rows),
+                       n_test=len(data.test_rows))
 
-        picture_layers = tuple(cfg["picture_layers"]) if cfg["pictures"] else ()
+        picture_layers = tuple(cfg.picture_layers) if cfg.pictures else ()
         extras, probes = {}, {}
         for name in NETWORKS:
             with Timer() as tn:
-                m, extras[name] = evaluate_network(name, nets[name], data, params, cfg, device, seed,
+                m, extras[name] = evaluate_network(name, nets[name], data, params, device, seed,
                                                    channel_max_layers=picture_layers if name == "trained" else ())
             summary.update(m)
             probes[name] = extras[name]["probes"]
             seconds[f"{name} network"] = tn.seconds
-        if data["labelled"]:
+        if data.labelled:
             with Timer() as tr:
-                summary.update(evaluate_random_inits(params, cfg, dataset, trained, data, summary, device, seed))
+                summary.update(evaluate_random_inits(params, dataset, trained, data, summary, device, seed))
             seconds["more random networks"] = tr.seconds
             with Timer() as tp:
-                m, probes["pixels"] = evaluate_pixels(data, params, cfg, seed)
+                m, probes["pixels"] = evaluate_pixels(data, params, seed)
             summary.update(m)
             summary["test_nmi_k_classes"] = summary["cluster.trained.nmi"]
             probes["pixels"] = {"pixels": probes["pixels"]}
@@ -475,9 +497,9 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
 
         written = []
         (out_dir / "pictures").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when empty
-        if cfg["pictures"]:
+        if cfg.pictures:
             with Timer() as tpic:
-                written = draw_pictures(out_dir / "pictures", params, cfg, data, nets, extras, curves, epochs_root, seed)
+                written = draw_pictures(out_dir / "pictures", params, data, nets, extras, curves, epochs_root, seed)
             seconds["pictures"] = tpic.seconds
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
@@ -485,18 +507,12 @@ def run_final_evaluation(params: dict, dataset: str | Path, epochs_root: str | P
     write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
     # comparisons of runs (k-means vs PIC: pipeline.tools.studies) read the last clustering's sizes from here
     sizes = cluster_sizes(epochs_root, summary["epochs"])
-    write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params["cluster"]["method"],
+    write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params.cluster.method,
                                          "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)
-    layers = probe_layers(cfg, nets["trained"])
-    info = {"checkpoint": str(checkpoint), "random_source": random_source, "n_train": len(data["train_rows"]),
-            "n_test": len(data["test_rows"]), "labelled": data["labelled"],
-            "held_out": "the test split" if data["test"] is not data["train"] else "train images outside the subset",
-            "probe_dim": cfg["probe_dim"], "layers": layers, "probes": probes,
-            "best_layer": best_conv_layers(summary, layers), "knn_k": cfg["knn_k"], "knn_t": cfg["knn_temperature"],
-            "kmeans_runs": cfg["kmeans_runs"],
-            "n_classes": data["n_classes"], "curves": curves, "pictures": written, "seconds": seconds}
+    info = ReportInputs(str(checkpoint), random_source, data, cfg, probe_layers(cfg, nets["trained"]), probes, curves,
+                        written, seconds)
     write_report(out_dir / "report.md", summary, info)
     return summary
 

@@ -27,6 +27,7 @@ from stages.core.io import atomic_path, write_json
 from stages.core.layout import FEATURES, report
 from stages.core.params import load_params
 from stages.core.runtime import Timer, autocast, peak_rss_mb
+from stages.core.schema import Params
 
 
 @torch.no_grad()
@@ -49,31 +50,31 @@ def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, 
     bar.close()
 
 
-def run_extract(params: dict, dataset: str | Path, checkpoint: str | Path, out: str | Path,
+def run_extract(params: Params, dataset: str | Path, checkpoint: str | Path, out: str | Path,
                 world: World | None = None) -> dict:
     """world: this process's place under torchrun (default: from the environment; one process without)."""
     out_dir = Path(out)
-    section = params["extract"]
+    section = params.extract
     world = world_from_env() if world is None else world
     with Timer() as t:
         images = load_split(dataset, "train")
-        check_world(world.size, n_images=len(images), device=section["device"], backend=params["run"]["dist_backend"],
+        check_world(world.size, n_images=len(images), device=section.device, backend=params.run.dist_backend,
                     section="extract", local_size=world.local_size)
-        device = stage_device(section.get("device", "auto"), world)
+        device = stage_device(section.device, world)
         ckpt = load_checkpoint(checkpoint, device)
-        check_input_size(ckpt, section["crop_size"], "extract.crop_size")
-        check_architecture(ckpt, params["model"], images.channels, checkpoint)
+        check_input_size(ckpt, section.crop_size, "extract.crop_size")
+        check_architecture(ckpt, params.model, images.channels, checkpoint)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
         shape = (len(images), model.feature_dim)
-        with process_group(world, backend_for(params["run"]["dist_backend"], device), device), \
+        with process_group(world, backend_for(params.run.dist_backend, device), device), \
                 (atomic_path(out_dir / FEATURES) if world.main else contextlib.nullcontext()) as tmp:
             if world.main:  # one file, allocated once; every rank writes its block of rows into it
                 allocate_npy(tmp, shape, np.float32, out_dir / FEATURES).flush()
             feats = np.load(broadcast(tmp), mmap_mode="r+")  # the broadcast waits for the allocation
             block = shard(len(images), world)
-            extract_features(model, images, feats[block], crop_size=section["crop_size"],
-                             batch_size=section["batch_size"], device=device, amp=section["amp"],
-                             num_workers=section["num_workers"], decode=section["decode"], progress=world.main,
+            extract_features(model, images, feats[block], crop_size=section.crop_size,
+                             batch_size=section.batch_size, device=device, amp=section.amp,
+                             num_workers=section.num_workers, decode=section.decode, progress=world.main,
                              rows=np.arange(block.start, block.stop))
             feats.flush()
             del feats

@@ -18,6 +18,7 @@ from stages.core.io import write_json
 from stages.core.layout import ASSIGNMENTS, CLUSTERING, report
 from stages.core.params import load_params
 from stages.core.runtime import Timer
+from stages.core.schema import Params
 
 
 def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
@@ -26,7 +27,7 @@ def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
             f"--dataset {dataset}`, or restore it with `dvc checkout`, then rerun")
 
 
-def run_labels(params: dict, epoch_dir: str | Path, dataset: str | Path, previous: str | Path | None = None) -> dict:
+def run_labels(params: Params, epoch_dir: str | Path, dataset: str | Path, previous: str | Path | None = None) -> dict:
     # Imported here, not above: the comparison helpers of this module (used by `pipeline.tools.inspect`)
     # then load without torch and faiss.
     from stages.core.clustering import load_clustering

@@ -23,19 +23,20 @@ from stages.core.io import atomic_path, write_json
 from stages.core.layout import PCA, PCA_FEATURES, report
 from stages.core.params import load_params
 from stages.core.runtime import Timer, peak_rss_mb, seed_for, seeded_subset
+from stages.core.schema import Params
 from stages.core.whitening import apply_in_chunks, fit_pca_whitening
 
 
-def run_pca(params: dict, features: str | Path, out: str | Path, epoch: int = 0,
+def run_pca(params: Params, features: str | Path, out: str | Path, epoch: int = 0,
             dataset: str | Path | None = None) -> dict:
     """dataset: the run's dataset; `features` must have a row per training image (None: not checked)."""
-    section = params["pca"]
+    section = params.pca
     out_dir = Path(out)
     check_npy(features, rows=train_rows(dataset) if dataset else None, fix="run extract for this epoch (again)")
     with Timer() as t:
         x = np.load(features, mmap_mode="r")
-        rows = seeded_subset(len(x), section["max_fit_rows"], seed_for(params["run"]["seed"], epoch, "pca"))
-        pca = fit_pca_whitening(x[rows], section["dim"], section["eps"])
+        rows = seeded_subset(len(x), section.max_fit_rows, seed_for(params.run.seed, epoch, "pca"))
+        pca = fit_pca_whitening(x[rows], section.dim, section.eps)
         pca.save(out_dir / PCA)
         with atomic_path(out_dir / PCA_FEATURES) as tmp:
             whitened = allocate_npy(tmp, (len(x), pca.components.shape[1]), np.float32, out_dir / PCA_FEATURES)

@@ -24,6 +24,7 @@ from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
 from stages.core.params import load_params
 from stages.core.runtime import seeded_subset
+from stages.core.schema import Prepare
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -203,11 +204,11 @@ def channel_stats(pixels: np.ndarray, max_rows: int = 20000) -> tuple[list[float
 
 
 # ---------------------------------------------------------------- the stage
-def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: int = 0) -> dict:
+def prepare(source: str, path: str | Path, out: str | Path, section: Prepare, seed: int = 0) -> dict:
     path, out = Path(path), Path(out)
     if not path.exists():
         raise StageError(f"source path {path} does not exist: set prepare.path in params.yaml or pass --path")
-    limits = {"train": params.get("max_train_images"), "test": params.get("max_test_images")}
+    limits = {"train": section.max_train_images, "test": section.max_test_images}
     report = pd.DataFrame(columns=["path", "error"])
     if source == "fashion-mnist":
         manifest, pixels, meta = import_idx(path, limits, seed)
@@ -218,7 +219,7 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
         if manifest.empty:
             raise StageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: check prepare.path"
                              + "".join(f"; skipped {p} ({e})" for p, e in skipped))
-        manifest, report = drop_unreadable(manifest, params.get("num_workers", 8))
+        manifest, report = drop_unreadable(manifest, section.num_workers)
         report = pd.concat([pd.DataFrame(skipped, columns=["path", "error"]), report], ignore_index=True)
         if manifest.empty:
             examples = "; ".join(f"{p}: {e}" for p, e in report.head(3).itertuples(index=False))
@@ -230,10 +231,10 @@ def prepare(source: str, path: str | Path, out: str | Path, params: dict, seed: 
             part = manifest[manifest["split"] == split]
             parts.append(part.iloc[seeded_subset(len(part), limits[split], seed)])
         manifest = pd.concat(parts, ignore_index=True)
-        size, channels = int(params.get("image_size", 224)), 3
+        size, channels = section.image_size, 3
         meta = {"kind": "files", "classes": classes or None, "image_size": size, "channels": channels}
         sample = manifest["path"].iloc[seeded_subset(len(manifest), 500, seed)]
-        with ThreadPoolExecutor(max(1, params.get("num_workers", 8))) as pool:  # PIL decodes without the GIL
+        with ThreadPoolExecutor(max(1, section.num_workers)) as pool:  # PIL decodes without the GIL
             decoded = [d for d in pool.map(lambda p: _pixels_or_none(p, size, channels), sample) if d is not None]
         if not decoded:
             raise StageError(f"none of the {len(sample)} images sampled for the channel mean/std under {path} "
@@ -276,15 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with cli_errors("prepare"):
         params = load_params(args.params)
-        section = params["prepare"]
-        meta = prepare(args.source or section["source"], args.path or section["path"], args.out, section, params["run"]["seed"])
+        section = params.prepare
+        meta = prepare(args.source or section.source, args.path or section.path, args.out, section, params.run.seed)
     print(f"prepare: {meta['counts']} images from {meta['source']} -> {args.out}"
           + (f"; {meta['unreadable']} unreadable, listed in {args.out}/unreadable.csv" if meta["unreadable"] else ""))
     # The defaults' 28 px crops run on photos too, as thumbnails: say so once, with the fix (stages/core/crops.py).
     files = meta["kind"] == "files"  # an image tree: its manifest holds every image's width and height
     side = image_side(meta, pd.read_parquet(Path(args.out) / "manifest.parquet") if files else pd.DataFrame())
-    warning = crop_warning(side, {"extract.crop_size": params["extract"]["crop_size"],
-                                  "train.crop_size": params["train"]["crop_size"]})
+    warning = crop_warning(side, {"extract.crop_size": params.extract.crop_size,
+                                  "train.crop_size": params.train.crop_size})
     if warning:
         print(f"prepare: {warning}", file=sys.stderr)
 

@@ -37,6 +37,7 @@ from stages.core.layout import report
 from stages.core.models import DeepClusterNet
 from stages.core.params import load_params
 from stages.core.runtime import Timer, autocast, peak_rss_mb, seed_for
+from stages.core.schema import Params, Train
 
 
 def uniform_cluster_sample(labels: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,40 +62,39 @@ def contiguous_targets(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return targets.astype(np.int64), ids
 
 
-def epoch_lr(p: dict, epoch: int, epochs: int) -> float:
+def epoch_lr(p: Train, epoch: int, epochs: int) -> float:
     """The learning rate of `epoch` (1..epochs): train.lr throughout (paper), or cosine-decayed from train.lr
     towards 0 over the run's epochs (run.epochs: a run resumed with more epochs decays from then on more slowly)."""
-    if p.get("lr_schedule", "constant") == "constant":
-        return p["lr"]
-    return p["lr"] * 0.5 * (1 + math.cos(math.pi * min(epoch - 1, epochs) / epochs))
+    if p.lr_schedule == "constant":
+        return p.lr
+    return p.lr * 0.5 * (1 + math.cos(math.pi * min(epoch - 1, epochs) / epochs))
 
 
-def body_optimizer(model: DeepClusterNet, p: dict, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(model.body_parameters(), lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+def body_optimizer(model: DeepClusterNet, p: Train, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.body_parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
 
-def head_optimizer(model: DeepClusterNet, p: dict, lr: float) -> torch.optim.SGD:
+def head_optimizer(model: DeepClusterNet, p: Train, lr: float) -> torch.optim.SGD:
     # No momentum: the head is new each epoch and momentum from an old head would be meaningless.
-    return torch.optim.SGD(model.top_layer.parameters(), lr=lr, weight_decay=p["weight_decay"])
+    return torch.optim.SGD(model.top_layer.parameters(), lr=lr, weight_decay=p.weight_decay)
 
 
 def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, targets: np.ndarray,
-                    optimizer: torch.optim.Optimizer, top_optimizer: torch.optim.Optimizer, p: dict,
+                    optimizer: torch.optim.Optimizer, top_optimizer: torch.optim.Optimizer, p: Train,
                     device: torch.device, generator: torch.Generator, progress: bool = True) -> dict:
     """One pass over `rows` (dataset rows, already sampled) with pseudo-labels `targets` (same length)."""
     model.train()
     criterion = torch.nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(total=len(rows), desc="train", unit="img", disable=not progress or None, leave=False)
-    bs = p["batch_size"]
-    batches = train_batches(images, rows, bs, crop_size=p["crop_size"], scale=p["crop_scale"], hflip=p["hflip"],
-                            device=device, generator=generator, num_workers=p["num_workers"],
-                            decode=p.get("decode", "cpu"))
+    bs = p.batch_size
+    batches = train_batches(images, rows, bs, crop_size=p.crop_size, scale=p.crop_scale, hflip=p.hflip,
+                            device=device, generator=generator, num_workers=p.num_workers, decode=p.decode)
     for i, x in enumerate(batches):
         y = torch.from_numpy(targets[i * bs : i * bs + len(x)]).to(device)
-        x = intensity_jitter(x, p.get("intensity_jitter", 0.0), generator)
+        x = intensity_jitter(x, p.intensity_jitter, generator)
         x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, p["amp"]):
+        with autocast(device, p.amp):
             logits = model(x)
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -113,21 +113,21 @@ def train_one_epoch(model: DeepClusterNet, images: ImageSet, rows: np.ndarray, t
     return {"loss": total_loss / seen, "pseudo_label_accuracy": correct / seen, "n_samples": seen}
 
 
-def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkpoint_in: str | Path,
+def run_train(params: Params, dataset: str | Path, assignments: str | Path, checkpoint_in: str | Path,
               checkpoint_out: str | Path, epoch: int, stats_out: str | Path | None = None,
               world: World | None = None) -> dict:
     """world: this process's place under torchrun (default: from the environment; one process without)."""
-    p = params["train"]
+    p = params.train
     world = world_from_env() if world is None else world
     with Timer() as t:
         images = load_split(dataset, "train")
-        n_samples = int(p.get("samples_per_epoch") or len(images))
-        check_world(world.size, n_images=n_samples, device=p["device"], backend=params["run"]["dist_backend"],
-                    local_size=world.local_size, batch_size=p["batch_size"])
-        device = stage_device(p.get("device", "auto"), world)
+        n_samples = p.samples_per_epoch or len(images)
+        check_world(world.size, n_images=n_samples, device=p.device, backend=params.run.dist_backend,
+                    local_size=world.local_size, batch_size=p.batch_size)
+        device = stage_device(p.device, world)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        seed = seed_for(params["run"]["seed"], epoch, "train")
+        seed = seed_for(params.run.seed, epoch, "train")
         torch.manual_seed(seed)  # the same on every rank: the same fresh head
         generator = torch.Generator().manual_seed(seed + world.rank)
         assign = check_assignments(assignments, images.ids, fix="rerun the epoch's labels stage (the dataset changed "
@@ -135,20 +135,20 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
         targets, cluster_ids = contiguous_targets(assign["cluster"].to_numpy())
 
         ckpt = load_checkpoint(checkpoint_in, device)
-        check_input_size(ckpt, p["crop_size"], "train.crop_size")
-        check_architecture(ckpt, params["model"], images.channels, checkpoint_in)
+        check_input_size(ckpt, p.crop_size, "train.crop_size")
+        check_architecture(ckpt, params.model, images.channels, checkpoint_in)
         if ckpt["epoch"] != epoch - 1:
             raise StageError(f"{checkpoint_in} is from epoch {ckpt['epoch']}, but epoch {epoch} must start from "
                              f"epoch {epoch - 1}'s checkpoint")
         model = model_from_checkpoint(ckpt, device)
-        if world.size > 1 and p["sync_batchnorm"]:
+        if world.size > 1 and p.sync_batchnorm:
             model = global_batchnorm(model, device)
-        lr = epoch_lr(p, epoch, params["run"]["epochs"])
+        lr = epoch_lr(p, epoch, params.run.epochs)
         optimizer = body_optimizer(model, p, lr)
         if ckpt["optimizer"] is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             for group in optimizer.param_groups:  # params.yaml wins over the stored hyper-parameters
-                group.update(lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
+                group.update(lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
         model.reset_top_layer(len(cluster_ids))
         top_optimizer = head_optimizer(model, p, lr)
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs and GPUs alike
@@ -156,13 +156,13 @@ def run_train(params: dict, dataset: str | Path, assignments: str | Path, checkp
             torch.manual_seed(seed + world.rank)  # dropout masks: each rank its own (the head is drawn already)
 
         rows = uniform_cluster_sample(targets, n_samples, np.random.default_rng(seed))  # the same on every rank
-        with process_group(world, backend_for(params["run"]["dist_backend"], device), device):
+        with process_group(world, backend_for(params.run.dist_backend, device), device):
             net = model
             if world.size > 1:
-                rows = split_sample(rows, p["batch_size"], world)
+                rows = split_sample(rows, p.batch_size, world)
                 net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                                 else None)
-            share = {**p, "batch_size": p["batch_size"] // world.size}
+            share = p.model_copy(update={"batch_size": p.batch_size // world.size})
             stats = train_one_epoch(net, images, rows, targets[rows], optimizer, top_optimizer, share, device,
                                     generator, progress=world.main)
             if world.size > 1:  # train.json is the epoch's, not rank 0's share: sums over the ranks

@@ -28,14 +28,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import pipeline  # noqa: E402,F401  (the rest of the offline environment, as every entry point gets it)
+from pipeline import offline_environment  # noqa: E402
+
+offline_environment()  # the rest of the offline environment, as every entry point's main() sets it
 
 torch.set_num_threads(1)
 
 from stages.core.checkpoints import init_checkpoint  # noqa: E402
 from stages.core.io import write_json
 from stages.core.layout import METRICS, RunLayout  # noqa: E402
-from stages.core.params import apply_overrides  # noqa: E402
+from stages.core.params import apply_overrides, load_params  # noqa: E402
+from stages.core.schema import Params  # noqa: E402
 from stages.epoch import EPOCH_STAGES, epoch_metrics, run_stage  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +79,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="session")
-def repo_params() -> dict:
-    with open(REPO_PARAMS) as f:
-        return yaml.safe_load(f)
+def repo_params() -> Params:
+    return load_params(REPO_PARAMS)
 
 
 @pytest.fixture(scope="session")
@@ -88,14 +90,14 @@ def fashion_mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_params(repo_params) -> dict:
+def small_params(repo_params) -> Params:
     """The repository's params.yaml with the small-model, small-data overrides above."""
     return apply_overrides(repo_params, SMALL)
 
 
-def _write_params(directory: Path, params: dict, overrides: dict | None = None) -> Path:
+def _write_params(directory: Path, params: Params, overrides: dict | None = None) -> Path:
     path = Path(directory) / "params.yaml"
-    path.write_text(yaml.safe_dump(apply_overrides(params, overrides or {}), sort_keys=False))
+    path.write_text(yaml.safe_dump(apply_overrides(params, overrides or {}).model_dump(), sort_keys=False))
     return path
 
 
@@ -116,7 +118,7 @@ def fashion_dataset(tmp_path_factory, small_params) -> Path:
     from stages.prepare import prepare
 
     out = tmp_path_factory.mktemp("fashion") / "dataset"
-    prepare("fashion-mnist", FASHION_MNIST, out, small_params["prepare"], seed=small_params["run"]["seed"])
+    prepare("fashion-mnist", FASHION_MNIST, out, small_params.prepare, seed=small_params.run.seed)
     return out
 
 
@@ -158,7 +160,7 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
-def run_epochs(params: dict, layout: RunLayout, epochs) -> RunLayout:
+def run_epochs(params: Params, layout: RunLayout, epochs) -> RunLayout:
     """DeepCluster epochs through the same stage chain the flow runs (stages.epoch), without Prefect;
     last.pt is a copy of the newest checkpoint."""
     if not layout.checkpoint(0).exists():

@@ -35,6 +35,7 @@ from stages.core.io import read_json, write_json
 from stages.core.layout import (ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, CLUSTERING, DATASET, DISPOSABLE, EPOCHS_ROOT,
                                 FEATURES, METRICS, PCA, PCA_FEATURES, RUN_FILE, RunLayout, epoch_dir, report)
 from stages.core.params import apply_overrides, parse_override
+from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, epoch_stage, run_stage
 
 # The stages an ablation reruns: after extract (features are kept, or re-extracted with the main run's
@@ -88,7 +89,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def provide_features(params: dict, layout: RunLayout, src: Path, epoch: int, log) -> None:
+def provide_features(params: Params, layout: RunLayout, src: Path, epoch: int, log) -> None:
     """Epoch `epoch`'s features in the ablation's epoch directory: kept by the retention policy, or
     re-extracted with the main run's checkpoint of epoch - 1 (same network, centre crops: deterministic)."""
     out = layout.epoch(epoch)
@@ -98,9 +99,9 @@ def provide_features(params: dict, layout: RunLayout, src: Path, epoch: int, log
     if not layout.checkpoint(epoch - 1).exists():
         raise StageError(
             f"epoch {epoch}'s features were not kept (extract.keep_features_every="
-            f"{params['extract'].get('keep_features_every') or 0}) and {layout.checkpoint(epoch - 1)}, the network that "
+            f"{params.extract.keep_features_every}) and {layout.checkpoint(epoch - 1)}, the network that "
             f"computes them, was not kept either (train.keep_checkpoint_every="
-            f"{params['train'].get('keep_checkpoint_every') or 0}). Ablate an epoch whose features or previous "
+            f"{params.train.keep_checkpoint_every}). Ablate an epoch whose features or previous "
             "checkpoint exist (`python -m pipeline.tools.inspect list` shows them), or set extract.keep_features_every for "
             "future runs")
     log(f"epoch {epoch}'s features were not kept: re-extracting them with {layout.checkpoint(epoch - 1)}")
@@ -127,7 +128,7 @@ def ablation_metrics(out: Path, epoch: int, main_dir: Path) -> dict:
     return metrics
 
 
-def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, layout: RunLayout, main_epochs_root: Path,
+def rerun(stage: str, params: Params, main_params: dict, epoch: int, src: Path, layout: RunLayout, main_epochs_root: Path,
           previous: int | None, log) -> None:
     """Run the ablated stage and the chain after it (up to labels) into the ablation's epoch directory."""
     out = layout.epoch(epoch)
@@ -140,10 +141,10 @@ def rerun(stage: str, params: dict, main_params: dict, epoch: int, src: Path, la
             ckpt = layout.last_checkpoint
         if not ckpt.exists():
             raise StageError(f"{ckpt} was not kept (train.keep_checkpoint_every="
-                             f"{params['train'].get('keep_checkpoint_every')}): evaluate an epoch whose checkpoint exists")
+                             f"{params.train.keep_checkpoint_every}): evaluate an epoch whose checkpoint exists")
         run_final_evaluation(params, layout.dataset, main_epochs_root, ckpt, out / "eval")
         return
-    if stage == "cluster" and params["pca"] == main_params["pca"] and params["run"]["seed"] == main_params["run"]["seed"] \
+    if stage == "cluster" and params.pca.model_dump() == main_params["pca"] and params.run.seed == main_params["run"]["seed"] \
             and (src / PCA_FEATURES).exists():
         for name in (PCA_FEATURES, PCA, report("pca")):  # the same PCA as the main run's: reuse it
             link_or_copy(src / name, out / name)
@@ -196,7 +197,7 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))  # hidden: never taken for a result
     try:
-        (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         start = time.perf_counter()
         layout = RunLayout(Path(dataset), tmp, Path(checkpoints))
         rerun(stage, params, run["params"], epoch, src, layout, epochs_root, previous, log)

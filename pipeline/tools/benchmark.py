@@ -168,23 +168,23 @@ def _ddp_worker(rank: int, size: int, threads: int, port: int, sync_bn: bool, st
     if size > 1:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    p = params["train"]
-    batch = p["batch_size"]
+    p = params.train
+    batch = p.batch_size
     rng = np.random.default_rng(0)
     n = (steps + 5) * batch
     images = ImageSet(Path("."), {"mean": [0.29], "std": [0.35]}, np.arange(n).astype(str), np.zeros(n, np.int64),
                       rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), None)  # random pixels: speed only
     torch.manual_seed(0)
-    model = build_model(params["model"], 1, 28)
+    model = build_model(params.model.model_dump(), 1, 28)
     if size > 1 and sync_bn:
         model = global_batchnorm(model, torch.device("cpu"))
-    optimizer = body_optimizer(model, p, p["lr"])
+    optimizer = body_optimizer(model, p, p.lr)
     model.reset_top_layer(312)  # the default run's clusters (20k images / 64)
-    top_optimizer = head_optimizer(model, p, p["lr"])
+    top_optimizer = head_optimizer(model, p, p.lr)
     model = model.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
     world = World(rank=rank, size=size, local_rank=rank, local_size=size)
-    share = {**p, "batch_size": batch // size}
+    share = p.model_copy(update={"batch_size": batch // size})
     targets = rng.integers(0, 312, n)
     gen = torch.Generator().manual_seed(rank)
     warm, timed = np.arange(5 * batch), np.arange(5 * batch, n)
@@ -348,6 +348,7 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
     from torchvision import transforms as T
 
     from stages.core.data import extract_batches, load_split, loader_workers, train_batches
+    from stages.core.schema import Prepare, Train
     from stages.extract import extract_features
     from stages.prepare import drop_unreadable, prepare, scan_image_tree
     from stages.train import body_optimizer, head_optimizer, train_one_epoch
@@ -361,8 +362,9 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
             full = _images_per_second(n, lambda: list(pool.map(_decodes, map(str, paths))))
         manifest, _, _ = scan_image_tree(tree, labelled=True)
         header = _images_per_second(n, lambda: drop_unreadable(manifest, threads))
-        stage = _images_per_second(n, lambda: prepare("imagefolder", tree, dataset, {"num_workers": threads,
-                                                                                     "image_size": 256}))
+        section = Prepare(source="imagefolder", path=str(tree), max_train_images=None, max_test_images=None,
+                          image_size=256, num_workers=threads)
+        stage = _images_per_second(n, lambda: prepare("imagefolder", tree, dataset, section))
         images = load_split(dataset, "train")
         w = loader_workers(workers, images)
         mb = sum(p.stat().st_size for p in paths) / 2**20
@@ -388,9 +390,10 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
         model = build_model({"arch": "alexnet", "sobel": True, "dropout": 0.5}, 3, 224).to(device)
         model.reset_top_layer(100)
         model = model.to(device, memory_format=torch.channels_last)
-        p = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": batch, "crop_size": 224,
-             "crop_scale": [0.08, 1.0], "hflip": True, "amp": "auto", "num_workers": w}
-        opt, top = body_optimizer(model, p, p["lr"]), head_optimizer(model, p, p["lr"])
+        p = Train(lr=0.01, lr_schedule="constant", momentum=0.9, weight_decay=1e-5, batch_size=batch, crop_size=224,
+                  crop_scale=[0.08, 1.0], hflip=True, intensity_jitter=0.0, sync_batchnorm=False, amp="auto",
+                  samples_per_epoch=None, num_workers=w, decode="cpu", device="auto", keep_checkpoint_every=0)
+        opt, top = body_optimizer(model, p, p.lr), head_optimizer(model, p, p.lr)
         rows = np.random.default_rng(0).permutation(len(images))
         targets = np.random.default_rng(1).integers(0, 100, len(images))
         gen = torch.Generator().manual_seed(0)

@@ -121,7 +121,7 @@ def write_params(path: Path, overrides: dict) -> Path:
 
     params = load_params("params.yaml", overrides, origin="gpu-check")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return path
 
 

@@ -25,37 +25,38 @@ from stages.core.errors import StageError, cli_errors
 from stages.core.layout import DATASET, RunLayout
 from stages.core.params import load_params, parse_override
 from stages.core.runtime import pick_device
+from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, run_stage
-from stages.evaluate import evaluation_data, network_fc_scores
+from stages.evaluate import EvaluationData, evaluation_data, network_fc_scores
 
 SCREEN_ROOT = Path("data/screen")
 RESULTS = "results.jsonl"
 
 
-def score(params: dict, checkpoint: Path, data: dict, kmeans_runs: int, eval_seed: int) -> dict:
+def score(params: Params, checkpoint: Path, data: EvaluationData, kmeans_runs: int, eval_seed: int) -> dict:
     """kNN and k-means (k = classes) on the fc features of evaluate's held-out images, as `evaluate` scores them."""
-    device = pick_device(params["extract"]["device"])
+    device = pick_device(params.extract.device)
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
     knn, q = network_fc_scores(model, data, params, device, eval_seed, kmeans_runs)
     return {"knn": knn, "acc": q["acc"], "acc_std": q["acc_std"], "nmi": q["nmi"], "nmi_std": q["nmi_std"]}
 
 
-def screen(name: str, params: dict, eval_at: list[int], dataset: Path, root: Path = SCREEN_ROOT,
+def screen(name: str, params: Params, eval_at: list[int], dataset: Path, root: Path = SCREEN_ROOT,
            kmeans_runs: int = 5, eval_seed: int | None = None) -> list[dict]:
     """Run epochs 1..max(eval_at) of `params` (resuming), scoring the checkpoints of eval_at (0 = random init).
 
     eval_seed picks the held-out subsets and k-means seeds (default run.seed, as `evaluate`): runs of
     different run.seed scored with one eval_seed differ only by their networks.
     """
-    eval_seed = params["run"]["seed"] if eval_seed is None else eval_seed
+    eval_seed = params.run.seed if eval_seed is None else eval_seed
     out = root / name
     layout = RunLayout(dataset, out / "epochs", out / "checkpoints")
     results_file = out / RESULTS
     stored = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    results = [r for r in stored if r.get("eval_seed", params["run"]["seed"]) == eval_seed]
+    results = [r for r in stored if r.get("eval_seed", params.run.seed) == eval_seed]
     done = {r["epoch"] for r in results}
-    data = evaluation_data(params, params["evaluate"], dataset, eval_seed)  # read once, not per score
-    if not data["labelled"]:  # before any epoch is trained
+    data = evaluation_data(params.evaluate, dataset, eval_seed)  # read once, not per score
+    if not data.labelled:  # before any epoch is trained
         raise StageError("the dataset has no labels: screening scores against them (prepare.source: fashion-mnist "
                          "or imagefolder)")
     layout.checkpoints.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from stages.core.errors import DamagedArtifact, StageError
 from stages.core.io import free_bytes, read_json, write_refused
+from stages.core.schema import Model
 
 
 # ---------------------------------------------------------------- .npy / .npz
@@ -130,11 +131,11 @@ def check_json(path: str | Path) -> dict:
 ARCHITECTURE_KEYS = ("arch", "sobel", "width", "fc_dim")
 
 
-def check_architecture(ckpt: dict, model_params: dict, in_channels: int, path: str | Path) -> None:
+def check_architecture(ckpt: dict, model: Model, in_channels: int, path: str | Path) -> None:
     """Refuse a checkpoint whose network is not the one this run's params.yaml describes."""
     stored = ckpt.get("model_params") or {}
-    diff = [f"model.{k}: {stored.get(k)!r} in the checkpoint, {model_params.get(k)!r} in params"
-            for k in ARCHITECTURE_KEYS if stored.get(k) != model_params.get(k)]
+    diff = [f"model.{k}: {stored.get(k)!r} in the checkpoint, {getattr(model, k)!r} in params"
+            for k in ARCHITECTURE_KEYS if stored.get(k) != getattr(model, k)]
     if ckpt.get("in_channels") != in_channels:
         diff.append(f"input channels: {ckpt.get('in_channels')!r} in the checkpoint, {in_channels} in the dataset")
     if diff:

@@ -11,6 +11,7 @@ from stages.core.errors import DamagedArtifact, StageError, first_line
 from stages.core.io import atomic_path, write_refused
 from stages.core.models import DeepClusterNet, build_model
 from stages.core.runtime import seed_for
+from stages.core.schema import Model, Params
 
 
 def save_checkpoint(path: str | Path, *, model: DeepClusterNet, epoch: int, model_params: dict,
@@ -62,10 +63,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def verify_checkpoint(path: str | Path, model_params: dict, in_channels: int, epoch: int) -> dict:
+def verify_checkpoint(path: str | Path, model: Model, in_channels: int, epoch: int) -> dict:
     """`epoch`'s checkpoint, complete and of this run's network."""
     ckpt = load_checkpoint(path)
-    check_architecture(ckpt, model_params, in_channels, path)
+    check_architecture(ckpt, model, in_channels, path)
     if ckpt["epoch"] != epoch:
         raise DamagedArtifact(path, f"holds epoch {ckpt['epoch']}'s network, not epoch {epoch}'s", RECOVER_CHECKPOINT)
     return ckpt
@@ -90,10 +91,11 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Dee
     return model.to(device)
 
 
-def init_checkpoint(params: dict, dataset: str | Path, path: str | Path) -> None:
+def init_checkpoint(params: Params, dataset: str | Path, path: str | Path) -> None:
     """Epoch 0: the seeded random network that the first clustering runs on."""
     images = load_split(dataset, "train")
-    torch.manual_seed(seed_for(params["run"]["seed"], 0, "init"))
-    model = build_model(params["model"], images.channels, params["train"]["crop_size"])
-    save_checkpoint(path, model=model, epoch=0, model_params=params["model"], in_channels=images.channels,
-                    image_size=params["train"]["crop_size"])
+    torch.manual_seed(seed_for(params.run.seed, 0, "init"))
+    model_params = params.model.model_dump()
+    model = build_model(model_params, images.channels, params.train.crop_size)
+    save_checkpoint(path, model=model, epoch=0, model_params=model_params, in_channels=images.channels,
+                    image_size=params.train.crop_size)

@@ -12,6 +12,7 @@ from stages.core.artifacts import check_npz
 from stages.core.errors import StageError
 from stages.core.io import atomic_path
 from stages.core.runtime import seeded_subset
+from stages.core.schema import Cluster
 
 
 @dataclass
@@ -387,7 +388,7 @@ def cluster_means(x: np.ndarray, labels: np.ndarray, k: int, chunk: int = 65536)
     return means, distances
 
 
-def number_of_clusters(section: dict, n: int) -> int:
+def number_of_clusters(section: Cluster, n: int) -> int:
     """cluster.k, or with `k: auto` one cluster per `images_per_cluster` images (at least 2).
 
     DeepCluster over-segments (paper Fig. 2c): k well above the number of classes. What carries over
@@ -395,13 +396,9 @@ def number_of_clusters(section: dict, n: int) -> int:
     ImageNet k = 10,000 is 128 images per cluster; on small grey images fewer, larger-k clusters
     learnt better (docs/results.md, "The recipe").
     """
-    k = section["k"]
-    if k == "auto":
-        return max(2, round(n / section["images_per_cluster"]))
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise StageError(f"cluster.k={k!r}: use a whole number of clusters, or auto (one per "
-                         "cluster.images_per_cluster images)")
-    return k
+    if section.k == "auto":
+        return max(2, round(n / section.images_per_cluster))
+    return section.k
 
 
 def save_clustering(path: str | Path, c: Clustering) -> None:
@@ -419,20 +416,10 @@ def load_clustering(path: str | Path) -> Clustering:
         return Clustering(z["labels"], z["distances"], z["centroids"], z["objective"], int(z["seed"]))
 
 
-METHODS = ("kmeans", "pic")
-
-
-def cluster_features(section: dict, x: np.ndarray, seed: int, plan: ClusteringPlan | None = None) -> Clustering:
+def cluster_features(section: Cluster, x: np.ndarray, seed: int, plan: ClusteringPlan | None = None) -> Clustering:
     """The `cluster` section's method on features x (N x d), where `cluster.device` says (or `plan`)."""
-    method = section.get("method", "kmeans")
-    plan = plan or plan_for(section.get("device", "auto"))
-    if method == "kmeans":
-        return run_kmeans(x, number_of_clusters(section, len(x)), section["niter"], seed, plan)
-    if method == "pic":
-        if section.get("k", "auto") != "auto":
-            raise StageError(f"cluster.k={section['k']!r} with cluster.method: pic, which finds the number of "
-                             "clusters itself: set cluster.k: auto (it is not used by PIC) or use method: kmeans")
-        pic = section["pic"]
-        return run_pic(x, pic["neighbours"], pic["sigma"], pic["alpha"], pic["iterations"], plan,
-                       pic.get("graph", "exact"))
-    raise StageError(f"cluster.method={method!r} is not a clustering method: use one of {', '.join(METHODS)}")
+    plan = plan or plan_for(section.device)
+    if section.method == "pic":  # with k: auto, which the schema requires of PIC: it finds the number itself
+        pic = section.pic
+        return run_pic(x, pic.neighbours, pic.sigma, pic.alpha, pic.iterations, plan, pic.graph)
+    return run_kmeans(x, number_of_clusters(section, len(x)), section.niter, seed, plan)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stages.core.errors import StageError, TransientError
+from stages.core.schema import Run
 
 
 # ---------------------------------------------------------------- where this process stands
@@ -63,9 +64,9 @@ def world_from_env(env: dict | None = None) -> World:
                  local_size=int(env.get("LOCAL_WORLD_SIZE", size)))
 
 
-def processes(run: dict) -> int:
+def processes(run: Run) -> int:
     """How many processes the run's settings ask extract and train for (all nodes)."""
-    return int(run["nproc_per_node"]) * int(run["nnodes"])
+    return run.nproc_per_node * run.nnodes
 
 
 # ---------------------------------------------------------------- settings, refused before any work
@@ -114,11 +115,11 @@ def check_world(world_size: int, *, n_images: int | None = None, device: str = "
                          f"of {world_size} (e.g. {lower or world_size}), or change run.nproc_per_node")
 
 
-def check_launch(run: dict) -> None:
+def check_launch(run: Run) -> None:
     """The run section's multi-node settings agree with each other."""
-    if run["node_rank"] >= run["nnodes"]:
-        raise StageError(f"run.node_rank={run['node_rank']} but run.nnodes={run['nnodes']}: node ranks are "
-                         f"0..{run['nnodes'] - 1}; give every node its own")
+    if run.node_rank >= run.nnodes:
+        raise StageError(f"run.node_rank={run.node_rank} but run.nnodes={run.nnodes}: node ranks are "
+                         f"0..{run.nnodes - 1}; give every node its own")
 
 
 def stage_device(setting: str, world: World) -> torch.device:
@@ -289,13 +290,12 @@ def torchrun_command(module: str, args: list, nproc_per_node: int, nnodes: int =
     return cmd + ["-m", module, *map(str, args)]
 
 
-def node_command(run, stage: str, args: list) -> list[str]:
+def node_command(run: Run, stage: str, args: list) -> list[str]:
     """torchrun_command for stage `stage` with the run section's settings of this node."""
-    return torchrun_command(f"stages.{stage}", args, run["nproc_per_node"], run["nnodes"], run["node_rank"],
-                            run["rdzv_endpoint"])
+    return torchrun_command(f"stages.{stage}", args, run.nproc_per_node, run.nnodes, run.node_rank, run.rdzv_endpoint)
 
 
-def launch(run: dict, stage: str, args: list[str]) -> None:
+def launch(run: Run, stage: str, args: list[str]) -> None:
     """Run `python -m stages.<stage> <args>` on the run's processes; its output passes through. A failure
     is the stage's own one-line message: a StageError, or a TransientError when the stage called it
     transient or a process was killed (the OOM killer, a lost node), which the flow retries."""
@@ -350,7 +350,7 @@ def announced(epochs_root: str | Path, stage: str, epoch: int, args: list[str]) 
         path.unlink(missing_ok=True)
 
 
-def follow(run: dict, epochs_root: str | Path, poll_s: float = 0.5, log=print) -> None:
+def follow(run: Run, epochs_root: str | Path, poll_s: float = 0.5, log=print) -> None:
     """On nodes 1..nnodes-1: start each extract and train that node 0 announces, with this node's
     run.node_rank, until node 0 announces the train stage of epoch run.epochs and it ends."""
     import subprocess
@@ -359,10 +359,10 @@ def follow(run: dict, epochs_root: str | Path, poll_s: float = 0.5, log=print) -
     from stages.core.io import read_json
 
     check_launch(run)
-    if run["node_rank"] == 0 or run["nnodes"] == 1:
+    if run.node_rank == 0 or run.nnodes == 1:
         raise StageError("follow is for nodes 1..run.nnodes-1: node 0 runs the flow itself (python -m pipeline.flow)")
     path, seen = Path(epochs_root) / ANNOUNCEMENT, None
-    log(f"follow: node {run['node_rank']} of {run['nnodes']}, waiting for node 0's announcements in {path}")
+    log(f"follow: node {run.node_rank} of {run.nnodes}, waiting for node 0's announcements in {path}")
     while True:
         try:
             job = read_json(path)
@@ -375,7 +375,7 @@ def follow(run: dict, epochs_root: str | Path, poll_s: float = 0.5, log=print) -
             if status:
                 log(f"follow: {job['stage']} of epoch {job['epoch']} failed (status {status}); node 0's flow says "
                     "why and retries or stops")
-            if job["stage"] == "train" and job["epoch"] >= run["epochs"]:
+            if job["stage"] == "train" and job["epoch"] >= run.epochs:
                 return
         time.sleep(poll_s)
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with cli_errors("distributed"):
         overrides = {} if args.node_rank is None else {"run.node_rank": args.node_rank}
-        follow(load_params(args.params, overrides, origin="--node-rank")["run"], args.epochs_root)
+        follow(load_params(args.params, overrides, origin="--node-rank").run, args.epochs_root)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.core.schema import Params
+
 DATASET = "data/dataset"
 EPOCHS_ROOT = "data/epochs"
 CHECKPOINTS = "models/checkpoints"
@@ -72,17 +74,17 @@ class RunLayout:
         return sorted(int(p.parent.name) for p in self.epochs_root.glob(f"[0-9][0-9][0-9][0-9]/{METRICS}"))
 
 
-def keeps_features(params: dict, epoch: int) -> bool:
-    every = params["extract"].get("keep_features_every") or 0
+def keeps_features(params: Params, epoch: int) -> bool:
+    every = params.extract.keep_features_every
     return bool(every) and epoch % every == 0
 
 
-def keeps_checkpoint(params: dict, epoch: int) -> bool:
-    every = params["train"].get("keep_checkpoint_every") or 0
+def keeps_checkpoint(params: Params, epoch: int) -> bool:
+    every = params.train.keep_checkpoint_every
     return epoch == 0 or (bool(every) and epoch % every == 0)
 
 
-def apply_retention(params: dict, layout: RunLayout, epoch: int) -> None:
+def apply_retention(params: Params, layout: RunLayout, epoch: int) -> None:
     """Drop what the retention policy does not keep, once `epoch` is complete.
 
     The last two finished epochs keep their checkpoints: the next epoch starts from the last one,

@@ -119,7 +119,8 @@ def doc(text: str) -> Any:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # frozen: the stages share one validated Params; a changed copy goes through apply_overrides (validated)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ------------------------------------------------------------------ the sections
@@ -425,12 +426,13 @@ def _value_at(params: dict, dotted: str) -> Any:
     return node
 
 
-def validate(params: Any, source: str = "params.yaml", overridden: dict | None = None, origin: str = "override") -> dict:
-    """The params as plain dicts, validated and normalised (e.g. "1e-3" -> 0.001); else one StageError
+def validate(params: Any, source: str = "params.yaml", overridden: dict | None = None,
+             origin: str = "override") -> Params:
+    """The params as a frozen Params, validated and normalised (e.g. "1e-3" -> 0.001); else one StageError
     listing every problem."""
     found = problems(params, source, overridden, origin)
     if found:
         if len(found) == 1:
             raise StageError(f"{sentence(found[0])} {DOCS}")
         raise StageError(f"{len(found)} problems with the parameters:\n  - " + "\n  - ".join(found) + f"\n{DOCS}")
-    return Params.model_validate(params).model_dump()
+    return Params.model_validate(params)

@@ -42,9 +42,9 @@ def test_a_nested_run_whose_parent_is_gone_becomes_a_top_level_run(mlflow_uri):
 def test_publish_logs_the_final_evaluation_and_the_model_into_the_runs_mlflow_run(tiny_run, tiny_eval, small_params,
                                                                                   tmp_path, mlflow_uri):
     out, m = tiny_eval
-    with tracking.start_run(small_params, run_name="tiny") as run:  # the flow's run, recorded in run.json
+    with tracking.start_run(small_params.model_dump(), run_name="tiny") as run:  # the flow's run, recorded in run.json
         run_id = run.info.run_id
-    write_json(tmp_path / "run.json", {"fingerprint": "x", "mlflow_run_id": run_id, "params": small_params})
+    write_json(tmp_path / "run.json", {"fingerprint": "x", "mlflow_run_id": run_id, "params": small_params.model_dump()})
     assert publish(tmp_path, out, tiny_run.last_checkpoint) == run_id
     client = mlflow.MlflowClient(mlflow_uri)
     logged = client.get_run(run_id)
@@ -59,6 +59,6 @@ def test_publish_logs_the_final_evaluation_and_the_model_into_the_runs_mlflow_ru
 
 
 def test_publish_without_an_evaluation_names_the_missing_stage(tmp_path, small_params, mlflow_uri):
-    write_json(tmp_path / "run.json", {"fingerprint": "x", "mlflow_run_id": None, "params": small_params})
+    write_json(tmp_path / "run.json", {"fingerprint": "x", "mlflow_run_id": None, "params": small_params.model_dump()})
     with pytest.raises(StageError, match="run the evaluate stage first"):
         publish(tmp_path, tmp_path / "eval", tmp_path / "last.pt")

@@ -11,6 +11,7 @@ from stages.cluster import run_cluster
 from stages.core.clustering import (load_clustering)
 from stages.core.errors import StageError
 from stages.core.io import read_json
+from stages.core.params import apply_overrides
 from stages.core.runtime import seed_for
 
 
@@ -20,12 +21,12 @@ def test_run_cluster_seeds_kmeans_from_run_seed_and_epoch(tmp_path, small_params
     s1 = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
     run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e1_again", epoch=1)
     s2 = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "e2", epoch=2)
-    assert s1["seed"] == seed_for(small_params["run"]["seed"], 1, "cluster")
-    assert s2["seed"] == seed_for(small_params["run"]["seed"], 2, "cluster") != s1["seed"]
+    assert s1["seed"] == seed_for(small_params.run.seed, 1, "cluster")
+    assert s2["seed"] == seed_for(small_params.run.seed, 2, "cluster") != s1["seed"]
     c1, c1_again, c2 = (load_clustering(tmp_path / d / "clusters.npz") for d in ("e1", "e1_again", "e2"))
     np.testing.assert_array_equal(c1.labels, c1_again.labels)  # a rerun of an epoch is reproducible
     assert normalized_mutual_info_score(c1.labels, c2.labels) < 0.999  # the next epoch starts elsewhere
-    assert s1["k"] == small_params["cluster"]["k"] and read_json(tmp_path / "e1" / "cluster.json") == s1
+    assert s1["k"] == small_params.cluster.k and read_json(tmp_path / "e1" / "cluster.json") == s1
 
 
 def test_run_cluster_reports_empty_clusters(tmp_path, small_params):
@@ -38,13 +39,13 @@ def test_run_cluster_reports_empty_clusters(tmp_path, small_params):
 def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params):
     x = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
     np.save(tmp_path / "pca_features.npy", x)
-    for k, message in ((1, "at least 2 clusters"), (31, "larger than the number of images")):
-        params = {**small_params, "cluster": {**small_params["cluster"], "k": k}}
+    # k = 1, and PIC with a fixed k, are refused by the schema: no Params holds them
+    for overrides, message in (({"cluster.k": 1}, "cluster.k must be int ≥ 2"),
+                               ({"cluster.k": 31}, "larger than the number of images"),
+                               ({"cluster.method": "pic"}, "cluster.k: 10 in params.yaml with cluster.method: pic")):
         with pytest.raises(StageError, match=message):
-            run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "out", epoch=1)
-    params = {**small_params, "cluster": {**small_params["cluster"], "method": "pic"}}  # with k = 10
-    with pytest.raises(StageError, match="cluster.k=10 with cluster.method: pic"):
-        run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "out", epoch=1)
+            run_cluster(apply_overrides(small_params, overrides), tmp_path / "pca_features.npy", tmp_path / "out",
+                        epoch=1)
     with pytest.raises(StageError, match=str(tmp_path / "missing.npy")):
         run_cluster(small_params, tmp_path / "missing.npy", tmp_path / "out", epoch=1)
     assert not (tmp_path / "out" / "cluster.json").exists()
@@ -55,7 +56,8 @@ def test_run_cluster_bad_k_and_method_stop_before_writing(tmp_path, small_params
 def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, run_cli, k, message):
     np.save(tmp_path / "pca_features.npy", np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32))
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({**small_params, "cluster": {**small_params["cluster"], "k": k}}))
+    params_file.write_text(yaml.safe_dump({**small_params.model_dump(), "cluster": {**small_params.cluster.model_dump(),
+                                                                                   "k": k}}))
     result = run_cli("cluster", "--params", params_file, "--features", tmp_path / "pca_features.npy",
                        "--out", tmp_path / "out", "--epoch", 1, cwd=tmp_path)
     assert result.returncode != 0
@@ -66,7 +68,7 @@ def test_cli_bad_k_exits_non_zero_with_the_message(tmp_path, small_params, run_c
 def test_run_cluster_with_k_auto_reports_the_k_it_used(tmp_path, small_params):
     x = np.random.default_rng(0).normal(size=(240, 8)).astype(np.float32)
     np.save(tmp_path / "pca_features.npy", x)
-    params = {**small_params, "cluster": {**small_params["cluster"], "k": "auto", "images_per_cluster": 24}}
+    params = apply_overrides(small_params, {"cluster.k": "auto", "cluster.images_per_cluster": 24})
     stats = run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
     assert stats["k"] == 10 and len(load_clustering(tmp_path / "e1" / "clusters.npz").centroids) == 10
 
@@ -79,7 +81,7 @@ def _on_sphere(x: np.ndarray) -> np.ndarray:
 
 def test_run_cluster_with_pic_reports_clusters_and_singletons(tmp_path, small_params, digits):
     np.save(tmp_path / "pca_features.npy", _on_sphere(digits[0]))
-    params = {**small_params, "cluster": {**small_params["cluster"], "method": "pic", "k": "auto"}}
+    params = apply_overrides(small_params, {"cluster.method": "pic", "cluster.k": "auto"})
     stats = run_cluster(params, tmp_path / "pca_features.npy", tmp_path / "e1", epoch=1)
     c = load_clustering(tmp_path / "e1" / "clusters.npz")
     assert stats["method"] == "pic" and stats["k"] == c.k == len(np.unique(c.labels))

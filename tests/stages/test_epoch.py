@@ -7,6 +7,7 @@ import pytest
 from stages.core.errors import StageError
 from stages.core.io import read_json
 from stages.core.layout import RunLayout
+from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage
 
 
@@ -61,7 +62,7 @@ def cut(path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def finish(params: dict, layout: RunLayout, epoch: int, start: int) -> None:
+def finish(params: Params, layout: RunLayout, epoch: int, start: int) -> None:
     """What the flow does after first_stage_to_run: the stages from `start`, then metrics.json."""
     from stages.core.io import write_json
 

@@ -15,7 +15,8 @@ from stages.core.checkpoints import init_checkpoint, load_checkpoint
 from stages.core.errors import StageError
 from stages.core.layout import RunLayout, checkpoint_name
 from stages.core.params import apply_overrides
-from stages.evaluate import evaluate_settings, main, margin, random_init_network, run_final_evaluation, score_tables
+from stages.core.schema import Evaluate, Params
+from stages.evaluate import main, margin, random_init_network, run_final_evaluation, score_tables
 from stages.prepare import prepare
 from tests.conftest import run_epochs
 
@@ -66,7 +67,7 @@ def test_random_network_is_rebuilt_identically_when_epoch_0_was_deleted(tiny_run
 def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, small_params, tmp_path):
     """evaluate.pictures: false used to leave out data/eval/pictures, and `dvc repro` failed on it."""
     params = apply_overrides(small_params, {"evaluate.pictures": False, "evaluate.probe_layers": ["conv5"]})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     out = tmp_path / "eval"
     main(["final", "--params", str(tmp_path / "params.yaml"), "--dataset", str(tiny_run.dataset),
           "--epochs-root", str(tiny_run.epochs_root), "--checkpoint", str(tiny_run.last_checkpoint), "--out", str(out)])
@@ -89,16 +90,17 @@ def test_extract_crop_size_other_than_the_networks_input_is_a_stage_error(tiny_r
 
 
 def test_unknown_or_missing_evaluate_parameters_are_refused(repo_params):
-    with pytest.raises(StageError, match="unknown \\['probe_epochz'\\]"):
-        evaluate_settings(apply_overrides(repo_params, {}) | {"evaluate": {**repo_params["evaluate"], "probe_epochz": 3}})
-    with pytest.raises(StageError, match="missing \\['knn_k'\\]"):
-        evaluate_settings({"evaluate": {k: v for k, v in repo_params["evaluate"].items() if k != "knn_k"}})
-    with pytest.raises(StageError, match="missing"):
-        evaluate_settings({})
+    raw = repo_params.model_dump()  # as read from params.yaml
+    with pytest.raises(StageError, match="unknown key 'evaluate.probe_epochz'"):
+        apply_overrides({**raw, "evaluate": {**raw["evaluate"], "probe_epochz": 3}}, {})
+    with pytest.raises(StageError, match="has no key 'evaluate.knn_k'"):
+        apply_overrides({**raw, "evaluate": {k: v for k, v in raw["evaluate"].items() if k != "knn_k"}}, {})
+    with pytest.raises(StageError, match="has no section 'evaluate'"):
+        apply_overrides({k: v for k, v in raw.items() if k != "evaluate"}, {})
 
 
 def test_repo_params_name_every_evaluate_setting(repo_params):
-    assert evaluate_settings(repo_params) == repo_params["evaluate"]
+    assert repo_params.evaluate.model_fields_set == set(Evaluate.model_fields)
 
 
 def test_score_tables_are_one_row_per_feature_source():
@@ -114,7 +116,7 @@ def test_missing_epochs_give_a_clear_error(tmp_path, small_params):
 
 
 @pytest.fixture(scope="module")
-def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[RunLayout, dict]:
+def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[RunLayout, Params]:
     """One epoch on an unlabelled folder of 120 PNG files (prepare.source: folder)."""
     from PIL import Image
 
@@ -126,7 +128,7 @@ def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[Run
         Image.fromarray(np.asarray(img)[..., 0]).save(root / f"img_{i:03d}.png")
     params = apply_overrides(small_params, {"prepare.source": "folder", "prepare.image_size": 32, "cluster.k": 5,
                                             "evaluate.train_images": 80})
-    prepare("folder", root, root / "dataset", params["prepare"], seed=0)
+    prepare("folder", root, root / "dataset", params.prepare, seed=0)
     return run_epochs(params, RunLayout(root / "dataset", root / "epochs", root / "ckpt"), (1,)), params
 
 
@@ -160,9 +162,9 @@ def test_the_last_clusterings_sizes_are_kept_with_the_evaluation(tiny_eval, tiny
     kept = json.loads((out / "cluster_sizes.json").read_text())
     clusters = pd.read_parquet(tiny_run.epoch(2) / "assignments.parquet")["cluster"].to_numpy()
     counts = np.bincount(clusters)
-    assert kept["epoch"] == m["epochs"] == 2 and kept["method"] == small_params["cluster"]["method"]
+    assert kept["epoch"] == m["epochs"] == 2 and kept["method"] == small_params.cluster.method
     assert kept["sizes"] == sorted(counts[counts > 0].tolist(), reverse=True)
-    assert sum(kept["sizes"]) == small_params["prepare"]["max_train_images"]
+    assert sum(kept["sizes"]) == small_params.prepare.max_train_images
 
 
 @pytest.mark.slow  # two evaluations of a two-epoch run
@@ -174,7 +176,7 @@ def test_random_inits_average_the_run_s_own_and_the_next_seeds_networks(tiny_run
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     shutil.copy(tiny_run.last_checkpoint, ckpts / "last.pt")
-    init_checkpoint(apply_overrides(params, {"run.seed": params["run"]["seed"] + 1}), tiny_run.dataset,
+    init_checkpoint(apply_overrides(params, {"run.seed": params.run.seed + 1}), tiny_run.dataset,
                     ckpts / checkpoint_name(0))
     one = apply_overrides(params, {"evaluate.random_inits": 1})
     nxt = run_final_evaluation(one, tiny_run.dataset, tiny_run.epochs_root, ckpts / "last.pt", tmp_path / "b")

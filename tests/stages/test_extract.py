@@ -27,12 +27,12 @@ def test_features_cover_every_training_image_in_dataset_order(extracted, fashion
     root, stats = extracted
     feats = np.load(root / "0001" / "features.npy")
     train = load_split(fashion_dataset, "train")
-    assert feats.shape == (len(train), small_params["model"]["fc_dim"]) and feats.dtype == np.float32
+    assert feats.shape == (len(train), small_params.model.fc_dim) and feats.dtype == np.float32
     assert sorted(p.name for p in (root / "0001").iterdir()) == ["extract.json", "features.npy"]  # no id file
     assert np.isfinite(feats).all()
     assert (feats < 0).any()  # taken before the ReLU
     assert stats["checkpoint_epoch"] == 0 and stats["n_images"] == len(train)
-    assert read_json(root / "0001" / "extract.json")["feature_dim"] == small_params["model"]["fc_dim"]
+    assert read_json(root / "0001" / "extract.json")["feature_dim"] == small_params.model.fc_dim
 
 
 def test_features_are_the_eval_mode_centre_crop_fc_output(extracted, fashion_dataset):

@@ -60,7 +60,7 @@ def test_run_labels_on_unlabelled_images_reports_no_label_nmi(tmp_path, small_pa
     (tmp_path / "flat").mkdir()
     for name in ("camera", "coins", "moon"):
         Image.fromarray(getattr(skdata, name)()).save(tmp_path / "flat" / f"{name}.png")
-    prepare("folder", tmp_path / "flat", tmp_path / "dataset", small_params["prepare"])
+    prepare("folder", tmp_path / "flat", tmp_path / "dataset", small_params.prepare)
     write_epoch(tmp_path / "0001", np.array([0, 2, 2]), 3)
     s = run_labels(small_params, tmp_path / "0001", tmp_path / "dataset")
     assert s["nmi_labels"] is None and s["nmi_previous"] is None

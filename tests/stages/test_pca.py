@@ -18,7 +18,7 @@ def test_run_pca_writes_the_whitened_features_and_report(tmp_path, digits, small
     np.save(tmp_path / "features.npy", x)
     stats = run_pca(small_params, tmp_path / "features.npy", tmp_path / "out", epoch=1)
     y = np.load(tmp_path / "out" / "pca_features.npy")
-    assert y.shape == (len(x), small_params["pca"]["dim"]) and y.dtype == np.float32
+    assert y.shape == (len(x), small_params.pca.dim) and y.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
     assert (tmp_path / "out" / "pca.json").exists() and (tmp_path / "out" / "pca.npz").exists()
     assert 0.0 < stats["explained_variance"] < 1.0
@@ -42,7 +42,7 @@ def test_run_pca_missing_features_names_the_file(tmp_path, small_params):
 def test_explained_variance_is_at_most_one(tmp_path, small_params):
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     np.save(tmp_path / "features.npy", x)
-    params = {**small_params, "pca": {**small_params["pca"], "dim": 4}}
+    params = apply_overrides(small_params, {"pca.dim": 4})
     stats = run_pca(params, tmp_path / "features.npy", tmp_path / "out")
     assert stats["explained_variance"] == pytest.approx(1.0, abs=1e-6)
 

@@ -84,7 +84,7 @@ def test_prepare_fashion_mnist_subset(fashion_dataset, fashion_mnist_dir):
 
 def test_prepare_missing_idx_files_name_them(tmp_path, small_params):
     with pytest.raises(StageError, match="has no train-images-idx3-ubyte"):
-        prepare("fashion-mnist", tmp_path, tmp_path / "out", small_params["prepare"])
+        prepare("fashion-mnist", tmp_path, tmp_path / "out", small_params.prepare)
 
 
 # ---------------------------------------------------------------- image trees
@@ -109,7 +109,7 @@ def image_tree(tmp_path):
 
 def test_imagefolder_labels_from_folders_and_corrupt_file_skipped(tmp_path, image_tree, small_params):
     out = tmp_path / "dataset"
-    meta = prepare("imagefolder", image_tree, out, small_params["prepare"])
+    meta = prepare("imagefolder", image_tree, out, small_params.prepare)
     manifest = pd.read_parquet(out / "manifest.parquet")
     labels = dict(zip(manifest["image_id"], manifest["label"]))
     # image_id = path relative to the tree's root
@@ -139,7 +139,7 @@ def test_imagefolder_train_and_test_subtrees(tmp_path, small_params):
     save(root / "train" / "coin" / "b.png", skdata.coins())
     save(root / "train" / "coin" / "c.png", skdata.camera())
     save(root / "test" / "cat" / "d.png", skdata.astronaut())
-    prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    prepare("imagefolder", root, tmp_path / "out", small_params.prepare)
     m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert m["split"].to_dict() == {"train/cat/a.png": "train", "train/coin/b.png": "train",
                                     "train/coin/c.png": "train", "test/cat/d.png": "test"}
@@ -152,7 +152,7 @@ def test_flat_unlabelled_folder_has_null_labels(tmp_path, small_params):
     save(root / "camera.png", skdata.camera())
     save(root / "coins.png", skdata.coins())
     save(root / "sub" / "astronaut.png", skdata.astronaut())
-    meta = prepare("folder", root, tmp_path / "out", small_params["prepare"])
+    meta = prepare("folder", root, tmp_path / "out", small_params.prepare)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 3 and manifest["label"].isna().all()
     assert (manifest["source"] == "folder").all()
@@ -165,7 +165,7 @@ def test_flat_unlabelled_folder_has_null_labels(tmp_path, small_params):
 def test_missing_source_names_the_path(tmp_path, small_params):
     missing = tmp_path / "no-such-dir"
     with pytest.raises(StageError, match=f"source path {missing} does not exist"):
-        prepare("folder", missing, tmp_path / "out", small_params["prepare"])
+        prepare("folder", missing, tmp_path / "out", small_params.prepare)
 
 
 @pytest.mark.parametrize("source", ["folder", "imagefolder"])
@@ -174,7 +174,7 @@ def test_empty_source_names_the_path(tmp_path, small_params, source):
     (empty / "some-class").mkdir(parents=True)
     (empty / "some-class" / "readme.txt").write_text("no images here")
     with pytest.raises(StageError, match=f"no images .* found under {empty}"):
-        prepare(source, empty, tmp_path / "out", small_params["prepare"])
+        prepare(source, empty, tmp_path / "out", small_params.prepare)
     assert not (tmp_path / "out").exists()
 
 
@@ -183,7 +183,7 @@ def test_only_corrupt_images_is_refused(tmp_path, small_params):
     root.mkdir()
     (root / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(StageError, match=f"none of the 1 images under {root} could be read"):
-        prepare("folder", root, tmp_path / "out", small_params["prepare"])
+        prepare("folder", root, tmp_path / "out", small_params.prepare)
 
 
 def test_only_corrupt_images_message_says_which_files_and_why(tmp_path, params_file, run_cli):
@@ -198,7 +198,7 @@ def test_only_corrupt_images_message_says_which_files_and_why(tmp_path, params_f
 
 def test_unknown_source_is_refused(tmp_path, small_params):
     with pytest.raises(StageError, match="unknown source 'csv'"):
-        prepare("csv", tmp_path, tmp_path / "out", small_params["prepare"])
+        prepare("csv", tmp_path, tmp_path / "out", small_params.prepare)
 
 
 def test_cli_empty_folder_exits_non_zero_naming_the_path(tmp_path, params_file, run_cli):
@@ -215,10 +215,10 @@ def test_cli_empty_folder_exits_non_zero_naming_the_path(tmp_path, params_file, 
 
 def test_prepare_replaces_an_existing_dataset_whole(tmp_path, image_tree, small_params):
     out = tmp_path / "dataset"
-    prepare("imagefolder", image_tree, out, small_params["prepare"])
+    prepare("imagefolder", image_tree, out, small_params.prepare)
     flat = tmp_path / "flat"
     save(flat / "moon.png", skdata.moon())
-    prepare("folder", flat, out, small_params["prepare"])
+    prepare("folder", flat, out, small_params.prepare)
     assert pd.read_parquet(out / "manifest.parquet")["image_id"].tolist() == ["moon.png"]
     assert pd.read_csv(out / "unreadable.csv").empty  # nothing left over from the previous dataset
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "flat", "tree"]  # no .tmp / .old left
@@ -229,7 +229,7 @@ def test_val_and_test_subtrees_are_both_imported(tmp_path, small_params):
     save(root / "train" / "a" / "x.png", skdata.camera())
     save(root / "val" / "a" / "y.png", skdata.coins())
     save(root / "test" / "a" / "z.png", skdata.moon())
-    prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    prepare("imagefolder", root, tmp_path / "out", small_params.prepare)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 3
 
@@ -239,7 +239,7 @@ def test_image_ids_stay_unique_when_val_and_test_hold_the_same_file_name(tmp_pat
     save(root / "train" / "a" / "x.png", skdata.camera())
     save(root / "val" / "a" / "y.png", skdata.coins())
     save(root / "test" / "a" / "y.png", skdata.moon())
-    prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    prepare("imagefolder", root, tmp_path / "out", small_params.prepare)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 3 and manifest["image_id"].is_unique
 
@@ -293,7 +293,7 @@ def test_prepare_reads_headers_only_and_records_each_images_original_size(tmp_pa
     save(root / "cats" / "coffee.jpg", skdata.coffee())
     (root / "cats" / "cut.jpg").write_bytes((root / "cats" / "coffee.jpg").read_bytes()[:3000])
     (root / "cats" / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # not even a header
-    meta = prepare("imagefolder", root, tmp_path / "out", small_params["prepare"])
+    meta = prepare("imagefolder", root, tmp_path / "out", small_params.prepare)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert manifest[["width", "height"]].to_dict("index") == {
         "cats/chelsea.jpg": {"width": 451, "height": 300}, "cats/coffee.jpg": {"width": 600, "height": 400},

@@ -11,7 +11,9 @@ from stages.core.data import load_split
 from stages.core.errors import StageError
 from stages.core.io import read_json
 from stages.core.models import build_model
+from stages.core.params import apply_overrides
 from stages.core.runtime import seed_for
+from stages.core.schema import Params
 from stages.train import contiguous_targets, epoch_lr, run_train, uniform_cluster_sample
 
 # ---------------------------------------------------------------- the sampler
@@ -76,28 +78,27 @@ def test_contiguous_targets_maps_non_empty_cluster_ids_to_head_outputs():
     assert ids.tolist() == [3, 7, 12]
 
 
-def test_constant_schedule_keeps_the_learning_rate():
-    p = {"lr": 0.1, "lr_schedule": "constant"}
+def test_constant_schedule_keeps_the_learning_rate(small_params):
+    p = apply_overrides(small_params, {"train.lr": 0.1, "train.lr_schedule": "constant"}).train
     assert [epoch_lr(p, e, 32) for e in (1, 16, 32)] == [0.1, 0.1, 0.1]
 
 
-def test_cosine_schedule_starts_at_lr_halves_midway_and_ends_near_zero():
-    p = {"lr": 0.1, "lr_schedule": "cosine"}
+def test_cosine_schedule_starts_at_lr_halves_midway_and_ends_near_zero(small_params):
+    p = apply_overrides(small_params, {"train.lr": 0.1, "train.lr_schedule": "cosine"}).train
     lrs = [epoch_lr(p, e, 10) for e in range(1, 11)]
     assert lrs[0] == 0.1 and abs(lrs[5] - 0.05) < 1e-12  # epoch 6 of 10: half way through, cos(pi / 2) = 0
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.003  # 0.1 * (1 + cos(0.9 pi)) / 2
 
 
 def test_the_epochs_learning_rate_reaches_both_optimizers(fashion_dataset, train_params, tmp_path):
-    p = {**train_params, "run": {**train_params["run"], "epochs": 4},
-         "train": {**train_params["train"], "lr_schedule": "cosine"}}
+    p = apply_overrides(train_params, {"run.epochs": 4, "train.lr_schedule": "cosine"})
     train = load_split(fashion_dataset, "train")
     write_assignments(tmp_path / "a.parquet", train.ids, np.arange(len(train)) % 3, np.zeros(len(train), np.float32))
     init_checkpoint(p, fashion_dataset, tmp_path / "0.pt")
     run_train(p, fashion_dataset, tmp_path / "a.parquet", tmp_path / "0.pt", tmp_path / "1.pt", epoch=1)
     stats = run_train(p, fashion_dataset, tmp_path / "a.parquet", tmp_path / "1.pt", tmp_path / "2.pt", epoch=2)
     ckpt = torch.load(tmp_path / "2.pt", map_location="cpu", weights_only=True)
-    expected = 0.5 * p["train"]["lr"] * (1 + np.cos(np.pi / 4))  # epoch 2 of 4
+    expected = 0.5 * p.train.lr * (1 + np.cos(np.pi / 4))  # epoch 2 of 4
     assert stats["lr"] == pytest.approx(expected)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)  # not epoch 1's stored lr
     assert ckpt["top_optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
@@ -108,9 +109,9 @@ CLUSTER_IDS = [3, 7, 12]  # k-means with k = 20 that left 17 clusters empty
 
 
 @pytest.fixture(scope="module")
-def train_params(small_params) -> dict:
+def train_params(small_params) -> Params:
     # One step of 64 images per epoch: fast, and the momentum arithmetic below stays exact.
-    p = {**small_params, "train": {**small_params["train"], "samples_per_epoch": 64, "batch_size": 64}}
+    p = apply_overrides(small_params, {"train.samples_per_epoch": 64, "train.batch_size": 64})
     return p
 
 
@@ -132,7 +133,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_every_stateful_object(work
     ckpt = torch.load(root / "epoch_0001.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "top_optimizer", "top_layer", "cluster_ids", "epoch"} <= set(ckpt)
     assert ckpt["epoch"] == 1
-    model = build_model(train_params["model"], 1, 28)
+    model = build_model(train_params.model.model_dump(), 1, 28)
     body_names = [n for n, _ in model.named_parameters() if not n.startswith("top_layer.")]
     assert set(body_names) <= set(ckpt["model"]) and not any(k.startswith("top_layer.") for k in ckpt["model"])
     # the body optimizer's momentum buffers, one per body parameter, shaped like it
@@ -140,7 +141,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_every_stateful_object(work
     assert len(state) == len(body_names)
     for i, name in enumerate(body_names):
         assert state[i]["momentum_buffer"].shape == ckpt["model"][name].shape
-    assert ckpt["optimizer"]["param_groups"][0]["momentum"] == train_params["train"]["momentum"]
+    assert ckpt["optimizer"]["param_groups"][0]["momentum"] == train_params.train.momentum
     assert ckpt["top_optimizer"]["param_groups"][0]["momentum"] == 0  # the head's SGD has no momentum
     assert [k.startswith("sobel.") for k in ckpt["model"]].count(True) == 2  # fixed filters travel as buffers
 
@@ -149,7 +150,7 @@ def test_head_has_one_output_per_non_empty_cluster(workspace, train_params):
     root, stats = workspace
     ckpt = load_checkpoint(root / "epoch_0001.pt")
     assert ckpt["cluster_ids"].tolist() == CLUSTER_IDS
-    assert ckpt["top_layer"]["weight"].shape == (3, train_params["model"]["fc_dim"])
+    assert ckpt["top_layer"]["weight"].shape == (3, train_params.model.fc_dim)
     assert ckpt["top_layer"]["bias"].shape == (3,)
     assert stats["n_clusters"] == 3 and stats["n_samples"] == 64 and np.isfinite(stats["loss"])
     assert read_json(root / "train.json")["n_clusters"] == 3
@@ -160,7 +161,7 @@ def test_checkpoint_is_written_atomically(workspace, train_params, tmp_path):
     target = tmp_path / "epoch_0001.pt"
     target.write_bytes((root / "epoch_0001.pt").read_bytes())
     before = target.read_bytes()
-    model = build_model(train_params["model"], 1, 28)
+    model = build_model(train_params.model.model_dump(), 1, 28)
     with pytest.raises(Exception):  # a lambda cannot be pickled: the save fails half-way
         save_checkpoint(target, model=model, epoch=9, model_params={"broken": lambda: 0}, in_channels=1, image_size=28)
     assert target.read_bytes() == before  # the previous checkpoint is untouched
@@ -187,8 +188,8 @@ def test_body_momentum_carries_across_epochs(workspace, fashion_dataset, train_p
     carried = torch.load(tmp_path / "carried.pt", weights_only=True)
     fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
 
-    lr, mom = train_params["train"]["lr"], train_params["train"]["momentum"]
-    model = build_model(train_params["model"], 1, 28)
+    lr, mom = train_params.train.lr, train_params.train.momentum
+    model = build_model(train_params.model.model_dump(), 1, 28)
     body_names = [n for n, _ in model.named_parameters() if not n.startswith("top_layer.")]
     largest_step = 0.0
     for i, name in enumerate(body_names):
@@ -240,7 +241,7 @@ def test_assignments_of_other_images_or_order_are_refused(workspace, fashion_dat
 
 def test_train_crop_size_other_than_the_networks_input_is_refused(workspace, fashion_dataset, train_params, tmp_path):
     root, _ = workspace
-    params = {**train_params, "train": {**train_params["train"], "crop_size": 24}}
+    params = apply_overrides(train_params, {"train.crop_size": 24})
     with pytest.raises(StageError, match=r"train.crop_size=24, but the network .* 28 px"):
         run_train(params, fashion_dataset, root / "assignments.parquet", root / "epoch_0000.pt",
                   tmp_path / "epoch_0001.pt", epoch=1)
@@ -258,7 +259,7 @@ def test_missing_or_corrupt_checkpoint_is_a_stage_error(tmp_path):
 def test_init_checkpoint_is_seeded_by_the_run_seed(fashion_dataset, train_params, tmp_path):
     init_checkpoint(train_params, fashion_dataset, tmp_path / "a.pt")
     init_checkpoint(train_params, fashion_dataset, tmp_path / "b.pt")
-    other = {**train_params, "run": {**train_params["run"], "seed": 1}}
+    other = apply_overrides(train_params, {"run.seed": 1})
     init_checkpoint(other, fashion_dataset, tmp_path / "c.pt")
     a, b, c = (load_checkpoint(tmp_path / f"{x}.pt") for x in "abc")
     assert a["epoch"] == 0 and a["optimizer"] is None
@@ -298,7 +299,7 @@ def test_full_disk_during_a_checkpoint_write_is_a_clear_error_and_the_rerun_give
 
 
 # ---------------------------------------------------------------- image trees
-def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_path):
+def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_path, small_params):
     """Crops are drawn per image in the DataLoader workers from (the epoch's seed, the image's position in
     the epoch's sample), so two workers train the same network as none."""
     from PIL import Image
@@ -314,15 +315,17 @@ def test_an_epoch_on_an_image_tree_is_the_same_with_any_number_of_workers(tmp_pa
     meta = {"kind": "files", "channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
     images = ImageSet(tmp_path, meta, np.array(["a", "b", "c", "d"]), np.full(4, -1), None, paths)
     rows = np.array([0, 1, 2, 3, 3, 2, 1, 0, 2, 2])
-    p = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": 4, "crop_size": 32,
-         "crop_scale": [0.08, 1.0], "hflip": True, "amp": False}
+    settings = {"train.lr": 0.05, "train.momentum": 0.9, "train.weight_decay": 1e-5, "train.batch_size": 4,
+                "train.crop_size": 32, "train.crop_scale": [0.08, 1.0], "train.hflip": True, "train.amp": False,
+                "train.intensity_jitter": 0.0, "train.decode": "cpu"}
 
     def epoch(workers: int) -> dict:
+        p = apply_overrides(small_params, {**settings, "train.num_workers": workers}).train
         torch.manual_seed(0)
         model = build_model({"arch": "small_alexnet", "sobel": True, "width": 2, "fc_dim": 8, "dropout": 0.5}, 3, 32)
         model.reset_top_layer(2)
-        stats = train_one_epoch(model, images, rows, rows % 2, body_optimizer(model, p, p["lr"]), head_optimizer(model, p, p["lr"]),
-                                {**p, "num_workers": workers}, torch.device("cpu"), torch.Generator().manual_seed(5),
+        stats = train_one_epoch(model, images, rows, rows % 2, body_optimizer(model, p, p.lr), head_optimizer(model, p, p.lr),
+                                p, torch.device("cpu"), torch.Generator().manual_seed(5),
                                 progress=False)
         return {"stats": stats, **{k: v.clone() for k, v in model.state_dict().items()}}
 

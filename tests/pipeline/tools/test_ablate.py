@@ -11,6 +11,7 @@ from pipeline.tools.ablate import ablate, provide_features
 from stages.core.errors import StageError
 from stages.core.io import read_json, write_json
 from stages.core.layout import RunLayout
+from stages.core.params import apply_overrides
 
 
 @pytest.fixture
@@ -19,9 +20,9 @@ def main_run(tmp_path, tiny_run, tiny_eval, small_params, mlflow_uri) -> tuple[R
     layout = RunLayout(tiny_run.dataset, tmp_path / "epochs", tmp_path / "checkpoints")
     shutil.copytree(tiny_run.epochs_root, layout.epochs_root)
     shutil.copytree(tiny_run.checkpoints, layout.checkpoints)
-    with tracking.start_run(small_params, run_name="main") as run:
+    with tracking.start_run(small_params.model_dump(), run_name="main") as run:
         run_id = run.info.run_id
-    write_json(layout.run_file, {"fingerprint": "f", "mlflow_run_id": run_id, "params": small_params})
+    write_json(layout.run_file, {"fingerprint": "f", "mlflow_run_id": run_id, "params": small_params.model_dump()})
     tracking.publish(layout.epochs_root, tiny_eval[0], layout.last_checkpoint)
     return layout, run_id
 
@@ -68,8 +69,8 @@ def test_an_override_that_cannot_change_the_rerun_is_refused(main_run, tmp_path)
     assert not (tmp_path / "ablations").exists()
 
 
-def test_ablation_without_features_or_checkpoint_explains_what_to_do(tmp_path):
-    params = {"extract": {"keep_features_every": 0}, "train": {"keep_checkpoint_every": 5}}
+def test_ablation_without_features_or_checkpoint_explains_what_to_do(tmp_path, small_params):
+    params = apply_overrides(small_params, {"extract.keep_features_every": 0, "train.keep_checkpoint_every": 5})
     layout = RunLayout(tmp_path / "dataset", tmp_path / "ablation", tmp_path / "ckpt")
     layout.epoch(7).mkdir(parents=True)
     with pytest.raises(StageError, match=r"keep_features_every=0.*epoch_0006.pt.*keep_checkpoint_every=5"):

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.tools.screen import RESULTS, main, screen, table
 from stages.core.layout import checkpoint_name
+from stages.core.params import apply_overrides
 
 
 def test_screen_runs_the_flows_epochs_and_scores_the_chosen_ones(small_params, fashion_dataset, tiny_run, tmp_path):
@@ -35,7 +36,7 @@ def test_rerunning_a_name_resumes_without_training_or_scoring_again(small_params
 
 def test_a_fixed_eval_seed_scores_runs_of_another_seed_alike(small_params, fashion_dataset, tmp_path):
     (ours,) = screen("seed0", small_params, [0], fashion_dataset, root=tmp_path)
-    other = {**small_params, "run": {**small_params["run"], "seed": 1}}
+    other = apply_overrides(small_params, {"run.seed": 1})
     (theirs,) = screen("seed1", other, [0], fashion_dataset, root=tmp_path)
     # seed 0's random network under seed 1's run: with eval_seed 0 it must score exactly as in seed 0's screen
     (tmp_path / "swap" / "checkpoints").mkdir(parents=True)

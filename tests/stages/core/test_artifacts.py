@@ -37,13 +37,13 @@ def truncated(src: Path, dst_dir: Path, keep: float = 0.5) -> Path:
 def test_intact_artifacts_pass(tiny_run, small_params):
     d, n = tiny_run.epoch(2), train_rows(tiny_run.dataset)
     assert n == 240
-    assert check_npy(d / "features.npy", rows=n) == (240, small_params["model"]["fc_dim"])
-    assert check_npy(d / "pca_features.npy", rows=n) == (240, small_params["pca"]["dim"])
+    assert check_npy(d / "features.npy", rows=n) == (240, small_params.model.fc_dim)
+    assert check_npy(d / "pca_features.npy", rows=n) == (240, small_params.pca.dim)
     assert check_npz(d / "pca.npz", PCAWhitening.ARRAYS)["components"] == (32, 16)
     assert check_npz(d / "clusters.npz", CLUSTERING_ARRAYS)["centroids"] == (10, 16)
     assert len(check_assignments(d / "assignments.parquet", load_split(tiny_run.dataset).ids)) == 240
     assert check_json(d / "metrics.json")["epoch"] == 2
-    assert verify_checkpoint(tiny_run.checkpoint(2), small_params["model"], 1, 2)["epoch"] == 2
+    assert verify_checkpoint(tiny_run.checkpoint(2), small_params.model, 1, 2)["epoch"] == 2
 
 
 @pytest.mark.parametrize("name, check", [
@@ -159,14 +159,14 @@ def test_checkpoint_of_another_architecture_is_refused_not_trained_on(tiny_run, 
 
 def test_architecture_check_compares_the_input_channels(tiny_run, small_params):
     ckpt = load_checkpoint(tiny_run.checkpoint(1))
-    check_architecture(ckpt, small_params["model"], 1, "x.pt")
+    check_architecture(ckpt, small_params.model, 1, "x.pt")
     with pytest.raises(StageError, match=r"input channels: 1 in the checkpoint, 3 in the dataset"):
-        check_architecture(ckpt, small_params["model"], 3, "x.pt")
+        check_architecture(ckpt, small_params.model, 3, "x.pt")
 
 
 def test_checkpoint_of_another_epoch_is_refused(tiny_run, small_params):
     with pytest.raises(DamagedArtifact, match="holds epoch 1's network, not epoch 2's"):
-        verify_checkpoint(tiny_run.checkpoint(1), small_params["model"], 1, 2)
+        verify_checkpoint(tiny_run.checkpoint(1), small_params.model, 1, 2)
 
 
 # ---------------------------------------------------------------- disk space

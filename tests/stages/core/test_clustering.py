@@ -9,9 +9,10 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
 from stages.core.assignments import nmi
-from stages.core.clustering import (Clustering, absorb_singletons, cluster_features, cluster_means, knn_graph,
+from stages.core.clustering import (Clustering, absorb_singletons, cluster_means, knn_graph,
                                     load_clustering, number_of_clusters, run_kmeans, run_pic, save_clustering)
 from stages.core.errors import StageError
+from stages.core.params import apply_overrides
 
 
 def blobs(n: int, centers: int, seed: int = 1, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -122,15 +123,12 @@ def test_save_load_round_trip(tmp_path):
         load_clustering(tmp_path / "nope.npz")
 
 
-def test_k_auto_is_one_cluster_per_images_per_cluster_images():
-    section = {"k": "auto", "images_per_cluster": 64}
+def test_k_auto_is_one_cluster_per_images_per_cluster_images(small_params):
+    section = apply_overrides(small_params, {"cluster.k": "auto", "cluster.images_per_cluster": 64}).cluster
     assert number_of_clusters(section, 20000) == 312
     assert number_of_clusters(section, 4000) == 62
     assert number_of_clusters(section, 50) == 2  # never fewer than two clusters
-    assert number_of_clusters({"k": 100, "images_per_cluster": 64}, 20000) == 100
-    for bad in (10.5, "many", True):
-        with pytest.raises(StageError, match="whole number of clusters, or auto"):
-            number_of_clusters({"k": bad, "images_per_cluster": 64}, 1000)
+    assert number_of_clusters(apply_overrides(small_params, {"cluster.k": 100}).cluster, 20000) == 100
 
 
 # ---------------------------------------------------------------- Power Iteration Clustering
@@ -254,14 +252,6 @@ def test_pic_parameters_out_of_range_stop_with_the_key_and_the_fix(change, messa
     settings = {"neighbours": 5, "sigma": 0.2, "alpha": 1e-3, "iterations": 200, **change}
     with pytest.raises(StageError, match=re.escape(message)):
         run_pic(x, device="cpu", **settings)
-
-
-def test_pic_refuses_a_number_of_clusters_instead_of_ignoring_it(small_params):
-    section = {**small_params["cluster"], "method": "pic", "k": 100}
-    with pytest.raises(StageError, match="finds the number of clusters itself: set cluster.k: auto"):
-        cluster_features(section, np.zeros((50, 4), dtype=np.float32), seed=0)
-    with pytest.raises(StageError, match="'spectral' is not a clustering method: use one of kmeans, pic"):
-        cluster_features({**section, "method": "spectral"}, np.zeros((50, 4), dtype=np.float32), seed=0)
 
 
 def test_the_approximate_graph_finds_nearly_the_exact_neighbours():

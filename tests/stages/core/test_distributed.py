@@ -92,9 +92,9 @@ def test_one_named_gpu_for_several_processes_and_more_processes_than_gpus_are_re
         check_world(8, device="auto", gpus=4, local_size=8)
 
 
-def test_node_rank_must_be_below_nnodes():
+def test_node_rank_must_be_below_nnodes(small_params):
     with pytest.raises(StageError, match=r"run.node_rank=2 but run.nnodes=2"):
-        check_launch({"node_rank": 2, "nnodes": 2})
+        check_launch(apply_overrides(small_params, {"run.node_rank": 2, "run.nnodes": 2}).run)
 
 
 def test_schema_refuses_a_bad_endpoint_and_backend(small_params):
@@ -108,7 +108,7 @@ def test_global_batchnorm_keeps_the_parameters_the_optimizer_holds_and_the_check
     from stages.core.distributed import GlobalBatchNorm2d, global_batchnorm
     from stages.core.models import build_model
 
-    model = build_model(small_params["model"], 1, 28)
+    model = build_model(small_params.model.model_dump(), 1, 28)
     before = {name: p for name, p in model.named_parameters()}
     keys = list(model.state_dict())
     converted = global_batchnorm(model, torch.device("cpu"))
@@ -118,7 +118,7 @@ def test_global_batchnorm_keeps_the_parameters_the_optimizer_holds_and_the_check
     assert bns and all(type(m) is GlobalBatchNorm2d for m in bns)
     # one process: plain BatchNorm
     x = torch.randn(8, 1, 28, 28)
-    ref = build_model(small_params["model"], 1, 28)
+    ref = build_model(small_params.model.model_dump(), 1, 28)
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(model.train().conv_activations(x)[-1], ref.train().conv_activations(x)[-1])
 
@@ -270,7 +270,7 @@ def test_two_nodes_meet_at_the_endpoint_and_write_one_features_file(fashion_data
     layout = RunLayout(fashion_dataset, tmp_path / "epochs", tmp_path / "ckpt")
     init_checkpoint(params, fashion_dataset, layout.checkpoint(0))
     layout.epochs_root.mkdir(parents=True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     follower = subprocess.Popen([sys.executable, "-m", "stages.core.distributed", "follow", "--params", "params.yaml",
                                  "--node-rank", "1", "--epochs-root", layout.epochs_root], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

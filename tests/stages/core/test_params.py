@@ -10,8 +10,11 @@ from stages.core.params import apply_overrides, load_params, parse_override
 
 def test_apply_overrides_sets_dotted_keys_and_leaves_the_input_untouched(repo_params):
     out = apply_overrides(repo_params, {"cluster.k": 7, "model.sobel": False})
-    assert out["cluster"]["k"] == 7 and out["model"]["sobel"] is False
-    assert repo_params["cluster"]["k"] != 7  # a copy, not an in-place edit
+    assert out.cluster.k == 7 and out.model.sobel is False
+    assert repo_params.cluster.k != 7  # a new Params, not an in-place edit
+    raw = repo_params.model_dump()  # as read from a file: the dict is left as it was
+    assert apply_overrides(raw, {"cluster.k": 7}) == out.model_copy(update={"model": repo_params.model})
+    assert raw == repo_params.model_dump()
 
 
 @pytest.mark.parametrize("key", ["cluster.kk", "clusterr.k", "cluster.k.x"])

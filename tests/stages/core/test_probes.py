@@ -12,6 +12,7 @@ from stages.core.clustering import run_kmeans
 from stages.core.data import load_split, normalize
 from stages.core.errors import StageError
 from stages.core.models import build_model
+from stages.core.params import apply_overrides
 from stages.core.probes import (clustering_scores, conv_layer_names, extract_layer_features, fit_logistic,
                                 hungarian_accuracy, kmeans_quality, knn_accuracy, linear_probe, pixel_features,
                                 pool_grid, principal_basis)
@@ -31,11 +32,12 @@ def digits_split():
 
 
 @pytest.fixture(scope="module")
-def tiny_fashion(tmp_path_factory):
+def tiny_fashion(tmp_path_factory, small_params):
     if not Path(FASHION).exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("fashion") / "dataset"
-    prepare("fashion-mnist", FASHION, out, {"max_train_images": 300, "max_test_images": 100}, seed=0)
+    section = apply_overrides(small_params, {"prepare.max_train_images": 300, "prepare.max_test_images": 100}).prepare
+    prepare("fashion-mnist", FASHION, out, section, seed=0)
     return load_split(out, "train"), load_split(out, "test")
 
 

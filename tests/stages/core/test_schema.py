@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages.core import schema
 from stages.core.errors import StageError
@@ -42,7 +43,7 @@ NUMERIC = {
     "pca.dim": ([1], [0]),
     "pca.eps": ([1e-12], [0.0, -1e-5]),
     "pca.max_fit_rows": ([2], [1]),
-    "cluster.k": ([2, "auto"], [1, 0, 10.5]),
+    "cluster.k": ([2, "auto"], [1, 0, 10.5, True]),
     "cluster.images_per_cluster": ([1], [0]),
     "cluster.niter": ([1], [0]),
     "cluster.pic.neighbours": ([1], [0]),
@@ -108,10 +109,12 @@ def test_every_key_of_the_schema_has_cases_here():
     assert set(NUMERIC) | set(OTHER) == set(schema.leaf_fields())
 
 
-def test_the_repository_params_are_valid_and_come_back_as_plain_dicts(repo_params):
+def test_the_repository_params_are_valid_and_come_back_as_a_frozen_model():
     params = load_params(REPO / "params.yaml")
-    assert params == repo_params  # nothing to normalise in the project's file
-    assert all(type(section) is dict for section in params.values()) and type(params["cluster"]["pic"]) is dict
+    assert params.model_dump() == yaml.safe_load((REPO / "params.yaml").read_text())  # nothing to normalise
+    assert type(params) is schema.Params and type(params.cluster.pic) is schema.Pic
+    with pytest.raises(ValidationError, match="frozen"):
+        params.cluster.k = 3  # the stages share one Params: a changed copy goes through apply_overrides
 
 
 def _cases(table, which):
@@ -122,7 +125,7 @@ def _cases(table, which):
 def test_values_in_range_are_accepted(repo_params, key, value):
     got = apply_overrides(repo_params, {key: value})
     for part in key.split("."):
-        got = got[part]
+        got = getattr(got, part)
     assert got == value
 
 
@@ -155,15 +158,15 @@ def test_numbers_written_like_1e_3_are_floats(tmp_path):
     path.write_text((REPO / "params.yaml").read_text().replace("  lr: 0.1 ", "  lr: 1e-3 "))
     assert yaml.safe_load(path.read_text())["train"]["lr"] == "1e-3"
     params = load_params(path)
-    assert params["train"]["lr"] == 0.001 and type(params["train"]["lr"]) is float
-    assert load_params(REPO / "params.yaml", {"pca.eps": "2e-5"})["pca"]["eps"] == 2e-5
+    assert params.train.lr == 0.001 and type(params.train.lr) is float
+    assert load_params(REPO / "params.yaml", {"pca.eps": "2e-5"}).pca.eps == 2e-5
 
 
 def test_counts_are_whole_numbers_and_an_int_is_a_float():
-    assert load_params(REPO / "params.yaml", {"train.lr": 1})["train"]["lr"] == 1.0
+    assert load_params(REPO / "params.yaml", {"train.lr": 1}).train.lr == 1.0
     # 1e4 (a string to YAML 1.1) and 10000.0 are the whole number 10000: the paper's ImageNet k
     for k in ("1e4", 10000.0):
-        got = load_params(REPO / "params.yaml", {"cluster.k": k})["cluster"]["k"]
+        got = load_params(REPO / "params.yaml", {"cluster.k": k}).cluster.k
         assert got == 10000 and type(got) is int
     with pytest.raises(StageError, match="cluster.k=10.5 is not allowed: cluster.k must be int ≥ 2, or auto"):
         load_params(REPO / "params.yaml", {"cluster.k": 10.5})

@@ -65,10 +65,6 @@ class EvaluationData:
     n_classes: int
     class_names: list[str] | None
 
-    @property
-    def held_out(self) -> str:
-        return "the test split" if self.test is not self.train else "train images outside the subset"
-
 
 @dataclass(frozen=True)
 class ReportInputs:
@@ -203,9 +199,8 @@ def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, da
     The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
     of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds.
     """
-    n_inits = params.evaluate.random_inits
     knn, acc, nmi = [first["knn.random"]], [first["cluster.random.acc"]], [first["cluster.random.nmi"]]
-    for i in range(1, n_inits):
+    for i in range(1, params.evaluate.random_inits):
         ckpt = seeded_init_network(params, dataset, trained, params.run.seed + i, device)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
         k, q = network_fc_scores(model, data, params, device, seed, params.evaluate.kmeans_runs)
@@ -213,10 +208,10 @@ def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, da
     return {"knn.random_inits": float(np.mean(knn)), "knn.random_inits_std": float(np.std(knn)),
             "cluster.random_inits.acc": float(np.mean(acc)), "cluster.random_inits.acc_std": float(np.std(acc)),
             "cluster.random_inits.nmi": float(np.mean(nmi)), "cluster.random_inits.nmi_std": float(np.std(nmi)),
-            "random_inits": n_inits}
+            "random_inits": params.evaluate.random_inits}
 
 
-def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[dict, int]:
+def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[dict, dict]:
     cfg, crop = params.evaluate, params.extract.crop_size
     xtr = pixel_features(data.train, data.train_rows, crop_size=crop, max_dim=cfg.probe_dim)
     xte = pixel_features(data.test, data.test_rows, crop_size=crop, max_dim=cfg.probe_dim)
@@ -227,7 +222,7 @@ def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[di
     # the usual raw-pixel baseline: plain k-means on the pixel vectors, no PCA-whitening
     q = kmeans_quality(xte, yte, k=n, niter=params.cluster.niter, seed=seed, runs=cfg.kmeans_runs, pca_dim=None)
     metrics.update({f"cluster.pixels.{k}": v for k, v in q.items()})
-    return metrics, r
+    return metrics, {"pixels": r}  # as the networks' probes: layer -> probe
 
 
 def evaluation_data(cfg: Evaluate, dataset: str | Path, seed: int) -> EvaluationData:
@@ -336,10 +331,11 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
         return "n/a" if r is None else f"{pct(r['accuracy'])} ({r['weight_decay']:g})"
 
     data, cfg = info.data, info.settings
+    held_out = "the test split" if data.test is not data.train else "train images outside the subset"
     lines = ["# DeepCluster evaluation", "",
              f"Network: `{info.checkpoint}` (epoch {metrics.get('checkpoint_epoch')}); random init: {info.random_source}.",
              f"Probes and kNN train on {len(data.train_rows)} images of the train split and are tested on "
-             f"{len(data.test_rows)} held-out images ({data.held_out}).", ""]
+             f"{len(data.test_rows)} held-out images ({held_out}).", ""]
     if data.labelled:
         lines += ["## Linear probes (test accuracy, %)", "",
                   f"Frozen features, conv blocks average-pooled to at most {cfg.probe_dim} dims; multinomial "
@@ -472,8 +468,7 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
         nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
         nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
         data = evaluation_data(cfg, dataset, seed)
-        summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data.train_rows),
-                       n_test=len(data.test_rows))
+        summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data.train_rows), n_test=len(data.test_rows))
 
         picture_layers = tuple(cfg.picture_layers) if cfg.pictures else ()
         extras, probes = {}, {}
@@ -492,7 +487,6 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
                 m, probes["pixels"] = evaluate_pixels(data, params, seed)
             summary.update(m)
             summary["test_nmi_k_classes"] = summary["cluster.trained.nmi"]
-            probes["pixels"] = {"pixels": probes["pixels"]}
             seconds["raw pixels"] = tp.seconds
 
         written = []

@@ -95,7 +95,6 @@ def init_checkpoint(params: Params, dataset: str | Path, path: str | Path) -> No
     """Epoch 0: the seeded random network that the first clustering runs on."""
     images = load_split(dataset, "train")
     torch.manual_seed(seed_for(params.run.seed, 0, "init"))
-    model_params = params.model.model_dump()
-    model = build_model(model_params, images.channels, params.train.crop_size)
-    save_checkpoint(path, model=model, epoch=0, model_params=model_params, in_channels=images.channels,
+    model = build_model(params.model.model_dump(), images.channels, params.train.crop_size)
+    save_checkpoint(path, model=model, epoch=0, model_params=params.model.model_dump(), in_channels=images.channels,
                     image_size=params.train.crop_size)

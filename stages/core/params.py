@@ -11,14 +11,13 @@ import yaml
 
 from stages.core import schema
 from stages.core.errors import StageError
-from stages.core.schema import Params
 
 PARAMS_FILE = "params.yaml"
 
 
 # ---------------------------------------------------------------- params
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None,
-                origin: str = "override") -> Params:
+                origin: str = "override") -> schema.Params:
     """Read params.yaml, apply dotted overrides such as {"cluster.k": 100} and validate the result
     against stages/core/schema.py: a frozen Params, normalised (e.g. "1e-3" -> 0.001), or a StageError that
     names every bad key and its fix. Nothing has run, nothing is deleted before this returns."""
@@ -44,12 +43,11 @@ def yaml_problem(path: str | os.PathLike, e: "yaml.YAMLError") -> str:
             f"its section; quote values holding ': ' or ' #'), or restore the file (`git diff {path}`)")
 
 
-def apply_overrides(params: Params | dict, overrides: dict, source: str = "params.yaml",
-                    origin: str = "override") -> Params:
-    """A new Params: `params` (validated, or as read from a file) with dotted keys set, validated against
-    stages/core/schema.py: unknown keys are refused (with a suggestion) so typos don't pass silently, bad
-    values are named with their fix."""
-    params = params.model_dump() if isinstance(params, Params) else copy.deepcopy(params)
+def apply_overrides(params: schema.Params | dict, overrides: dict, source: str = "params.yaml",
+                    origin: str = "override") -> schema.Params:
+    """A new Params: `params` (or a dict as read from YAML) with dotted keys set, validated against the schema:
+    unknown keys are refused (with a suggestion) so typos don't pass silently, bad values named with their fix."""
+    params = params.model_dump() if isinstance(params, schema.Params) else copy.deepcopy(params)
     if not isinstance(params, dict):
         schema.validate(params, source)  # says what params.yaml must be
     keys = schema.leaf_fields()

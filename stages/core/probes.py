@@ -194,8 +194,6 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     _check_xy(x_test, y_test, "probe test")
     if x_train.shape[1] != x_test.shape[1]:
         raise StageError(f"probe: train features have {x_train.shape[1]} dims, test features {x_test.shape[1]}")
-    if not weight_decays or min(weight_decays) <= 0:
-        raise StageError(f"probe: evaluate.probe_weight_decays must be positive numbers, got {weight_decays}")
     n_classes = int(n_classes or max(y_train.max(), y_test.max()) + 1)
     mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = x_train.std(axis=0, dtype=np.float64).astype(np.float32) + 1e-6
@@ -286,7 +284,7 @@ def kmeans_quality(x: np.ndarray, labels: np.ndarray, *, k: int, niter: int, see
     pca_dim: preprocess as DeepCluster does (PCA-whitening then L2 normalisation) before clustering;
     None clusters x as it is (the usual raw-pixel baseline).
     """
-    if runs < 1:
+    if runs < 1:  # screen's --kmeans-runs reaches here without the schema
         raise StageError(f"evaluate.kmeans_runs={runs}: need at least one k-means run")
     if pca_dim is not None:
         x = fit_pca_whitening(x, min(pca_dim, x.shape[1]), eps).transform(x)

@@ -119,8 +119,7 @@ def doc(text: str) -> Any:
 
 
 class Section(BaseModel):
-    # frozen: the stages share one validated Params; a changed copy goes through apply_overrides (validated)
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # one Params, shared by every stage: none may change it
 
 
 # ------------------------------------------------------------------ the sections

@@ -42,7 +42,6 @@ def test_the_plan_prefers_faiss_on_all_gpus_then_torch_on_one_gpu_then_the_cpu(d
     ("gpu", None, 0, "faiss is not installed"),
     ("cpu", None, 2, "faiss, which is not installed"),
     ("auto", None, 0, "nothing to cluster with"),
-    ("cuda", 1, 1, "use auto"),
 ])
 def test_impossible_plans_say_why_and_what_to_set(device, faiss_gpus, torch_gpus, says):
     with pytest.raises(StageError, match=says):

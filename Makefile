@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 FAISS ?= cpu
 PORT ?= 4200
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# The offline-safe environment (no telemetry, state in the project) is set by `import pipeline`
-# (pipeline.OFFLINE_ENV); DVC's own analytics are off in .dvc/config.
+# The offline-safe environment (no telemetry, state in the project) is set by each command line's main()
+# (pipeline.offline_environment); DVC's own analytics are off in .dvc/config.
 # dvc.yaml's commands call `python -m ...`: the project's environment must come first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 

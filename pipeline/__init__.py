@@ -1,13 +1,12 @@
 """Orchestration: the Prefect flow that loops DeepCluster's stages and everything around it.
 
 flow (the epoch loop), workspace (run lock, run identity, resume), versioning (DVC), tracking
-(MLflow, Prefect artifacts, the `publish` stage), serve (local Prefect server + deployment), inspect
-(per-epoch assignments), ablate (single-stage reruns), apply_preset (params.yaml presets),
-benchmark (the measurements behind the defaults).
+(MLflow, Prefect artifacts, the `publish` stage), serve (local Prefect server + deployment), logs (the
+Prefect API a run reports to, its console), cli (the `deepcluster` command), tools/ (inspect, ablate,
+studies, screen, compare, benchmark, gpu_check), apply_preset (params.yaml presets).
 
-Importing this package sets the offline-safe environment (OFFLINE_ENV) before Prefect or MLflow are
-imported: no telemetry or analytics (there is no internet), Prefect state inside the project,
-MLflow on a SQLite file in the project. Anything already set in the environment wins.
+Importing this package changes nothing: a command line's main() calls offline_environment() first,
+before Prefect or MLflow is imported (both read the environment when imported).
 """
 import json
 import os
@@ -15,25 +14,37 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# Commands run from the project root (as dvc does), so state lands beside params.yaml.
-PROJECT_ROOT = Path.cwd()
 
-OFFLINE_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-# Prefect waits 20 s for its temporary server by default; on a small machine busy with other jobs
-# the server's start (imports, database migrations) takes longer, and the run would fail before it began.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+def project_root() -> Path:
+    """The project: where params.yaml and dvc.yaml are. Every entry point runs there (DVC runs its
+    commands from the project root), so it is the current directory, taken when asked."""
+    return Path.cwd()
+
+
+def offline_environment(root: Path | None = None) -> None:
+    """Set the offline-safe defaults of a command line; anything already set in the environment wins.
+
+    No telemetry or analytics (there is no internet), Prefect's state in the project (.prefect/). MLflow's
+    store is the project's mlflow.db (pipeline.tracking.tracking_uri). Call it first in main(): Prefect
+    reads its settings, logging and analytics switches, and MLflow its telemetry switch, when imported.
+    """
+    root = project_root() if root is None else Path(root)
+    defaults = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        # Prefect waits 20 s for its temporary server by default; on a small machine busy with other jobs the
+        # server's start (imports, database migrations) takes longer, and the run would fail before it began.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
 
 
 def prefect_state_dir() -> Path:
-    return Path(os.environ["PREFECT_HOME"])
+    return Path(os.environ.get("PREFECT_HOME") or project_root() / ".prefect")
 
 
 def healthy(url: str, timeout: float = 1.0) -> bool:
@@ -53,10 +64,10 @@ def alive(pid: int | None, marker: str) -> bool:
 
 
 def project_server_url() -> str | None:
-    """The API URL of this project's Prefect server (`make serve`) if it is up, else None.
+    """The API URL of this project's Prefect server (`deepcluster serve start`) if it is up, else None.
 
-    `pipeline.serve start` records it in .prefect/server.json; a flow started from the CLI or `dvc
-    repro` while the server is up reports to it, so the run shows in its UI.
+    `serve start` records it in .prefect/server.json; a flow started from the CLI or `dvc repro` while
+    the server is up reports to it, so the run shows in its UI.
     """
     try:
         info = json.loads((prefect_state_dir() / "server.json").read_text())

@@ -6,7 +6,7 @@ finished stage. Entry points, all on params.yaml:
 
     dvc repro                                     # the deepcluster stage runs `python -m pipeline.flow`
     prefect deployment run 'deepcluster/local' --param epochs=3 --param overrides='{"cluster.k": 50}'
-    python -m pipeline.flow --set run.epochs=3 --set cluster.k=50
+    deepcluster run --set run.epochs=3 --set cluster.k=50   # = python -m pipeline.flow ...
 
 Outside `dvc repro`, overrides are written into params.yaml first (as `dvc exp run -S` does) and the
 run ends with `dvc commit deepcluster` + `dvc repro` (final evaluation, publishing), so dvc.lock
@@ -14,11 +14,15 @@ describes the workspace whichever entry point ran.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python -m pipeline.flow` (dvc.yaml's command): this module makes its Prefect flow and tasks when imported,
+    # and Prefect reads its settings, logging and analytics switches then, so the command line's environment first.
+    from pipeline import offline_environment
+
+    offline_environment()
+
 import argparse
-import contextlib
-import functools
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -26,15 +30,14 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
-import pipeline  # noqa: F401  (offline-safe environment defaults, before prefect/mlflow import)
-from pipeline import PROJECT_ROOT, project_server_url, tracking
+from pipeline import offline_environment, project_root, tracking
+from pipeline.logs import reporting
 from pipeline.versioning import STAGE, DvcWorkspace, under_dvc_stage
 from pipeline.workspace import (claim_workspace, refuse_resume, remove_stale_temp_files, resume_problems, run_identity,
                                 workspace_lock)
 from stages.core.checkpoints import init_checkpoint
-from stages.core.errors import StageError, TransientError, cli_errors, failure_message, first_line, is_transient
+from stages.core.errors import StageError, TransientError, cli_errors, failure_message, is_transient
 from stages.core.io import read_json, write_json
 from stages.core.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention,
                                 keeps_checkpoint, report)
@@ -101,7 +104,7 @@ def dvc_stage_outs(root: Path) -> list[Path]:
 
 def versioned_workspace(layout: RunLayout, params_file: str | Path, enabled: bool) -> DvcWorkspace | None:
     """The DVC project to version this run in, or None: off, not a DVC project, or paths not dvc.yaml's."""
-    ws = DvcWorkspace.find(PROJECT_ROOT) if enabled else None
+    ws = DvcWorkspace.find(project_root()) if enabled else None
     if ws is None:
         return None
     ours = {layout.epochs_root.resolve(), layout.checkpoints.resolve()}
@@ -269,79 +272,8 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
     return metrics
 
 
-# ------------------------------------------------------------------ the temporary Prefect server
-def die_with(parent: int):
-    """A subprocess preexec_fn: the child gets SIGTERM when `parent` dies, however it dies (kill -9 included)."""
-    import ctypes
-    import signal
-
-    def preexec() -> None:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def start_temporary_server() -> str:
-    """Start the temporary Prefect server a run without a server reports to, tied to this process;
-    returns its API URL.
-
-    Prefect starts one itself on the first API call (prefect.server.api.server.SubprocessASGIServer,
-    a uvicorn child on a random port) and stops it at exit, but a flow killed with kill -9 (or by the
-    OOM killer) never exits normally, and its server (about 200 MB) would run on forever. Here it is
-    started before the flow as Prefect would, registered as Prefect's own instance (so Prefect reuses
-    it), with PR_SET_PDEATHSIG: the kernel stops it when this process dies.
-    """
-    import subprocess
-
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class ServerDyingWithFlow(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            popen = subprocess.Popen
-            subprocess.Popen = functools.partial(popen, preexec_fn=die_with(os.getpid()))
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = popen
-
-    server = ServerDyingWithFlow()  # SubprocessASGIServer() now returns it: one instance per port (None: any)
-    try:
-        server.start()
-    except RuntimeError as e:
-        variable = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-        raise StageError(f"the temporary Prefect server did not answer within {os.environ.get(variable)} s "
-                         f"({first_line(e)}): on a busy machine wait longer (export {variable}=600), or start "
-                         "one server for all runs with `make serve`") from e
-    return server.api_url
-
-
-class _WithoutTracebackForKnownErrors(logging.Formatter):
-    """Prefect logs a failed flow run with its traceback; on the console a StageError or TransientError
-    shows as its message only, which says what to do (the Prefect UI keeps the traceback)."""
-
-    def __init__(self, inner: logging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info and isinstance(record.exc_info[1], (StageError, TransientError)):
-            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-        return self.inner.format(record)
-
-
-def quiet_known_errors_on_console() -> None:
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
-                                                                         _WithoutTracebackForKnownErrors):
-            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))
-
-
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()  # for callers of main(); `python -m pipeline.flow` and `deepcluster run` set it before the import
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -357,12 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = dict(parse_override(s) for s in args.set)
         # Before anything starts or is deleted (--fresh): a bad value fails now, not hours into the run.
         load_params(args.params, overrides, origin="--set")
-        quiet_known_errors_on_console()
-        url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
-        if not url and not PREFECT_API_URL.value():
-            start_temporary_server()  # instead of Prefect, so that it dies with this process
-        # report to `make serve`'s Prefect server when it is up, so the run shows in its UI
-        with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():
+        with reporting():
             deepcluster(overrides=overrides, params_file=args.params, dataset=args.dataset,
                         epochs_root=args.epochs_root, checkpoints=args.checkpoints, fresh=args.fresh,
                         dvc=not args.no_dvc)

@@ -1,10 +1,10 @@
 """Serve the DeepCluster flow as a Prefect deployment on a local Prefect server (`make serve` / `make stop`).
 
-    python -m pipeline.serve start [--port 4200] [--name local]   # server + deployment, in the background
-    source .prefect/env.sh                                        # PREFECT_HOME / PREFECT_API_URL for the CLI
+    deepcluster serve start [--port 4200] [--name local]   # server + deployment, in the background
+    source .prefect/env.sh                                 # PREFECT_HOME / PREFECT_API_URL for the Prefect CLI
     prefect deployment run 'deepcluster/local' --param epochs=3 --param overrides='{"cluster.k": 50}' --watch
-    python -m pipeline.serve status
-    python -m pipeline.serve stop
+    deepcluster serve status
+    deepcluster serve stop                                 # (each also as python -m pipeline.serve ...)
 
 Both processes bind to 127.0.0.1 and keep their state (database, pid files, logs) in .prefect/; each
 deployment run executes in a subprocess in the project root, on its params.yaml, data and DVC repository.
@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import PROJECT_ROOT, alive, healthy, prefect_state_dir, project_server_url
+from pipeline import alive, healthy, offline_environment, prefect_state_dir, project_root, project_server_url
 
 DEFAULT_PORT = 4200
 DEFAULT_NAME = "local"
@@ -39,7 +39,7 @@ def api_url(port: int) -> str:
 
 
 def service_env(port: int) -> dict[str, str]:
-    env = dict(os.environ)  # holds pipeline.OFFLINE_ENV since this package was imported
+    env = dict(os.environ)  # holds the offline environment: main() set it
     env.update(PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
     # Flow runs call `dvc repro`, whose commands run `python -m ...`: this environment's python first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -57,7 +57,7 @@ def _read_pid(name: str) -> int | None:
 def _spawn(cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
     """Start cmd in the background in its own session (so `stop` can signal its whole process group)."""
     with open(_file(f"{name}.log"), "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(cmd, cwd=project_root(), env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     _file(f"{name}.pid").write_text(f"{proc.pid}\n")
     return proc
@@ -175,6 +175,7 @@ def _runner(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()  # the runner imports Prefect, and both services inherit this environment
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("start", help="start the Prefect server and serve the deployment (background)")
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "status":
         sys.exit(status())
     elif args.command == "env":
-        print(_file("env.sh").read_text() if _file("env.sh").exists() else "# not started: python -m pipeline.serve start")
+        print(_file("env.sh").read_text() if _file("env.sh").exists() else "# not started: deepcluster serve start")
     else:
         _runner(args.name)
 

@@ -12,16 +12,18 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
-
-from pipeline import PROJECT_ROOT
+from pipeline import offline_environment, project_root
 from stages.core.assignments import size_histogram
 from stages.core.errors import StageError
 from stages.core.io import read_json
 from stages.core.layout import (CHECKPOINTS, EPOCHS_ROOT, EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, LAST_CHECKPOINT,
                                 METRICS, RUN_FILE)
 from stages.core.params import flatten
+
+if TYPE_CHECKING:  # imported where used: MLflow reads its telemetry switch when imported (offline_environment)
+    import mlflow
 
 EXPERIMENT = "deepcluster"
 
@@ -33,7 +35,7 @@ PROGRESS_KEY = "deepcluster-progress"
 
 def tracking_uri() -> str:
     # MLflow 3's default store is this SQLite file; the file store is deprecated.
-    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}")
+    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{project_root() / 'mlflow.db'}")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -53,6 +55,8 @@ def start_run(params: dict | None = None, run_name: str | None = None, run_id: s
     """Start an MLflow run in the project's experiment, or resume `run_id` (a resumed DeepCluster run
     keeps its MLflow run). A run id or parent the store no longer has (mlflow.db deleted or
     replaced) is dropped: the figures go to a new top-level run rather than nowhere."""
+    import mlflow
+
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
@@ -68,6 +72,8 @@ def start_run(params: dict | None = None, run_name: str | None = None, run_id: s
 
 
 def _existing_run(run_id: str | None) -> str | None:
+    import mlflow
+
     if run_id is None:
         return None
     try:
@@ -89,16 +95,22 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
 
 
 def log_epoch(metrics: dict, epoch: int) -> None:
+    import mlflow
+
     mlflow.log_metrics(numeric_metrics({k: v for k, v in metrics.items() if k != "epoch"}), step=epoch)
 
 
 def epoch_logged(run_id: str, epoch: int, key: str = "train_loss") -> bool:
     """Whether the run already holds `epoch`'s figures (a run killed after logging them resumes)."""
+    import mlflow
+
     history = mlflow.tracking.MlflowClient(tracking_uri()).get_metric_history(run_id, key)
     return any(m.step == epoch for m in history)
 
 
 def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
     for path in paths:
         path = Path(path)
         if path.is_dir():
@@ -146,6 +158,8 @@ class Progress:
 def log_evaluation(eval_dir: str | Path, prefix: str = "evaluation") -> None:
     """Into the active run: the final figures (`final.<key>`, step = the run's last epoch) and the
     evaluation's files (metrics, report, curves, score tables, pictures)."""
+    import mlflow
+
     eval_dir = Path(eval_dir)
     metrics = read_json(eval_dir / METRICS)
     mlflow.log_metrics({f"final.{k}": v for k, v in numeric_metrics(metrics).items()}, step=int(metrics.get("epochs") or 0))
@@ -169,6 +183,7 @@ def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) ->
 
 
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     pub = sub.add_parser("publish", help="log the final evaluation and the last model to the run's MLflow run")

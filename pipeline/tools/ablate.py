@@ -4,7 +4,7 @@
     python -m pipeline.tools.ablate cluster --epoch 6 --set run.seed=1 --name seed1   # another k-means seed
     python -m pipeline.tools.ablate labels --epoch 7 --previous 3 --name vs3          # NMI against epoch 3
     python -m pipeline.tools.ablate evaluate --epoch 10 --set pca.dim=32 --name eval-pca32
-    python -m pipeline.tools.ablate list                                              # side by side
+    python -m pipeline.tools.ablate list                                              # = deepcluster compare --ablations
     python -m pipeline.tools.inspect compare 6 k50:6                                  # vs the main run
 
 Each reruns the named stage and the chain after it up to `labels` (or `evaluate final` on the epoch's
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import yaml
 
-import pipeline  # noqa: F401  (offline-safe environment defaults, before mlflow import)
-from pipeline import PROJECT_ROOT, tracking
+from pipeline import offline_environment, project_root, tracking
 from pipeline.versioning import DvcWorkspace
 from stages.core.assignments import nmi_between, read_assignments
 from stages.core.checkpoints import load_checkpoint
@@ -213,7 +212,7 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
         os.rename(tmp, final)  # all or nothing: a killed ablation leaves only a hidden temp directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ws = DvcWorkspace.find(PROJECT_ROOT) if dvc else None
+    ws = DvcWorkspace.find(project_root()) if dvc else None
     if ws is not None:
         record["dvc_file"] = str(ws.add(final).relative_to(ws.root))
         log(f"versioned: {record['dvc_file']} (commit it with git: git add {record['dvc_file']} {root}/.gitignore)")
@@ -222,7 +221,8 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
     return record
 
 
-def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = EPOCHS_ROOT):
+def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = EPOCHS_ROOT) -> str:
+    """Every ablation under `root` beside the main run's same epoch (`ablate list`, `compare --ablations`)."""
     import pandas as pd
 
     rows = []
@@ -236,10 +236,11 @@ def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = 
                      "clusters": m.get("n_clusters"), "nmi_labels": m.get("nmi_labels"),
                      "main_nmi_labels": main.get("nmi_labels"), "nmi_previous": m.get("nmi_previous"),
                      "main_nmi_previous": main.get("nmi_previous"), "nmi_main": m.get("nmi_main")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).to_string(index=False) if rows else f"no ablation under {root}"
 
 
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()  # before MLflow is imported (log_to_mlflow)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=(*STAGES, "list"), help="the stage to rerun, or `list` the ablations")
     parser.add_argument("--epoch", type=int, help="the (finished) epoch whose stored inputs are used")
@@ -255,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with cli_errors("ablate"):
         if args.stage == "list":
-            table = list_ablations(epochs_root=args.epochs_root)
-            print(table.to_string(index=False) if len(table) else f"no ablation under {ABLATIONS_ROOT}")
+            print(list_ablations(epochs_root=args.epochs_root))
             return
         if args.epoch is None or not args.name:
             parser.error("--epoch and --name are required")

@@ -1,17 +1,18 @@
-"""The paper's ablations as DVC experiments on the workspace's data and params, and their comparison.
+"""The paper's studies as DVC experiments on the workspace's data and params, and their comparison.
 
-    python -m pipeline.tools.studies queue all --start   # `dvc exp run --queue` per row, then `dvc queue start`
-    dvc queue status                                # progress (`dvc queue logs <name>` for one run)
-    python -m pipeline.tools.studies report               # docs/ablations/: table (markdown) + pictures
+    deepcluster studies queue all --start   # `dvc exp run --queue` per row, then `dvc queue start`
+    dvc queue status                        # progress (`dvc queue logs study-<row>` for one run)
+    deepcluster studies report              # docs/studies/: table (markdown) + pictures
+    deepcluster compare --study k           # one study's table, printed only
 
 Studies (each row a whole DeepCluster run with the final evaluation of `dvc repro`):
 - clustering: k-means (the defaults) vs Power Iteration Clustering (paper Table 4);
 - input: the fixed Sobel layer (the defaults) vs raw pixels (paper Table 3);
 - k: the number of k-means clusters from 10 to 1,000, the defaults' `k: auto` among them (paper Fig. 2c).
-A row shared by several studies (the defaults) runs once. Experiments are named `abl-<row>`; `report`
+A row shared by several studies (the defaults) runs once. Experiments are named `study-<row>`; `report`
 reads `dvc exp show --json -A` (every baseline commit; the newest finished experiment of each name wins),
-and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`. Without an
-`abl-defaults` experiment, the defaults row is HEAD's committed data/eval (what `dvc repro` of the committed
+and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`. Without a
+`study-defaults` experiment, the defaults row is HEAD's committed data/eval (what `dvc repro` of the committed
 params gave, when it was committed with them).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stages.core.errors import StageError
 from stages.core.io import atomic_path
 from stages.core.layout import EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, METRICS
 
-PREFIX = "abl-"
+PREFIX = "study-"
 ROWS: dict[str, dict] = {  # row -> its params.yaml changes against the workspace's params
     "defaults": {},
     "pic": {"cluster.method": "pic", "cluster.k": "auto"},  # PIC finds the number of clusters itself
@@ -45,15 +46,19 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "input": ("defaults", "raw"),
     "k": ("k10", "k30", "k100", "defaults", "k1000"),
 }
-OUT = "docs/ablations"
+OUT = "docs/studies"
 
 
-def rows_of(studies: list[str]) -> list[str]:
-    names = ["clustering", "input", "k"] if "all" in studies else studies
+def study_names(studies: list[str]) -> list[str]:
+    names = list(STUDIES) if "all" in studies else studies
     unknown = [s for s in names if s not in STUDIES]
     if unknown:
         raise StageError(f"unknown study {', '.join(unknown)}: choose from {', '.join(STUDIES)} or all")
-    return list(dict.fromkeys(row for s in names for row in STUDIES[s]))
+    return names
+
+
+def rows_of(studies: list[str]) -> list[str]:
+    return list(dict.fromkeys(row for s in study_names(studies) for row in STUDIES[s]))
 
 
 def queue_command(row: str) -> list[str]:
@@ -83,13 +88,20 @@ def queue(studies: list[str], start: bool) -> None:
 
 
 # ------------------------------------------------------------------ report
+def exp_show() -> list:
+    """`dvc exp show --json -A`: the workspace, every baseline commit and their experiments, with params and metrics."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A", "--no-fetch"],
+                          capture_output=True, text=True, env=_dvc_env())
+    if done.returncode != 0:
+        raise StageError(f"`dvc exp show` failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(done.stdout)
+
+
 def experiments(show: list | None = None, states: tuple[str, ...] = ("success",)) -> dict[str, dict]:
-    """name -> {rev, timestamp, state} of each experiment in one of `states` (DVC's executor states: success,
-    queued, running, failed), from `dvc exp show --json -A`; the newest of a name wins."""
-    if show is None:
-        out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A", "--no-fetch"],
-                             check=True, capture_output=True, text=True, env=_dvc_env()).stdout
-        show = json.loads(out)
+    """name -> {rev, timestamp, state, data, baseline} of each experiment in one of `states` (DVC's executor
+    states: success, queued, running, failed), from exp_show(); the newest of a name wins. data and baseline:
+    the experiment's and its baseline commit's params and metrics, as `dvc exp show` gives them."""
+    show = exp_show() if show is None else show
     found: dict[str, dict] = {}
     for commit in show:
         for exp in commit.get("experiments") or []:
@@ -99,7 +111,8 @@ def experiments(show: list | None = None, states: tuple[str, ...] = ("success",)
                 continue
             name, stamp = exp.get("name") or rev.get("name"), (rev.get("data") or {}).get("timestamp") or ""
             if name and (name not in found or stamp > found[name]["timestamp"]):
-                found[name] = {"rev": rev["rev"], "timestamp": stamp, "state": state}
+                found[name] = {"rev": rev["rev"], "timestamp": stamp, "state": state, "data": rev.get("data") or {},
+                               "baseline": commit.get("data") or {}}
     return found
 
 
@@ -132,27 +145,41 @@ def _nmi(m: dict, key: str) -> str:
     return "–" if v is None else f"{v:.3f}" + (f" ± {s:.3f}" if s is not None else "")
 
 
-def table(rows: dict[str, dict]) -> str:
-    """One markdown row per (study, row): trained vs random init vs raw pixels, as the default run's report."""
-    lines = ["| study | experiment | change | clusters (last epoch) | NMI(t−1, t) last | best conv probe: trained / random | "
-             "kNN: trained / random / pixels | k-means (k = classes) ACC: trained / random / pixels | NMI: trained / random / pixels |",
+FIGURES = ("best conv probe: trained / random | kNN: trained / random / pixels | "
+           "k-means (k = classes) ACC: trained / random / pixels | NMI: trained / random / pixels")
+
+
+def figures(m: dict) -> str:
+    """An evaluation's figures (metrics.json or headline.json) as the cells under FIGURES, as the default run's report."""
+    return (f"{_pct(m, 'probe.trained.best')} / {_pct(m, 'probe.random.best')} | "
+            f"{_pct(m, 'knn.trained')} / {_pct(m, 'knn.random')} / {_pct(m, 'knn.pixels')} | "
+            f"{_pct(m, 'cluster.trained.acc', 'cluster.trained.acc_std')} / {_pct(m, 'cluster.random.acc')} / "
+            f"{_pct(m, 'cluster.pixels.acc')} | {_nmi(m, 'cluster.trained.nmi')} / {_nmi(m, 'cluster.random.nmi')} / "
+            f"{_nmi(m, 'cluster.pixels.nmi')}")
+
+
+def last_nmi(m: dict) -> str:
+    last = m.get("last_nmi_previous")
+    return "–" if last is None else f"{last:.3f}"
+
+
+def changes(params: dict) -> str:
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+
+
+def table(rows: dict[str, dict], studies: list[str] | None = None) -> str:
+    """One markdown row per (study, row): trained vs random init vs raw pixels."""
+    lines = [f"| study | experiment | change | clusters (last epoch) | NMI(t−1, t) last | {FIGURES} |",
              "|---|---|---|---:|---:|---|---|---|---|"]
-    for study, names in STUDIES.items():
-        for name in names:
+    for study in studies or STUDIES:
+        for name in STUDIES[study]:
             if name not in rows:
                 continue
             m, curves = rows[name]["metrics"], rows[name]["curves"]
-            change = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ROWS[name].items()) or "defaults"
             clusters = int(curves["n_clusters"].iloc[-1]) if curves is not None else "–"
-            last = m.get("last_nmi_previous")
             source = "`HEAD` (the committed run)" if rows[name].get("source") == "HEAD" else f"`{PREFIX}{name}`"
-            lines.append(
-                f"| {study} | {source} | {change} | {clusters} | {'–' if last is None else f'{last:.3f}'} | "
-                f"{_pct(m, 'probe.trained.best')} / {_pct(m, 'probe.random.best')} | "
-                f"{_pct(m, 'knn.trained')} / {_pct(m, 'knn.random')} / {_pct(m, 'knn.pixels')} | "
-                f"{_pct(m, 'cluster.trained.acc', 'cluster.trained.acc_std')} / {_pct(m, 'cluster.random.acc')} / "
-                f"{_pct(m, 'cluster.pixels.acc')} | {_nmi(m, 'cluster.trained.nmi')} / {_nmi(m, 'cluster.random.nmi')} / "
-                f"{_nmi(m, 'cluster.pixels.nmi')} |")
+            lines.append(f"| {study} | {source} | {changes(ROWS[name]) or 'defaults'} | {clusters} | {last_nmi(m)} | "
+                         f"{figures(m)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,24 +245,27 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def report(out: Path, show: list | None = None) -> str:
+def report(out: Path | None, show: list | None = None, studies: list[str] = ("all",)) -> str:
+    """The studies' table from the finished experiments; with `out`, written there with its pictures."""
+    names = rows_of(list(studies))
     done = experiments(show)
-    rows = {name: load_row(done[PREFIX + name]["rev"]) for name in ROWS if PREFIX + name in done}
-    if "defaults" not in rows and committed_file("HEAD", f"{EVAL}/{METRICS}") is not None:
+    rows = {name: load_row(done[PREFIX + name]["rev"]) for name in names if PREFIX + name in done}
+    if "defaults" in names and "defaults" not in rows and committed_file("HEAD", f"{EVAL}/{METRICS}") is not None:
         # the committed `dvc repro` of the committed params is the defaults row, when it was not run as an experiment
         rows["defaults"] = {**load_row("HEAD"), "source": "HEAD"}
     if not rows:
-        raise StageError(f"no finished experiment named {PREFIX}<row>: run `python -m pipeline.tools.studies queue all "
-                         "--start` first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")
-    text = table(rows)
-    missing = [PREFIX + n for n in ROWS if n not in rows]
+        raise StageError(f"no finished experiment named {PREFIX}<row>: run `deepcluster studies queue all --start` "
+                         "first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")
+    text = table(rows, study_names(list(studies)))
+    missing = [PREFIX + n for n in names if n not in rows]
     if missing:
         text += f"\nNot run yet: {', '.join(missing)}.\n"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "ablations.md") as tmp:
-        tmp.write_text(text)
-    plot_scores(rows, out / "ablations.png")
-    plot_curves_and_sizes(rows, out / "nmi_and_sizes.png")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "studies.md") as tmp:
+            tmp.write_text(text)
+        plot_scores(rows, out / "studies.png")
+        plot_curves_and_sizes(rows, out / "nmi_and_sizes.png")
     return text
 
 
@@ -246,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("studies", nargs="+", help=f"{', '.join(STUDIES)} or all")
     q.add_argument("--start", action="store_true", help="then start one queue worker (`dvc queue start -j 1`)")
     r = sub.add_parser("report", help="the studies' table and pictures from the finished experiments")
-    r.add_argument("--out", default=OUT, help="directory for ablations.md, ablations.png, nmi_and_sizes.png")
+    r.add_argument("--out", default=OUT, help="directory for studies.md, studies.png, nmi_and_sizes.png")
     args = parser.parse_args(argv)
     try:
         if args.command == "queue":

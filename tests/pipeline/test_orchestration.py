@@ -268,7 +268,7 @@ def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
     sh(["git", "commit", "-qm", "the tiny run"], p)
     run_now = [a for a in queue_command("pic") if a != "--queue"]  # the queued command, run in the foreground
     sh(run_now, p, served[1], timeout=600)
-    out = sh([PY, "-m", "pipeline.tools.studies", "report", "--out", str(tmp_path / "abl")], p).stdout
+    out = sh([PY, "-m", "pipeline.tools.studies", "report", "--out", str(tmp_path / "studies")], p).stdout
     row = next(line for line in out.splitlines() if line.startswith(f"| clustering | `{PREFIX}pic`"))
     n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
     metrics = read(p, "data/eval/metrics.json")
@@ -276,12 +276,17 @@ def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
     assert cells[2] == "cluster.method=pic, cluster.k=auto" and int(cells[3]) == n_clusters != K
     assert cells[5].startswith(f"{100 * metrics['probe.trained.best']:.1f} / ")
     assert read(p, "data/eval/cluster_sizes.json")["method"] == "pic"
-    # no abl-defaults experiment: the defaults row is the committed run (HEAD's data/eval), with its k = 8
+    # no study-defaults experiment: the defaults row is the committed run (HEAD's data/eval), with its k = 8
     head_row = next(line for line in out.splitlines() if line.startswith("| clustering | `HEAD` (the committed run)"))
     assert [c.strip() for c in head_row.strip("|").split("|")][2:4] == ["defaults", str(K)]
     assert f"Not run yet: {PREFIX}raw, {PREFIX}k10" in out
-    for picture in ("ablations.png", "nmi_and_sizes.png"):
-        assert (tmp_path / "abl" / picture).read_bytes()[:4] == b"\x89PNG"
+    for picture in ("studies.png", "nmi_and_sizes.png"):
+        assert (tmp_path / "studies" / picture).read_bytes()[:4] == b"\x89PNG"
+    # the same table through `deepcluster compare`: one study, printed only; and the experiment among all experiments
+    shown = sh([str(BIN / "deepcluster"), "compare", "--study", "clustering"], p).stdout
+    assert row in shown and "| k |" not in shown and not (p / "docs").exists()
+    shown = sh([str(BIN / "deepcluster"), "compare"], p).stdout
+    assert f"| `{PREFIX}pic` | " in shown and "cluster.method=pic, cluster.k=auto" in shown
 
 
 def pd_last(path: Path, column: str):

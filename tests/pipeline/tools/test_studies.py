@@ -35,14 +35,17 @@ def test_only_finished_experiments_are_reported_and_the_newest_of_a_name_wins():
         return {"name": name, "executor": {"state": state},
                 "revs": [{"rev": rev, "name": name, "error": None, "data": {"timestamp": stamp}}]}
     show = [{"rev": "workspace", "experiments": None},
-            {"rev": "c1", "experiments": [exp("abl-pic", "old", "2026-12-01T10:00:00")]},
-            {"rev": "c2", "experiments": [exp("abl-pic", "new", "2026-12-02T10:00:00"),
-                                          exp("abl-raw", "r", "2026-12-02T11:00:00", state="running"),
-                                          exp("abl-k30", "w", "2026-12-02T11:00:00", state="queued"),
-                                          exp("abl-k10", "q", "2026-12-02T11:00:00", state="failed")]}]
-    assert experiments(show) == {"abl-pic": {"rev": "new", "timestamp": "2026-12-02T10:00:00", "state": "success"}}
+            {"rev": "c1", "experiments": [exp("study-pic", "old", "2026-12-01T10:00:00")]},
+            {"rev": "c2", "experiments": [exp("study-pic", "new", "2026-12-02T10:00:00"),
+                                          exp("study-raw", "r", "2026-12-02T11:00:00", state="running"),
+                                          exp("study-k30", "w", "2026-12-02T11:00:00", state="queued"),
+                                          exp("study-k10", "q", "2026-12-02T11:00:00", state="failed")]}]
+    found = experiments(show)
+    assert {name: {k: e[k] for k in ("rev", "timestamp", "state")} for name, e in found.items()} == {
+        "study-pic": {"rev": "new", "timestamp": "2026-12-02T10:00:00", "state": "success"}}
+    assert found["study-pic"]["data"] == {"timestamp": "2026-12-02T10:00:00"}
     # queueing skips what is queued or running as well as what is done, and retries what failed
-    assert sorted(experiments(show, states=("success", "queued", "running"))) == ["abl-k30", "abl-pic", "abl-raw"]
+    assert sorted(experiments(show, states=("success", "queued", "running"))) == ["study-k30", "study-pic", "study-raw"]
 
 
 def test_table_puts_each_row_under_its_studies_with_trained_random_and_pixel_figures():

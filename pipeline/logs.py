@@ -1,0 +1,102 @@
+"""Where a command-line flow run reports, and how its console reads.
+
+reporting(): the Prefect API the run's states and logs go to (PREFECT_API_URL when set; else the project's
+server when `deepcluster serve start` runs, so the run shows in its UI; else a temporary server that
+dies with the run), with known errors shown on the console as their message only.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+
+from pipeline import project_server_url
+from stages.core.errors import StageError, TransientError, first_line
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    quiet_known_errors_on_console()
+    url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
+    if not url and not PREFECT_API_URL.value():
+        start_temporary_server()  # instead of Prefect, so that it dies with this process
+    with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():
+        yield
+
+
+# ------------------------------------------------------------------ the temporary Prefect server
+def die_with(parent: int):
+    """A subprocess preexec_fn: the child gets SIGTERM when `parent` dies, however it dies (kill -9 included)."""
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def start_temporary_server() -> str:
+    """Start the temporary Prefect server a run without a server reports to, tied to this process;
+    returns its API URL.
+
+    Prefect starts one itself on the first API call (prefect.server.api.server.SubprocessASGIServer,
+    a uvicorn child on a random port) and stops it at exit, but a flow killed with kill -9 (or by the
+    OOM killer) never exits normally, and its server (about 200 MB) would run on forever. Here it is
+    started before the flow as Prefect would, registered as Prefect's own instance (so Prefect reuses
+    it), with PR_SET_PDEATHSIG: the kernel stops it when this process dies. Prefect builds the uvicorn
+    command line and its environment in one method with no hook for a preexec_fn, so subprocess.Popen
+    is wrapped for that one call (Prefect's command is not copied here, and follows Prefect's upgrades).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ServerDyingWithFlow(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, preexec_fn=die_with(os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    server = ServerDyingWithFlow()  # SubprocessASGIServer() now returns it: one instance per port (None: any)
+    try:
+        server.start()
+    except RuntimeError as e:
+        variable = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        raise StageError(f"the temporary Prefect server did not answer within {os.environ.get(variable)} s "
+                         f"({first_line(e)}): on a busy machine wait longer (export {variable}=600), or start "
+                         "one server for all runs with `deepcluster serve start`") from e
+    return server.api_url
+
+
+# ------------------------------------------------------------------ the console
+class _WithoutTracebackForKnownErrors(logging.Formatter):
+    """Prefect logs a failed flow run with its traceback; on the console a StageError or TransientError
+    shows as its message only, which says what to do (the Prefect UI keeps the traceback)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], (StageError, TransientError)):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def quiet_known_errors_on_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
+                                                                         _WithoutTracebackForKnownErrors):
+            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))

@@ -1,12 +1,7 @@
-"""Orchestration: the Prefect flow that loops DeepCluster's stages and everything around it.
+"""Orchestration: the Prefect flow that loops DeepCluster's stages (flow) and everything around it.
 
-flow (the epoch loop), workspace (run lock, run identity, resume), versioning (DVC), tracking
-(MLflow, Prefect artifacts, the `publish` stage), serve (local Prefect server + deployment), logs (the
-Prefect API a run reports to, its console), cli (the `deepcluster` command), tools/ (inspect, ablate,
-studies, screen, compare, benchmark, gpu_check), apply_preset (params.yaml presets).
-
-Importing this package changes nothing: a command line's main() calls offline_environment() first,
-before Prefect or MLflow is imported (both read the environment when imported).
+Importing it changes nothing: a command line's main() calls offline_environment() first, before Prefect
+or MLflow is imported (both read the environment when imported).
 """
 import json
 import os
@@ -16,18 +11,14 @@ from pathlib import Path
 
 
 def project_root() -> Path:
-    """The project: where params.yaml and dvc.yaml are. Every entry point runs there (DVC runs its
-    commands from the project root), so it is the current directory, taken when asked."""
+    """Where params.yaml and dvc.yaml are: the current directory, when asked (DVC runs commands there)."""
     return Path.cwd()
 
 
 def offline_environment(root: Path | None = None) -> None:
-    """Set the offline-safe defaults of a command line; anything already set in the environment wins.
-
-    No telemetry or analytics (there is no internet), Prefect's state in the project (.prefect/). MLflow's
-    store is the project's mlflow.db (pipeline.tracking.tracking_uri). Call it first in main(): Prefect
-    reads its settings, logging and analytics switches, and MLflow its telemetry switch, when imported.
-    """
+    """A command line's offline-safe defaults (anything already set wins): no telemetry or analytics (there
+    is no internet), Prefect's state in the project's .prefect/ (MLflow's store, the project's mlflow.db, is
+    pipeline.tracking.tracking_uri). Call it first in main(): Prefect and MLflow read these when imported."""
     root = project_root() if root is None else Path(root)
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -47,9 +38,10 @@ def prefect_state_dir() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or project_root() / ".prefect")
 
 
-def healthy(url: str, timeout: float = 1.0) -> bool:
+def healthy(url: str, path: str = "/health", timeout: float = 1.0) -> bool:
+    """The Prefect API at `url` answers `path` (its health check by default)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

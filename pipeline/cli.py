@@ -1,11 +1,7 @@
-"""deepcluster: every command line of the project under one name.
+"""deepcluster: every command line of the project under one name, e.g. `deepcluster run --set cluster.k=50`.
 
-    deepcluster run --set cluster.k=50      # train: the Prefect flow over all epochs
-    deepcluster stage cluster --help        # one stage's own command line
-    deepcluster compare                     # runs side by side
-
-Each subcommand hands the rest of the command line to that module's main(), so its options and
-`--help` are the module's own, and `python -m <module>` stays the same command.
+Each command hands the rest of the command line to its module's main(): its options and `--help` are
+the module's own (`deepcluster stage cluster --help`), and `python -m <module>` stays the same command.
 """
 from __future__ import annotations
 
@@ -41,33 +37,23 @@ def stage_clis() -> tuple[str, ...]:
     return ("prepare", *EPOCH_STAGES, "evaluate")
 
 
-def stage_module(argv: list[str]) -> tuple[str, list[str]]:
-    """`stage <name> ...`: the stage's module and the arguments that are its own."""
-    parser = argparse.ArgumentParser(prog="deepcluster stage", description="Run one stage's command line; "
-                                     "`deepcluster stage <name> --help` shows its options.")
-    parser.add_argument("name", choices=stage_clis(), metavar="<stage>", help=", ".join(stage_clis()))
-    parser.parse_args(argv[:1])
-    return f"stages.{argv[0]}", argv[1:]
-
-
-def parser() -> argparse.ArgumentParser:
-    commands = "\n".join(f"  {name:<10} {what}" for name, (_, what) in COMMANDS.items())  # one line each
-    top = argparse.ArgumentParser(prog="deepcluster", usage="deepcluster [-h] <command> [its options]",
-                                  description=__doc__, epilog=f"commands:\n{commands}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", metavar="<command>", required=True, help=argparse.SUPPRESS)
-    for name in COMMANDS:
-        sub.add_parser(name, add_help=False)
-    return top
+def choose(prog: str, what: str, choices, argv: list[str], help: str | None = None, **kw) -> str:
+    """The first argument, one of `choices` (else argparse's error, naming them); `--help` shows them."""
+    parser = argparse.ArgumentParser(prog=prog, usage=f"{prog} [-h] <{what}> [its options]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    parser.add_argument(what, choices=choices, metavar=f"<{what}>", help=help or ", ".join(choices))
+    return getattr(parser.parse_args(argv[:1]), what)  # the rest is the module's: its own parser reads it
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = parser().parse_args(argv[:1]).command  # the rest is the module's: its own parser reads it
+    commands = "\n".join(f"  {name:<10} {what}" for name, (_, what) in COMMANDS.items())  # one line each
+    command = choose("deepcluster", "command", tuple(COMMANDS), argv, "one of the commands below",
+                     description=__doc__, epilog=f"commands:\n{commands}")
     module, rest = COMMANDS[command][0], argv[1:]
     if command == "stage":
-        module, rest = stage_module(rest)
-        command = f"stage {argv[1]}"
+        command = f"stage {choose('deepcluster stage', 'stage', stage_clis(), rest)}"
+        module, rest = f"stages.{rest[0]}", rest[1:]
     if module == "pipeline.flow":
         offline_environment()  # the flow module makes its Prefect flow when imported, and Prefect reads it then
     if command in PIPED:

@@ -29,7 +29,6 @@ def reporting() -> Iterator[None]:
         yield
 
 
-# ------------------------------------------------------------------ the temporary Prefect server
 def die_with(parent: int):
     """A subprocess preexec_fn: the child gets SIGTERM when `parent` dies, however it dies (kill -9 included)."""
     import ctypes
@@ -45,16 +44,13 @@ def die_with(parent: int):
 
 
 def start_temporary_server() -> str:
-    """Start the temporary Prefect server a run without a server reports to, tied to this process;
-    returns its API URL.
+    """Start the temporary Prefect server as Prefect would on its first API call (SubprocessASGIServer, a
+    uvicorn child), registered as Prefect's own instance so Prefect reuses it; returns its API URL.
 
-    Prefect starts one itself on the first API call (prefect.server.api.server.SubprocessASGIServer,
-    a uvicorn child on a random port) and stops it at exit, but a flow killed with kill -9 (or by the
-    OOM killer) never exits normally, and its server (about 200 MB) would run on forever. Here it is
-    started before the flow as Prefect would, registered as Prefect's own instance (so Prefect reuses
-    it), with PR_SET_PDEATHSIG: the kernel stops it when this process dies. Prefect builds the uvicorn
-    command line and its environment in one method with no hook for a preexec_fn, so subprocess.Popen
-    is wrapped for that one call (Prefect's command is not copied here, and follows Prefect's upgrades).
+    Prefect stops its server at exit, but a flow killed with kill -9 (or by the OOM killer) never exits
+    normally and the server (about 200 MB) would run on: with PR_SET_PDEATHSIG the kernel stops it when
+    this process dies. Prefect builds the command and its environment in one method with no hook for a
+    preexec_fn, so subprocess.Popen is wrapped for that one call rather than Prefect's command copied.
     """
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -78,7 +74,6 @@ def start_temporary_server() -> str:
     return server.api_url
 
 
-# ------------------------------------------------------------------ the console
 class _WithoutTracebackForKnownErrors(logging.Formatter):
     """Prefect logs a failed flow run with its traceback; on the console a StageError or TransientError
     shows as its message only, which says what to do (the Prefect UI keeps the traceback)."""

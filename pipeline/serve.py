@@ -1,4 +1,4 @@
-"""Serve the DeepCluster flow as a Prefect deployment on a local Prefect server (`make serve` / `make stop`).
+"""Serve the DeepCluster flow as a Prefect deployment on a local Prefect server.
 
     deepcluster serve start [--port 4200] [--name local]   # server + deployment, in the background
     source .prefect/env.sh                                 # PREFECT_HOME / PREFECT_API_URL for the Prefect CLI
@@ -19,11 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pipeline import alive, healthy, offline_environment, prefect_state_dir, project_root, project_server_url
+from pipeline.versioning import subprocess_env
 
 DEFAULT_PORT = 4200
 DEFAULT_NAME = "local"
@@ -39,11 +38,10 @@ def api_url(port: int) -> str:
 
 
 def service_env(port: int) -> dict[str, str]:
-    env = dict(os.environ)  # holds the offline environment: main() set it
-    env.update(PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
-    # Flow runs call `dvc repro`, whose commands run `python -m ...`: this environment's python first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    # The offline environment (main() set it), this environment's python first on PATH (flow runs call `dvc
+    # repro`, whose commands run `python -m ...`), and the server's address.
+    return {**subprocess_env(), "PREFECT_API_URL": api_url(port), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port)}
 
 
 # ------------------------------------------------------------------ processes
@@ -81,14 +79,8 @@ def _wait(check, timeout: float, what: str, proc: subprocess.Popen, log: str) ->
         time.sleep(0.5)
 
 
-def deployment_exists(name: str, env: dict[str, str]) -> bool:
-    url = env["PREFECT_API_URL"]
-    req = urllib.request.Request(f"{url}/deployments/name/{FLOW_NAME}/{name}")
-    try:
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+def deployment_exists(name: str, url: str) -> bool:
+    return healthy(url, f"/deployments/name/{FLOW_NAME}/{name}", timeout=2)
 
 
 def start(port: int, name: str) -> None:
@@ -112,12 +104,12 @@ def start(port: int, name: str) -> None:
         f"export PREFECT_API_URL={url}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\nexport DO_NOT_TRACK=1\n")
 
     runner_pid = _read_pid("runner.pid")
-    if alive(runner_pid, "pipeline.serve") and deployment_exists(name, env):
+    if alive(runner_pid, "pipeline.serve") and deployment_exists(name, url):
         print(f"serve: deployment {FLOW_NAME}/{name} already served (pid {runner_pid})")
     else:
         proc = _spawn([sys.executable, "-m", "pipeline.serve", "_runner", "--name", name], "runner", env)
         print(f"serve: serving deployment {FLOW_NAME}/{name} (pid {proc.pid}) ...")
-        _wait(lambda: deployment_exists(name, env), 120, "the deployment runner", proc, "runner")
+        _wait(lambda: deployment_exists(name, url), 120, "the deployment runner", proc, "runner")
     print(f"serve: ready. UI: http://127.0.0.1:{port}  Run it with:\n"
           f"  source {_file('env.sh')}\n"
           f"  prefect deployment run '{FLOW_NAME}/{name}' --param epochs=12 --watch   "

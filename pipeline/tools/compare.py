@@ -6,22 +6,19 @@
     deepcluster compare --screens      # screened recipe changes, a row per scored epoch
 
 The words, one meaning each:
-  run         one whole DeepCluster training and its final evaluation (`dvc repro`, `deepcluster run`).
-  experiment  a run DVC recorded (`dvc exp run`, git refs): its params.yaml and data/eval/headline.json.
-              The default view: a row per finished experiment (the newest of each name, every baseline
-              commit), the parameters it changed against its baseline commit, and its figures; read from
-              `dvc exp show --json -A`.
-  study       one of the paper's comparisons, run as experiments named study-<row> (`deepcluster studies
-              queue`). --study prints the studies report's table (`deepcluster studies report` also
-              writes it with its pictures to docs/studies/).
-  ablation    one stage of one finished epoch of the main run rerun with other parameters (`deepcluster
-              ablate`, data/ablations/<name>/); the main run is left as it is. Same table as `ablate list`.
-  screen      a few epochs run in-process and scored at chosen epochs (`deepcluster screen`,
-              data/screen/<name>/). Same table as `screen --table`.
-Figures: trained network / random init / raw pixels, as the evaluation report: best conv probe accuracy,
-weighted kNN accuracy, k-means (k = classes) accuracy and NMI with the labels, in percent but NMI;
-NMI(t-1, t) is the last epoch's NMI between consecutive clusterings. Per-epoch curves of every run and
-ablation: MLflow (the last line printed says how to open it, on 127.0.0.1).
+  run         one whole training and its final evaluation (`dvc repro`, `deepcluster run`).
+  experiment  a run DVC recorded (`dvc exp run`). The default view, from `dvc exp show --json -A`: a row per
+              finished experiment (the newest of each name, any baseline commit), the parameters it changed
+              against its baseline commit, its data/eval/headline.json.
+  study       one of the paper's comparisons, run as experiments named study-<row> (`deepcluster studies`).
+              --study prints `deepcluster studies report`'s table and writes no file.
+  ablation    one stage of a finished epoch of the main run, rerun with other parameters (`deepcluster
+              ablate`). --ablations prints `deepcluster ablate list`.
+  screen      a few epochs run in-process, scored at chosen epochs (`deepcluster screen`). --screens prints
+              `deepcluster screen --table`.
+Figures, as in the evaluation report: trained network / random init / raw pixels for the best conv probe,
+weighted kNN and k-means (k = classes) accuracy (%) and NMI; NMI(t−1, t) is the last epoch's. Per-epoch
+curves of every run and ablation are in MLflow: the last line printed opens its UI on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -32,12 +29,9 @@ from stages.core.errors import cli_errors
 from stages.core.params import flatten
 
 
-def _params(data: dict) -> dict:
-    return flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-
-
-def _headline(data: dict) -> dict:
-    return (((data.get("metrics") or {}).get("data/eval/headline.json")) or {}).get("data") or {}
+def _file(data: dict, kind: str, name: str) -> dict:
+    """One file's content in a revision's data of `dvc exp show --json` ({} when absent)."""
+    return ((data.get(kind) or {}).get(name) or {}).get("data") or {}
 
 
 def experiments_table(show: list | None = None) -> str:
@@ -45,26 +39,20 @@ def experiments_table(show: list | None = None) -> str:
     show = studies.exp_show() if show is None else show
     lines = [f"| experiment | baseline | changed parameters | NMI(t−1, t) last | {studies.FIGURES} |",
              "|---|---|---|---:|---|---|---|---|"]
-    workspace = next((row.get("data") or {} for row in show if row.get("rev") == "workspace"), {})
-    if _headline(workspace):
-        lines.append(f"| workspace | – | params.yaml | {studies.last_nmi(_headline(workspace))} | "
-                     f"{studies.figures(_headline(workspace))} |")
+    workspace = _file(next((r.get("data") or {} for r in show if r.get("rev") == "workspace"), {}), "metrics",
+                      "data/eval/headline.json")
+    if workspace:
+        lines.append(f"| workspace | – | params.yaml | {studies.last_nmi(workspace)} | {studies.figures(workspace)} |")
     found = studies.experiments(show)
     for name, exp in sorted(found.items(), key=lambda item: item[1]["timestamp"]):
-        base, mine = _params(exp["baseline"]), _params(exp["data"])
-        changed = studies.changes({k: v for k, v in mine.items() if base.get(k) != v}) or "none"
-        m = _headline(exp["data"])
-        lines.append(f"| `{name}` | {str(exp['baseline'].get('rev', ''))[:7]} | {changed} | {studies.last_nmi(m)} | "
-                     f"{studies.figures(m)} |")
+        base, mine = (flatten(_file(d, "params", "params.yaml")) for d in (exp["baseline"], exp["data"]))
+        m = _file(exp["data"], "metrics", "data/eval/headline.json")
+        lines.append(f"| `{name}` | {str(exp['baseline'].get('rev'))[:7]} | "
+                     f"{studies.changes({k: v for k, v in mine.items() if base.get(k) != v}) or 'none'} | "
+                     f"{studies.last_nmi(m)} | {studies.figures(m)} |")
     if not found:
-        lines.append("\nNo finished DVC experiment (`dvc exp run -n <name> -S key=value`; `dvc queue status` for queued ones).")
+        lines.append("\nNo finished DVC experiment (`dvc exp run -n <name> -S key=value`; `dvc queue status`).")
     return "\n".join(lines)
-
-
-def mlflow_hint() -> str:
-    from pipeline.tracking import tracking_uri
-
-    return f"Per-epoch curves: mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,17 +65,16 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors("compare"):
         if args.study:
             print(studies.report(None, studies=[args.study]), end="")
-        elif args.ablations:
-            from pipeline.tools.ablate import list_ablations  # the stages (torch): only for this view
-
-            print(list_ablations())
-        elif args.screens:
+        elif args.ablations or args.screens:  # these import the stages (torch): only for their views
+            from pipeline.tools.ablate import list_ablations
             from pipeline.tools.screen import table
 
-            print(table())
+            print(list_ablations() if args.ablations else table())
         else:
             print(experiments_table())
-    print(f"\n{mlflow_hint()}")
+    from pipeline.tracking import tracking_uri  # MLflow itself is not imported
+
+    print(f"\nPer-epoch curves: mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.versioning import subprocess_env  # the queued runs' `python -m ...`: this environment's python
 from stages.core.errors import StageError
 from stages.core.io import atomic_path
 from stages.core.layout import EVAL, EVAL_CLUSTER_SIZES, EVAL_CURVES, METRICS
@@ -49,16 +49,12 @@ STUDIES: dict[str, tuple[str, ...]] = {
 OUT = "docs/studies"
 
 
-def study_names(studies: list[str]) -> list[str]:
+def rows_of(studies: list[str]) -> list[str]:
     names = list(STUDIES) if "all" in studies else studies
     unknown = [s for s in names if s not in STUDIES]
     if unknown:
         raise StageError(f"unknown study {', '.join(unknown)}: choose from {', '.join(STUDIES)} or all")
-    return names
-
-
-def rows_of(studies: list[str]) -> list[str]:
-    return list(dict.fromkeys(row for s in study_names(studies) for row in STUDIES[s]))
+    return list(dict.fromkeys(row for s in names for row in STUDIES[s]))
 
 
 def queue_command(row: str) -> list[str]:
@@ -66,11 +62,6 @@ def queue_command(row: str) -> list[str]:
     for key, value in ROWS[row].items():
         args += ["-S", f"{key}={json.dumps(value)}"]  # JSON scalars are YAML: false, 10, "pic"
     return args
-
-
-def _dvc_env() -> dict:
-    # the queued runs call `python -m ...` (dvc.yaml): this interpreter's environment must come first
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def queue(studies: list[str], start: bool) -> None:
@@ -81,17 +72,17 @@ def queue(studies: list[str], start: bool) -> None:
             print(f"{name}: already {known[name]['state']} ({known[name]['rev'][:7]}); `dvc exp remove {name}` "
                   f"(or `dvc queue remove {name}`) to run it again")
             continue
-        subprocess.run(queue_command(row), check=True, env=_dvc_env())
+        subprocess.run(queue_command(row), check=True, env=subprocess_env())
     if start:
         # one worker: two runs at once would share the machine's cores and each take more than twice as long
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], check=True, env=_dvc_env())
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], check=True, env=subprocess_env())
 
 
 # ------------------------------------------------------------------ report
 def exp_show() -> list:
     """`dvc exp show --json -A`: the workspace, every baseline commit and their experiments, with params and metrics."""
     done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A", "--no-fetch"],
-                          capture_output=True, text=True, env=_dvc_env())
+                          check=False, capture_output=True, text=True, env=subprocess_env())
     if done.returncode != 0:
         raise StageError(f"`dvc exp show` failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
     return json.loads(done.stdout)
@@ -256,7 +247,7 @@ def report(out: Path | None, show: list | None = None, studies: list[str] = ("al
     if not rows:
         raise StageError(f"no finished experiment named {PREFIX}<row>: run `deepcluster studies queue all --start` "
                          "first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")
-    text = table(rows, study_names(list(studies)))
+    text = table(rows, list(STUDIES) if "all" in studies else list(studies))
     missing = [PREFIX + n for n in names if n not in rows]
     if missing:
         text += f"\nNot run yet: {', '.join(missing)}.\n"

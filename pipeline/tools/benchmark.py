@@ -167,7 +167,7 @@ def _ddp_worker(rank: int, size: int, threads: int, port: int, sync_bn: bool, st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if size > 1:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     p = params.train
     batch = p.batch_size
     rng = np.random.default_rng(0)

@@ -4,8 +4,8 @@
     python -m pipeline.tools.ablate cluster --epoch 6 --set run.seed=1 --name seed1   # another k-means seed
     python -m pipeline.tools.ablate labels --epoch 7 --previous 3 --name vs3          # NMI against epoch 3
     python -m pipeline.tools.ablate evaluate --epoch 10 --set pca.dim=32 --name eval-pca32
-    python -m pipeline.tools.ablate list                                              # = deepcluster compare --ablations
     python -m pipeline.tools.inspect compare 6 k50:6                                  # vs the main run
+    deepcluster compare --ablations                                                   # every ablation
 
 Each reruns the named stage and the chain after it up to `labels` (or `evaluate final` on the epoch's
 checkpoint) on epoch E's stored inputs, with the main run's parameters (data/epochs/run.json) plus the
@@ -222,7 +222,7 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
 
 
 def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = EPOCHS_ROOT) -> str:
-    """Every ablation under `root` beside the main run's same epoch (`ablate list`, `compare --ablations`)."""
+    """Every ablation under `root` beside the main run's same epoch (`deepcluster compare --ablations`)."""
     import pandas as pd
 
     rows = []
@@ -242,11 +242,11 @@ def list_ablations(root: str | Path = ABLATIONS_ROOT, epochs_root: str | Path = 
 def main(argv: list[str] | None = None) -> None:
     offline_environment()  # before MLflow is imported (log_to_mlflow)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=(*STAGES, "list"), help="the stage to rerun, or `list` the ablations")
-    parser.add_argument("--epoch", type=int, help="the (finished) epoch whose stored inputs are used")
+    parser.add_argument("stage", choices=STAGES, help="the stage to rerun")
+    parser.add_argument("--epoch", type=int, required=True, help="the (finished) epoch whose stored inputs are used")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set cluster.k=50 (repeatable)")
-    parser.add_argument("--name", help="the ablation's name: results in data/ablations/<name>/")
+    parser.add_argument("--name", required=True, help="the ablation's name: results in data/ablations/<name>/")
     parser.add_argument("--previous", type=int, help="labels: the epoch to compute NMI against (default: epoch - 1)")
     parser.add_argument("--force", action="store_true", help="replace an existing ablation of that name")
     parser.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the result")
@@ -255,11 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default=CHECKPOINTS)
     args = parser.parse_args(argv)
     with cli_errors("ablate"):
-        if args.stage == "list":
-            print(list_ablations(epochs_root=args.epochs_root))
-            return
-        if args.epoch is None or not args.name:
-            parser.error("--epoch and --name are required")
         overrides = dict(parse_override(s) for s in args.set)
         rec = ablate(args.stage, args.epoch, overrides, args.name, previous=args.previous, force=args.force,
                      epochs_root=args.epochs_root, dataset=args.dataset, checkpoints=args.checkpoints,

@@ -13,9 +13,9 @@ The words, one meaning each:
   study       one of the paper's comparisons, run as experiments named study-<row> (`deepcluster studies`).
               --study prints `deepcluster studies report`'s table and writes no file.
   ablation    one stage of a finished epoch of the main run, rerun with other parameters (`deepcluster
-              ablate`). --ablations prints `deepcluster ablate list`.
-  screen      a few epochs run in-process, scored at chosen epochs (`deepcluster screen`). --screens prints
-              `deepcluster screen --table`.
+              ablate`); --ablations lists them beside the main run's same epoch.
+  screen      a few epochs run in-process, scored at chosen epochs (`deepcluster screen`); --screens: a row
+              per scored epoch.
 Figures, as in the evaluation report: trained network / random init / raw pixels for the best conv probe,
 weighted kNN and k-means (k = classes) accuracy (%) and NMI; NMI(t−1, t) is the last epoch's. Per-epoch
 curves of every run and ablation are in MLflow: the last line printed opens its UI on 127.0.0.1.

@@ -8,7 +8,7 @@ table and the sweep that chose the recipe are in docs/results.md ("The recipe").
 
     python -m pipeline.tools.screen wd5e-4 --set train.weight_decay=0.0005 --eval-at 8,16
     python -m pipeline.tools.screen seed1 --set run.seed=1 --eval-seed 0 --eval-at 0,16   # another init, judged alike
-    python -m pipeline.tools.screen --table            # every screened change, a row each
+    deepcluster compare --screens                      # every screened change, a row each
 
 Needs a prepared dataset (data/dataset: `python -m stages.prepare` or one `make run`). Each change keeps its
 checkpoints and results under data/screen/<name>/ (git-ignored); rerunning a name resumes it.
@@ -91,7 +91,7 @@ def table(root: Path = SCREEN_ROOT) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help="a name for this change (its folder under data/screen)")
+    parser.add_argument("name", help="a name for this change (its folder under data/screen)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key, as dvc exp run -S")
     parser.add_argument("--params", default="params.yaml")
@@ -104,14 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seed", type=int, default=None,
                         help="seed of the held-out subsets and k-means runs (default: run.seed). Fix it to compare "
                              "runs of several run.seed values: the random network alone moves kNN by about 2 points")
-    parser.add_argument("--table", action="store_true", help="print every screened change as a markdown table")
     args = parser.parse_args(argv)
     with cli_errors("screen"):
-        if args.table:
-            print(table())
-            return
-        if not args.name:
-            parser.error("a name is needed (or --table)")
         eval_at = sorted({int(x) for x in args.eval_at.split(",")})
         if eval_at[0] < 0:
             parser.error("--eval-at: epochs are 0 or more")

@@ -59,10 +59,6 @@ def run_cluster(params: Params, features: str | Path, out: str | Path, epoch: in
     return stats
 
 
-def plan_text(stats: dict) -> str:
-    return ClusteringPlan(stats["backend"], stats["gpus"]).describe()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `cluster` section")
@@ -74,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch, args.dataset)
     loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
-    print(f"cluster ({stats['method']}, {plan_text(stats)}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
+    plan = ClusteringPlan(stats["backend"], stats["gpus"]).describe()
+    print(f"cluster ({stats['method']}, {plan}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
           f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")
 
 

@@ -224,24 +224,11 @@ def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
             raise StageError(f"{path} is missing: stage {stage!r} has not finished for epoch {epoch}")
         reports[stage] = read_json(path)
     lab, tr = reports["labels"], reports["train"]
-    metrics = {
-        "epoch": epoch,
-        "train_loss": tr["loss"],
-        "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
-        "kmeans_loss": reports["cluster"].get("objective"),  # None with PIC: not logged
-        "nmi_previous": lab["nmi_previous"],
-        "nmi_labels": lab["nmi_labels"],
-        "n_clusters": lab["n_clusters"],
-        "empty_clusters": lab["empty_clusters"],
-        "singleton_clusters": lab["singleton_clusters"],
-        "cluster_size_min": lab["size_min"],
-        "cluster_size_median": lab["size_median"],
-        "cluster_size_max": lab["size_max"],
-        "cluster_size_cv": lab["size_cv"],
-        "pca_explained_variance": reports["pca"]["explained_variance"],
-        "peak_rss_mb": max(r.get("peak_rss_mb", 0.0) for r in reports.values()),
-    }
-    for stage, rep in reports.items():
-        metrics[f"seconds_{stage}"] = rep["seconds"]
-    metrics["seconds_stages"] = sum(r["seconds"] for r in reports.values())
-    return metrics
+    return {"epoch": epoch, "train_loss": tr["loss"], "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
+            "kmeans_loss": reports["cluster"].get("objective"),  # None with PIC: not logged
+            **{k: lab[k] for k in ("nmi_previous", "nmi_labels", "n_clusters", "empty_clusters", "singleton_clusters")},
+            **{f"cluster_{k}": lab[k] for k in ("size_min", "size_median", "size_max", "size_cv")},
+            "pca_explained_variance": reports["pca"]["explained_variance"],
+            "peak_rss_mb": max(r.get("peak_rss_mb", 0.0) for r in reports.values()),
+            **{f"seconds_{stage}": rep["seconds"] for stage, rep in reports.items()},
+            "seconds_stages": sum(r["seconds"] for r in reports.values())}

@@ -117,13 +117,6 @@ def load_images(images: ImageSet, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in iterate_batches(images, rows, 256)])
 
 
-def _split_or_none(dataset: str | Path, split: str) -> ImageSet | None:
-    try:
-        return load_split(dataset, split)
-    except StageError:  # the dataset has no such split (an unlabelled folder has only train)
-        return None
-
-
 def probe_layers(cfg: Evaluate, model: torch.nn.Module) -> list[str]:
     """The layers to probe: evaluate.probe_layers, where `all` = every conv block and fc."""
     layers = cfg.probe_layers
@@ -232,7 +225,10 @@ def evaluation_data(cfg: Evaluate, dataset: str | Path, seed: int) -> Evaluation
     still work on unlabelled image folders.
     """
     train = load_split(dataset, "train")
-    test = _split_or_none(dataset, "test")
+    try:
+        test = load_split(dataset, "test")
+    except StageError:  # the dataset has no test split (an unlabelled folder has only train)
+        test = None
     train_rows = seeded_subset(len(train), cfg.train_images, seed)
     if test is None:
         rest = np.setdiff1d(np.arange(len(train)), train_rows)

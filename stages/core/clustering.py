@@ -79,18 +79,11 @@ def clustering_plan(device: str, faiss_gpus: int | None, torch_gpus: int) -> Clu
     return ClusteringPlan("faiss-cpu")
 
 
-def _faiss():
-    """The faiss module, or None where it is not installed (a machine with only torch)."""
+def faiss_gpu_count() -> int | None:
+    """The GPUs faiss sees (0 for a faiss-cpu build), or None where faiss is not installed (only torch)."""
     try:
         import faiss
     except ImportError:
-        return None
-    return faiss
-
-
-def faiss_gpu_count() -> int | None:
-    faiss = _faiss()
-    if faiss is None:
         return None
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 

@@ -273,8 +273,9 @@ class _FileViews(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str] | dict:
-        if self.raw_jpegs:
-            return self.raw_item(j)
+        return self.raw_item(j) if self.raw_jpegs else self.decoded(j)
+
+    def decoded(self, j: int) -> tuple[torch.Tensor, str]:
         try:
             pixels, error = pil_to_tensor(self.view(self.paths[self.rows[j]], j)), ""
         except Exception as e:  # PIL raises many types for damaged files
@@ -302,12 +303,8 @@ class _FileViews(torch.utils.data.Dataset):
                     return {"jpeg": torch.from_numpy(np.fromfile(path, dtype=np.uint8)), "box": box, "flip": flip}
         except Exception:  # reported by the decoding below
             pass
-        pixels, error = _FileViews.__getitem__(self.without_raw(), j)
+        pixels, error = self.decoded(j)
         return {"pixels": pixels, "error": error}
-
-    def without_raw(self) -> "_FileViews":
-        return _FileViews(self.paths, self.rows, self.channels, self.crop_size, self.fill, self.seed, self.scale,
-                          self.hflip)
 
     def view(self, path: str, j: int) -> "PIL.Image.Image":
         from PIL import Image

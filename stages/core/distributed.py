@@ -209,7 +209,7 @@ def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[flo
 # ---------------------------------------------------------------- BatchNorm over the global batch
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with its gradient: every rank's loss depends on every rank's sum, so the gradient of
-    the sum is the sum of the ranks' gradients (torch.distributed.nn's version is deprecated)."""
+    the sum is the sum of the ranks' gradients: the same all_reduce (torch.distributed.nn's is deprecated)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -217,11 +217,7 @@ class _SumOverRanks(torch.autograd.Function):
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

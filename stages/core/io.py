@@ -1,4 +1,4 @@
-"""Atomic writes (a killed process never leaves a half-written artifact) and JSON/NPY files."""
+"""Atomic writes (a killed process never leaves a half-written artifact) and JSON files."""
 from __future__ import annotations
 
 import contextlib
@@ -84,12 +84,6 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except ValueError as e:  # JSONDecodeError, or bytes that are not text at all
         raise DamagedArtifact(path, f"not valid JSON ({e})") from e
-
-
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
 
 
 def _json_default(obj: Any) -> Any:

@@ -74,11 +74,6 @@ class RunLayout:
         return sorted(int(p.parent.name) for p in self.epochs_root.glob(f"[0-9][0-9][0-9][0-9]/{METRICS}"))
 
 
-def keeps_features(params: Params, epoch: int) -> bool:
-    every = params.extract.keep_features_every
-    return bool(every) and epoch % every == 0
-
-
 def keeps_checkpoint(params: Params, epoch: int) -> bool:
     every = params.train.keep_checkpoint_every
     return epoch == 0 or (bool(every) and epoch % every == 0)
@@ -90,7 +85,8 @@ def apply_retention(params: Params, layout: RunLayout, epoch: int) -> None:
     The last two finished epochs keep their checkpoints: the next epoch starts from the last one,
     and the one before is what the last one is recomputed from if it is damaged.
     """
-    if not keeps_features(params, epoch):
+    every = params.extract.keep_features_every
+    if not (every and epoch % every == 0):
         for name in DISPOSABLE:
             (layout.epoch(epoch) / name).unlink(missing_ok=True)
     if epoch > 2 and not keeps_checkpoint(params, epoch - 2):

@@ -43,14 +43,11 @@ class DeepClusterNet(nn.Module):
         self.top_layer = nn.Linear(feature_dim, num_classes)
         init_weights(self)
 
-    def _body(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sobel is not None:
-            x = self.sobel(x)
-        return torch.flatten(self.features(x), 1)
-
     def fc_features(self, x: torch.Tensor) -> torch.Tensor:
         """The representation DeepCluster clusters: last fc layer, before its ReLU."""
-        return self.classifier(self._body(x))
+        if self.sobel is not None:
+            x = self.sobel(x)
+        return self.classifier(torch.flatten(self.features(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top_layer(torch.relu(self.fc_features(x)))

@@ -97,18 +97,14 @@ def publish_last_checkpoint(layout: RunLayout, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------ DVC and params.yaml
-def dvc_stage_outs(root: Path) -> list[Path]:
-    stage = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {}).get(STAGE, {})
-    return [root / (next(iter(o)) if isinstance(o, dict) else o) for o in stage.get("outs", [])]
-
-
 def versioned_workspace(layout: RunLayout, params_file: str | Path, enabled: bool) -> DvcWorkspace | None:
     """The DVC project to version this run in, or None: off, not a DVC project, or paths not dvc.yaml's."""
     ws = DvcWorkspace.find(project_root()) if enabled else None
     if ws is None:
         return None
-    ours = {layout.epochs_root.resolve(), layout.checkpoints.resolve()}
-    if ours != {p.resolve() for p in dvc_stage_outs(ws.root)} or Path(params_file).resolve() != ws.root / "params.yaml":
+    stage = yaml.safe_load((ws.root / "dvc.yaml").read_text()).get("stages", {}).get(STAGE, {})
+    outs = {(ws.root / (next(iter(o)) if isinstance(o, dict) else o)).resolve() for o in stage.get("outs", [])}
+    if outs != {layout.epochs_root.resolve(), layout.checkpoints.resolve()} or Path(params_file).resolve() != ws.root / "params.yaml":
         return None
     return ws
 
@@ -251,21 +247,19 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
             done = [e for e in layout.completed_epochs() if e <= n_epochs]
             if done and reopen_damaged_epoch(params, layout, done[-1], log=logger.warning):
                 done = done[:-1]
-            metrics = read_json(layout.epoch(done[-1]) / METRICS) if done else {}
             if done:
                 # The last finished epoch may have been killed between its metrics.json and the end
                 # of its bookkeeping (MLflow, retention, DVC): redo that part, it is idempotent.
+                metrics = read_json(layout.epoch(done[-1]) / METRICS)
                 finish_epoch(params, layout, done[-1], n_epochs, metrics, ws, run.info.run_id, resumed=True)
                 logger.info(f"resuming after epoch {done[-1]} of {n_epochs}")
             progress = tracking.Progress(len(done), n_epochs)
-            for epoch in range(1, n_epochs + 1):
-                if epoch in done:
-                    continue
-                metrics = run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
+            for epoch in (e for e in range(1, n_epochs + 1) if e not in done):
+                run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
                 progress.update(epoch)
+            # the newest finished epoch's figures (an earlier epoch whose files were deleted may have been redone)
             finished = [e for e in layout.completed_epochs() if e <= n_epochs]
-            if finished:  # an earlier epoch whose files were deleted may have been redone: return the newest
-                metrics = read_json(layout.epoch(finished[-1]) / METRICS)
+            metrics = read_json(layout.epoch(finished[-1]) / METRICS) if finished else {}
         if records_lock:
             ws.commit_stage()  # dvc.lock <- params.yaml, the dataset, the code and the finished run
             ws.repro(log=logger.info)  # the stages downstream: final evaluation, publishing to MLflow

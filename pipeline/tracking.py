@@ -77,21 +77,15 @@ def _existing_run(run_id: str | None) -> str | None:
     if run_id is None:
         return None
     try:
-        mlflow.get_run(run_id)
-        return run_id
+        return mlflow.get_run(run_id).info.run_id
     except mlflow.exceptions.MlflowException:
         return None
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """Keep the figures MLflow can plot: numbers that are neither None nor NaN."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(value):
-            out[key] = float(value)
-    return out
+    """Keep the figures MLflow can plot: finite numbers (not None, NaN or a bool)."""
+    return {key: float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def log_epoch(metrics: dict, epoch: int) -> None:

@@ -72,16 +72,11 @@ def workspace_lock(epochs_root: str | Path, description: str = "") -> Iterator[P
         os.close(fd)  # closing releases the flock
 
 
-def lock_holder(epochs_root: str | Path) -> dict | None:
-    try:
-        text = lock_path(epochs_root).read_text().strip()
-        return json.loads(text) if text else None
-    except (OSError, ValueError):
-        return None
-
-
 def _busy_message(path: Path, epochs_root: str | Path) -> str:
-    holder = lock_holder(epochs_root)
+    try:
+        holder = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        holder = None
     who = "another process"
     if holder:
         who = f"process {holder['pid']} on {holder['host']} (started {holder['started']}"
@@ -122,11 +117,6 @@ def dataset_version(dataset: str | Path) -> str | None:
 
 
 # ------------------------------------------------------------------ leftovers of a killed run
-def is_temp_file(path: Path) -> bool:
-    """A temp file of stages.core.io.atomic_path: `.<name>.<random><suffix>` (`*.tmp`, or `*.npz` for numpy)."""
-    return path.name.endswith(".tmp") or path.name.startswith(".")
-
-
 def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
     """Delete temp files that a killed writer left in the run's directories.
 
@@ -134,15 +124,11 @@ def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
     of a run is a hidden file. Features temp files can be as large as the features themselves
     (21 GB on ImageNet), so they must go.
     """
-    removed = []
-    for d in dirs:
-        d = Path(d)
-        if not d.exists():
-            continue
-        for path in d.rglob("*"):
-            if path.is_file() and is_temp_file(path):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    # stages.core.io.atomic_path's temp files: `.<name>.<random><suffix>` (`*.tmp`, or `*.npz` for numpy)
+    removed = [path for d in dirs for path in Path(d).rglob("*")
+               if path.is_file() and (path.name.endswith(".tmp") or path.name.startswith("."))]
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
 
 

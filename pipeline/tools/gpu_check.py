@@ -44,7 +44,6 @@ import numpy as np
 
 BUNDLE = Path("data/gpu-check")
 SUBSET = BUNDLE / "fashion-mnist"
-WHEELS = BUNDLE / "wheels"
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -107,10 +106,11 @@ def run_stage(stage: str, args: list[str], nproc: int | None = None) -> None:
             if e.code not in (None, 0):
                 raise CheckFailed(str(e.code)) from None
         return
-    done = subprocess.run(stage_command(stage, args, nproc), capture_output=True, text=True)
+    cmd = stage_command(stage, args, nproc)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise CheckFailed(f"{' '.join(stage_command(stage, args, nproc))} exited {done.returncode}: " + " | ".join(tail))
+        raise CheckFailed(f"{' '.join(cmd)} exited {done.returncode}: " + " | ".join(tail))
 
 
 def write_params(path: Path, overrides: dict) -> Path:
@@ -126,11 +126,12 @@ def write_params(path: Path, overrides: dict) -> Path:
 
 
 # ---------------------------------------------------------------- data
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """A gzipped IDX file (uint8), the format of the Fashion-MNIST distribution."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb", compresslevel=9) as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+def write_idx(out: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """A split's gzipped IDX files (uint8), the format of the Fashion-MNIST distribution."""
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+        header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+        with gzip.open(out / f"{split}-{kind}-ubyte.gz", "wb", compresslevel=9) as f:
+            f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def write_subset(source: Path, out: Path, train: int = 10_000, test: int = 2_000, seed: int = 0) -> Path:
@@ -143,8 +144,7 @@ def write_subset(source: Path, out: Path, train: int = 10_000, test: int = 2_000
         images = read_idx(source / f"{split}-images-idx3-ubyte.gz")
         labels = read_idx(source / f"{split}-labels-idx1-ubyte.gz")
         rows = seeded_subset(len(images), limit, seed)
-        write_idx(out / f"{split}-images-idx3-ubyte.gz", images[rows])
-        write_idx(out / f"{split}-labels-idx1-ubyte.gz", labels[rows])
+        write_idx(out, split, images[rows], labels[rows])
     return out
 
 
@@ -157,9 +157,7 @@ def write_synthetic(out: Path, train: int, test: int, seed: int = 0) -> Path:
     for split, n in (("train", train), ("t10k", test)):
         labels = rng.integers(0, 10, n).astype(np.uint8)
         base = np.kron(protos[labels], np.ones((1, 4, 4)))  # 28 x 28
-        images = np.clip(255 * (0.8 * base + 0.2 * rng.random((n, 28, 28))), 0, 255).astype(np.uint8)
-        write_idx(out / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(out / f"{split}-labels-idx1-ubyte.gz", labels)
+        write_idx(out, split, np.clip(255 * (0.8 * base + 0.2 * rng.random((n, 28, 28))), 0, 255), labels)
     return out
 
 
@@ -302,8 +300,8 @@ class Check:
                              f"extract and train ran under torchrun --nproc_per_node={self.nproc}" if self.nproc else
                              "not run on the CPU", "ok" if self.nproc else "note"))
 
-    def alexnet_tensors(self) -> float:
-        """AlexNet at 224 on synthetic tensors: inference and training images/s; returns the training rate."""
+    def alexnet_tensors(self) -> None:
+        """AlexNet at 224 on synthetic tensors: inference and training images/s, kept for the JPEG tree's row."""
         import torch
 
         from stages.core.models import build_model
@@ -348,7 +346,6 @@ class Check:
         self.rows.append(Row(f"AlexNet 224 px, synthetic tensors, batch {s.alexnet_batch}, {amp} + channels_last",
                              f"inference {rates[0]:,.1f} img/s, training {rates[1]:,.1f} img/s (one {self.device} device)"))
         self._tensor_rates = rates
-        return rates[1]
 
     def alexnet_jpegs(self) -> None:
         """AlexNet at 224 through the stages on a JPEG tree: the input pipeline's cost against the tensors."""
@@ -371,16 +368,13 @@ class Check:
         r = self.epochs(params, dataset, run, 1, "JPEG tree")[0]
         extract_rate = r["extract"]["n_images"] / r["extract"]["seconds"]
         train_rate = r["train"]["images_per_second"]
-        inf, tr = getattr(self, "_tensor_rates", (None, None))
-        same = s.jpeg_arch == "alexnet" and inf is not None  # else the ratio to AlexNet's tensors means nothing
+        tensors = getattr(self, "_tensor_rates", None)
+        same = s.jpeg_arch == "alexnet" and tensors  # else the ratio to AlexNet's tensors means nothing
+        rates = [f"{what} stage {rate:,.0f} img/s" + (f" ({rate / tensor:.2f}x tensors)" if same else "")
+                 for what, rate, tensor in zip(("extract", "train"), (extract_rate, train_rate), tensors or (1, 1))]
         model = "AlexNet 224 px" if s.jpeg_arch == "alexnet" else f"{s.jpeg_arch} {s.jpeg_crop} px"
         self.rows.append(Row(f"{model}, JPEG tree ({s.jpegs:,} x 256 px, written in {written:.1f}s), "
-                             f"{s.workers} loader workers",
-                             f"extract stage {extract_rate:,.0f} img/s" + (f" ({extract_rate / inf:.2f}x tensors)" if same
-                                                                         else "")
-                             + f", train stage {train_rate:,.0f} img/s" + (f" ({train_rate / tr:.2f}x tensors)" if same
-                                                                          else "")
-                             + "; stage times include start-up"))
+                             f"{s.workers} loader workers", ", ".join(rates) + "; stage times include start-up"))
 
     def run_all(self) -> None:
         for name, fn in (("environment", self.environment), ("k-means", self.kmeans),

@@ -30,8 +30,6 @@ from stages.core.errors import StageError
 from stages.core.layout import (ABLATIONS_ROOT, ASSIGNMENTS, CHECKPOINTS, EPOCHS_ROOT, FEATURES, METRICS,
                                 checkpoint_name, epoch_dir, report)
 
-_EPOCH_NAME = re.compile(r"^\d{4}$")
-
 
 @dataclass(frozen=True)
 class Ref:
@@ -78,9 +76,7 @@ class Reader:
         if self._fs is None:
             p = self.repo / path
             return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
-        if not self._fs.isdir(path):
-            return []
-        return sorted(Path(p).name for p in self._fs.ls(path, detail=False))
+        return sorted(Path(p).name for p in self._fs.ls(path, detail=False)) if self._fs.isdir(path) else []
 
     def read_bytes(self, path: str) -> bytes:
         try:
@@ -98,15 +94,8 @@ class Reader:
             raise StageError(f"cannot read {path} at revision {self.rev}: {type(e).__name__}: {e}") from e
 
 
-def list_epochs(reader: Reader, epochs_root: str = EPOCHS_ROOT) -> list[int]:
-    """Epochs of a run that have assignments, in order."""
-    return [int(n) for n in reader.listdir(epochs_root)
-            if _EPOCH_NAME.match(n) and reader.exists(f"{epochs_root}/{n}/{ASSIGNMENTS}")]
-
-
-def load_assignments(ref: Ref, repo: str | Path = ".", reader: Reader | None = None) -> pd.DataFrame:
+def load_assignments(ref: Ref, reader: Reader) -> pd.DataFrame:
     """One epoch's assignments (image_id, cluster, distance)."""
-    reader = reader or Reader(repo, ref.rev)
     return pd.read_parquet(io.BytesIO(reader.read_bytes(f"{ref.dir}/{ASSIGNMENTS}")))
 
 
@@ -115,8 +104,8 @@ def load_report(ref: Ref, name: str, reader: Reader) -> dict | None:
     return json.loads(reader.read_bytes(path)) if reader.exists(path) else None
 
 
-def cluster_sizes(assignments: pd.DataFrame, k: int | None = None) -> np.ndarray:
-    return np.bincount(assignments["cluster"].to_numpy(), minlength=k or 0)
+def cluster_sizes(assignments: pd.DataFrame) -> np.ndarray:
+    return np.bincount(assignments["cluster"].to_numpy())
 
 
 def compare_assignments(a: pd.DataFrame, b: pd.DataFrame) -> dict:
@@ -141,7 +130,8 @@ def _fmt(value) -> str:
 def cmd_list(args) -> None:
     reader = Reader(args.repo, args.rev)
     root = f"{ABLATIONS_ROOT}/{args.ablation}" if args.ablation else args.epochs_root
-    epochs = list_epochs(reader, root)
+    epochs = [int(n) for n in reader.listdir(root)  # those with assignments, in order
+              if re.fullmatch(r"\d{4}", n) and reader.exists(f"{root}/{n}/{ASSIGNMENTS}")]
     if not epochs:
         where = f"revision {args.rev}" if args.rev else "the workspace"
         sys.exit(f"inspect: no epoch with assignments under {root} in {where}")
@@ -165,15 +155,15 @@ def cmd_list(args) -> None:
 def cmd_show(args) -> None:
     reader = Reader(args.repo, args.rev)
     ref = parse_ref(args.epoch, args.rev, args.epochs_root)
-    df = load_assignments(ref, reader=reader)
+    df = load_assignments(ref, reader)
     if args.out:
         df.to_csv(args.out, index=False) if args.out.endswith(".csv") else df.to_parquet(args.out, index=False)
     sizes = cluster_sizes(df)
+    clusters = int((sizes > 0).sum())
     if args.json:
-        print(json.dumps({"epoch": ref.label, "images": len(df), "clusters": int((sizes > 0).sum()),
-                          "sizes": sizes.tolist()}))
+        print(json.dumps({"epoch": ref.label, "images": len(df), "clusters": clusters, "sizes": sizes.tolist()}))
         return
-    print(f"epoch {ref.label}: {len(df)} images in {int((sizes > 0).sum())} clusters "
+    print(f"epoch {ref.label}: {len(df)} images in {clusters} clusters "
           f"(sizes min {sizes[sizes > 0].min()}, median {np.median(sizes[sizes > 0]):.0f}, max {sizes.max()})")
     print(df.head(args.head).to_string(index=False))
     print("\ncluster sizes:")
@@ -187,7 +177,7 @@ def cmd_compare(args) -> None:
     ref_b = parse_ref(args.b, args.rev_b or args.rev, args.epochs_root)
     reader_a = Reader(args.repo, ref_a.rev)
     reader_b = reader_a if ref_b.rev == ref_a.rev else Reader(args.repo, ref_b.rev)
-    a, b = load_assignments(ref_a, reader=reader_a), load_assignments(ref_b, reader=reader_b)
+    a, b = load_assignments(ref_a, reader_a), load_assignments(ref_b, reader_b)
     result = compare_assignments(a, b)
     hist_a, hist_b = size_histogram(cluster_sizes(a)), size_histogram(cluster_sizes(b))
     if args.json:

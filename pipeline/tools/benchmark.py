@@ -112,6 +112,20 @@ def bench_kmeans(n: int = 50000, d: int = 64, k: int = 500) -> None:
           f"{min(n, 256 * k)} points), all points {t_all:.2f}s ({t_all / t_sub:.2f}x the time)")
 
 
+def _spawned(target, *arg_lists: tuple) -> list:
+    """target(*args, results) in a fresh spawned process per args, all at once; what each put in `results`.
+    A fresh process's peak memory is its own work's alone."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, results)) for args in arg_lists]
+    for proc in procs:
+        proc.start()
+    outs = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return outs
+
+
 def synthetic_features(n: int, d: int, centres: int = 1000, seed: int = 0) -> np.ndarray:
     """n L2-normalised points around `centres` random centres (as the pca stage hands them over), in chunks
     so that only the result is n x d."""
@@ -137,19 +151,12 @@ def _clustering_worker(method: str, n: int, d: int, k: int, results) -> None:
 
 
 def bench_pic(sizes: tuple[int, ...] = (100_000, 1_000_000), d: int = 256, k: int = 1000) -> None:
-    ctx = multiprocessing.get_context("spawn")  # a fresh process each: its peak memory is the method's alone
     print(f"pic: PIC (5-NN graph, 200 power iterations) vs k-means (k = {k}, 20 iterations, the baseline) on "
           f"synthetic {d}-d features, CPU, {faiss.omp_get_max_threads()} faiss threads")
     for n in sizes:
         # the exact graph is O(N^2 d): at 1M points about 100 times its 100k time, hours on a small CPU
         methods = ("kmeans", "pic exact", "pic ivf") if n <= 200_000 else ("kmeans", "pic ivf")
-        rows = {}
-        for method in methods:
-            results = ctx.Queue()
-            proc = ctx.Process(target=_clustering_worker, args=(method, n, d, k, results))
-            proc.start()
-            rows[method] = results.get()
-            proc.join()
+        rows = {method: _spawned(_clustering_worker, (method, n, d, k))[0] for method in methods}  # one process each
         base = rows["kmeans"]
         for method, r in rows.items():
             print(f"  N={n:>9,}  {method:10s} {r['seconds']:8.1f}s ({r['seconds'] / base['seconds']:5.2f}x)   peak "
@@ -203,7 +210,6 @@ def _ddp_worker(rank: int, size: int, threads: int, port: int, sync_bn: bool, st
 
 
 def bench_ddp(steps: int = 60) -> None:
-    ctx = multiprocessing.get_context("spawn")
     rows = []
     for name, size, threads, sync_bn in (("1 process x 2 threads", 1, 2, False),
                                          ("2 processes x 1 thread, sync_batchnorm", 2, 1, True),
@@ -211,14 +217,7 @@ def bench_ddp(steps: int = 60) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        results = ctx.Queue()
-        procs = [ctx.Process(target=_ddp_worker, args=(r, size, threads, port, sync_bn, steps, results))
-                 for r in range(size)]
-        for proc in procs:
-            proc.start()
-        outs = [results.get() for _ in procs]
-        for proc in procs:
-            proc.join()
+        outs = _spawned(_ddp_worker, *((r, size, threads, port, sync_bn, steps) for r in range(size)))
         # a pass is done when its slowest rank is; the best of the 3 passes (other jobs only slow one down)
         best = min(max(per_rank) for per_rank in zip(*(seconds for seconds, _ in outs)))
         rows.append((name, size, outs[0][1] / best))
@@ -239,10 +238,7 @@ def _anon_peak_sampler(interval: float = 0.005):
 
     def sample() -> None:
         while True:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak[0] = max(peak[0], int(line.split()[1]) / 1024.0)
+            peak[0] = max(peak[0], _status_mb("RssAnon"))
             time.sleep(interval)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -282,7 +278,6 @@ def _status_mb(field: str) -> float:
 def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5) -> None:
     import tempfile
 
-    ctx = multiprocessing.get_context("spawn")  # a fresh process each: its peak memory is the step's alone
     overrides = {"pca.dim": d, "cluster.k": k, "cluster.niter": niter, "cluster.device": "cpu"}
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
         features = Path(tmp) / "features.npy"
@@ -295,13 +290,8 @@ def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5
         print(f"memory: pca (256 -> {d}, fitted on {100_000:,} rows) and cluster (faiss k-means, k = {k}, {niter} "
               f"iterations, CPU) on {n:,} x {d} float32 features ({size_mb:,.0f} MB) in a .npy file, each step in its own "
               "process: peak RSS (VmHWM; the file pages of memmaps count in it) and peak private memory (RssAnon)")
-        rows = {}
-        for step in ("baseline", "features in RAM", "pca", "cluster", "pca + cluster"):
-            results = ctx.Queue()
-            proc = ctx.Process(target=_memory_worker, args=(step, str(features), tmp, overrides, results))
-            proc.start()
-            rows[step] = results.get()
-            proc.join()
+        rows = {step: _spawned(_memory_worker, (step, str(features), tmp, overrides))[0]  # one process each
+                for step in ("baseline", "features in RAM", "pca", "cluster", "pca + cluster")}
         base, base_anon = rows["baseline"]["peak_mb"], rows["baseline"]["anon_mb"]
         for step, r in rows.items():
             print(f"  {step:16s} {r['seconds']:6.1f}s   peak RSS {r['peak_mb']:5.0f} MB = {r['peak_mb'] / size_mb:4.2f}x the "

@@ -123,35 +123,28 @@ def load_row(rev: str) -> dict:
             "sizes": json.loads(sizes)["sizes"] if sizes else None}
 
 
-def _pct(m: dict, key: str, std: str | None = None) -> str:
-    v = m.get(key)
-    if v is None:
-        return "–"
-    s = m.get(std) if std else None
-    return f"{100 * v:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
-
-
-def _nmi(m: dict, key: str) -> str:
-    v, s = m.get(key), m.get(key + "_std")
-    return "–" if v is None else f"{v:.3f}" + (f" ± {s:.3f}" if s is not None else "")
-
-
 FIGURES = ("best conv probe: trained / random | kNN: trained / random / pixels | "
            "k-means (k = classes) ACC: trained / random / pixels | NMI: trained / random / pixels")
 
 
+def _cell(m: dict, key: str, std: bool = False, nmi: bool = False) -> str:
+    """A percentage, or an NMI to 3 decimals; with std, ± the `<key>_std` spread where there is one."""
+    scale, fmt = (1, ".3f") if nmi else (100, ".1f")
+    v, s = m.get(key), m.get(key + "_std") if std else None
+    return "–" if v is None else f"{scale * v:{fmt}}" + (f" ± {scale * s:{fmt}}" if s is not None else "")
+
+
 def figures(m: dict) -> str:
     """An evaluation's figures (metrics.json or headline.json) as the cells under FIGURES, as the default run's report."""
-    return (f"{_pct(m, 'probe.trained.best')} / {_pct(m, 'probe.random.best')} | "
-            f"{_pct(m, 'knn.trained')} / {_pct(m, 'knn.random')} / {_pct(m, 'knn.pixels')} | "
-            f"{_pct(m, 'cluster.trained.acc', 'cluster.trained.acc_std')} / {_pct(m, 'cluster.random.acc')} / "
-            f"{_pct(m, 'cluster.pixels.acc')} | {_nmi(m, 'cluster.trained.nmi')} / {_nmi(m, 'cluster.random.nmi')} / "
-            f"{_nmi(m, 'cluster.pixels.nmi')}")
+    inits = ("trained", "random", "pixels")
+    return " | ".join([f"{_cell(m, 'probe.trained.best')} / {_cell(m, 'probe.random.best')}",
+                       " / ".join(_cell(m, f"knn.{i}") for i in inits),
+                       " / ".join(_cell(m, f"cluster.{i}.acc", std=i == "trained") for i in inits),
+                       " / ".join(_cell(m, f"cluster.{i}.nmi", std=True, nmi=True) for i in inits)])
 
 
 def last_nmi(m: dict) -> str:
-    last = m.get("last_nmi_previous")
-    return "–" if last is None else f"{last:.3f}"
+    return _cell(m, "last_nmi_previous", nmi=True)
 
 
 def changes(params: dict) -> str:

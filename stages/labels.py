@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core.assignments import cluster_size_stats, nmi, nmi_between, read_assignments, write_assignments
+from stages.core.clustering import load_clustering
+from stages.core.data import load_split
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
 from stages.core.layout import ASSIGNMENTS, CLUSTERING, report
@@ -28,11 +30,6 @@ def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
 
 
 def run_labels(params: Params, epoch_dir: str | Path, dataset: str | Path, previous: str | Path | None = None) -> dict:
-    # Imported here, not above: the comparison helpers of this module (used by `pipeline.tools.inspect`)
-    # then load without torch and faiss.
-    from stages.core.clustering import load_clustering
-    from stages.core.data import load_split
-
     epoch_dir = Path(epoch_dir)
     with Timer() as t:
         c = load_clustering(epoch_dir / CLUSTERING)

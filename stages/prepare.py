@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from stages.core.crops import crop_warning, image_side
-from stages.core.data import IMAGE_EXTENSIONS
+from stages.core.data import IMAGE_EXTENSIONS, decode_image, to_8bit
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
 from stages.core.params import load_params
@@ -142,10 +143,6 @@ def check_image(path: str) -> tuple[str | None, int, int]:
     image and name it on stderr each pass (stages.core.data._FileViews). Images with 16-bit, 32-bit or float
     pixels (rare, never JPEGs) are decoded, since whether they have an 8-bit meaning depends on their values.
     """
-    from PIL import Image
-
-    from stages.core.data import to_8bit
-
     try:
         with Image.open(path) as im:
             if im.width < 1 or im.height < 1:
@@ -177,8 +174,6 @@ def drop_unreadable(df: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, p
 def _pixels_or_none(path: str, size: int, channels: int) -> np.ndarray | None:
     """H x W x C pixels of prepare.image_size's square, or None for a file that passed the header check but
     does not decode (it is reported when a stage loads it)."""
-    from stages.core.data import decode_image
-
     try:
         return decode_image(path, size, channels).permute(1, 2, 0).numpy()
     except Exception:  # PIL raises many types for damaged files

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+import torch
 
 from stages.core.artifacts import check_npz
 from stages.core.errors import StageError
@@ -88,19 +89,13 @@ def faiss_gpu_count() -> int | None:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def torch_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def plan_for(device: str | ClusteringPlan = "auto") -> ClusteringPlan:
     """The plan for `cluster.device` on this machine (a plan passes through); torch is only asked
     when faiss has no GPU and the CPU is not forced."""
     if isinstance(device, ClusteringPlan):
         return device
     faiss_gpus = faiss_gpu_count()
-    torch_gpus = 0 if device == "cpu" or faiss_gpus else torch_gpu_count()
+    torch_gpus = torch.cuda.device_count() if device != "cpu" and not faiss_gpus and torch.cuda.is_available() else 0
     return clustering_plan(device, faiss_gpus, torch_gpus)
 
 
@@ -154,8 +149,6 @@ def _chunk_rows(n_cols: int, budget: int = 1 << 26) -> int:
 
 def _nearest(x, c, c_sq, chunk: int):
     """Each row of x's nearest row of c and the squared distance, chunk rows at a time (torch tensors)."""
-    import torch
-
     labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
     dist = torch.empty(len(x), dtype=torch.float32, device=x.device)
     for i in range(0, len(x), chunk):
@@ -170,8 +163,6 @@ def split_largest(centroids, counts, eps: float = 1.0 / 1024) -> int:
     """faiss's empty-cluster rule, made deterministic: each empty centroid becomes a copy of the largest
     cluster's, both nudged apart by a relative eps in opposite directions (even dims up, odd dims down),
     and the two share that cluster's points for the next assignment. In place; returns how many were split."""
-    import torch
-
     empty = (counts == 0).nonzero().flatten().tolist()
     dims = torch.arange(centroids.shape[1], device=centroids.device, dtype=centroids.dtype)
     sign = (1 - 2 * (dims % 2)) * eps
@@ -191,8 +182,6 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, device: 
     (`split_largest`), the objective (sum of squared distances) of each round's assignment, and the final
     labels a search against the final centroids. Distances are computed chunk rows at a time, so GPU memory
     is O(N x d + chunk x k); float32 sums, as faiss."""
-    import torch
-
     x_np = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x_np.shape
     chunk = chunk or _chunk_rows(k)
@@ -255,8 +244,6 @@ def knn_graph(x: np.ndarray, neighbours: int, device: str | ClusteringPlan = "au
 def torch_knn(x: np.ndarray, m: int, device: str = "cuda", chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force m nearest rows of x (itself included) for every row, in torch: (indices int64, squared
     distances float32), nearest first; chunk rows at a time, so memory is O(N x d + chunk x N)."""
-    import torch
-
     n = len(x)
     chunk = chunk or _chunk_rows(n)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)

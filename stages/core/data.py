@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from stages.core.artifacts import check_npy
 from stages.core.errors import DamagedArtifact, StageError
@@ -106,15 +107,13 @@ class _FileImages(torch.utils.data.Dataset):
         return decode_image(self.paths[i], self.size, self.channels)
 
 
-def to_8bit(im: "PIL.Image.Image") -> "PIL.Image.Image":
+def to_8bit(im: Image.Image) -> Image.Image:
     """16-bit and float grey images scaled to 8 bits; other images as they are.
 
     PIL's convert("L") clips instead of scaling: a 16-bit PNG comes out near-white, a float TIFF in
     [0, 1] black. 16-bit values keep their top byte (v >> 8); floats must lie in [0, 1] (the usual
     convention) and are rounded from v * 255. Anything else has no 8-bit meaning and is refused.
     """
-    from PIL import Image
-
     if im.mode.startswith("I;16") or im.mode == "I":
         v = np.asarray(im).astype(np.int64)
         if v.size and (v.min() < 0 or v.max() > 65535):
@@ -132,11 +131,9 @@ def to_8bit(im: "PIL.Image.Image") -> "PIL.Image.Image":
     return im
 
 
-def open_8bit(path: str, channels: int, short_side: int | None = None) -> "PIL.Image.Image":
+def open_8bit(path: str, channels: int, short_side: int | None = None) -> Image.Image:
     """The decoded file as an 8-bit grey (channels 1) or RGB image, at its own size; with `short_side`,
     a JPEG may decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when that still leaves short_side pixels."""
-    from PIL import Image
-
     with Image.open(path) as im:
         if short_side is not None:
             ratio = short_side / min(im.size)
@@ -153,14 +150,12 @@ def centred_square(width: int, height: int, side: float) -> tuple[float, float, 
 def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
     """File -> uint8 C x size x size: the short side resized to `size`, centre crop (prepare.image_size's
     square, which the pictures show and prepare measures the channel mean/std on)."""
-    from PIL import Image
-
     im = open_8bit(path, channels)
     # one PIL resampling of the centred square: resize + crop in one step (as _FileViews)
     return pil_to_tensor(im.resize((size, size), Image.BILINEAR, box=centred_square(im.width, im.height, min(im.size))))
 
 
-def pil_to_tensor(im: "PIL.Image.Image") -> torch.Tensor:
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """uint8 C x H x W. Through numpy, not torchvision: importing torchvision takes seconds per process."""
     pixels = np.array(im)
     return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous()
@@ -293,8 +288,6 @@ class _FileViews(torch.utils.data.Dataset):
 
     def raw_item(self, j: int) -> dict:
         """decode: gpu: a JPEG's bytes, its view's box and flip (from its header); other files decoded here."""
-        from PIL import Image
-
         path = self.paths[self.rows[j]]
         try:
             with Image.open(path) as im:
@@ -306,9 +299,7 @@ class _FileViews(torch.utils.data.Dataset):
         pixels, error = self.decoded(j)
         return {"pixels": pixels, "error": error}
 
-    def view(self, path: str, j: int) -> "PIL.Image.Image":
-        from PIL import Image
-
+    def view(self, path: str, j: int) -> Image.Image:
         size = (self.crop_size, self.crop_size)
         if self.seed is None:  # the centre view needs no more than its resized short side
             im = open_8bit(path, self.channels, short_side=round(self.crop_size * RESIZE_PER_CROP))

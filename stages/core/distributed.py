@@ -17,10 +17,14 @@ Nothing here imports pipeline/: `launch` is how the epoch chain (stages/epoch.py
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+import subprocess
 import sys
+import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.core.errors import StageError, TransientError
+from stages.core.errors import StageError, TransientError, cli_errors
+from stages.core.io import read_json, write_json
+from stages.core.params import load_params
+from stages.core.runtime import pick_device
 from stages.core.schema import Run
 
 
@@ -125,8 +132,6 @@ def check_launch(run: Run) -> None:
 def stage_device(setting: str, world: World) -> torch.device:
     """The device of this process: the stage's setting, and with several processes on GPUs the GPU of
     its local rank."""
-    from stages.core.runtime import pick_device
-
     device = pick_device(setting)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -295,8 +300,6 @@ def launch(run: Run, stage: str, args: list[str]) -> None:
     """Run `python -m stages.<stage> <args>` on the run's processes; its output passes through. A failure
     is the stage's own one-line message: a StageError, or a TransientError when the stage called it
     transient or a process was killed (the OOM killer, a lost node), which the flow retries."""
-    import subprocess
-
     check_launch(run)
     tail: deque[bytes] = deque(maxlen=256)
     with subprocess.Popen(node_command(run, stage, args), stderr=subprocess.PIPE) as proc:
@@ -333,10 +336,6 @@ ANNOUNCEMENT = ".torchrun.json"
 @contextlib.contextmanager
 def announced(epochs_root: str | Path, stage: str, epoch: int, args: list[str]) -> Iterator[None]:
     """Announce stage `stage` of `epoch` (its command line, as node 0 launches it) for the block."""
-    import uuid
-
-    from stages.core.io import write_json
-
     path = Path(epochs_root) / ANNOUNCEMENT
     write_json(path, {"id": uuid.uuid4().hex, "stage": stage, "epoch": epoch, "args": [str(a) for a in args],
                       "cwd": os.getcwd()})
@@ -349,11 +348,6 @@ def announced(epochs_root: str | Path, stage: str, epoch: int, args: list[str]) 
 def follow(run: Run, epochs_root: str | Path, poll_s: float = 0.5, log=print) -> None:
     """On nodes 1..nnodes-1: start each extract and train that node 0 announces, with this node's
     run.node_rank, until node 0 announces the train stage of epoch run.epochs and it ends."""
-    import subprocess
-    import time
-
-    from stages.core.io import read_json
-
     check_launch(run)
     if run.node_rank == 0 or run.nnodes == 1:
         raise StageError("follow is for nodes 1..run.nnodes-1: node 0 runs the flow itself (python -m pipeline.flow)")
@@ -377,11 +371,6 @@ def follow(run: Run, epochs_root: str | Path, poll_s: float = 0.5, log=print) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from stages.core.errors import cli_errors
-    from stages.core.params import load_params
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["follow"], help="follow: take part in node 0's extract and train stages")
     parser.add_argument("--params", default="params.yaml", help="params file (its run section: nnodes, endpoint)")

@@ -33,17 +33,6 @@ def _file(name: str) -> Path:
     return prefect_state_dir() / name
 
 
-def api_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}/api"
-
-
-def service_env(port: int) -> dict[str, str]:
-    # The offline environment (main() set it), this environment's python first on PATH (flow runs call `dvc
-    # repro`, whose commands run `python -m ...`), and the server's address.
-    return {**subprocess_env(), "PREFECT_API_URL": api_url(port), "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            "PREFECT_SERVER_API_PORT": str(port)}
-
-
 # ------------------------------------------------------------------ processes
 def _read_pid(name: str) -> int | None:
     try:
@@ -85,8 +74,11 @@ def deployment_exists(name: str, url: str) -> bool:
 
 def start(port: int, name: str) -> None:
     prefect_state_dir().mkdir(parents=True, exist_ok=True)
-    env = service_env(port)
-    url = env["PREFECT_API_URL"]
+    url = f"http://127.0.0.1:{port}/api"
+    # The offline environment (main() set it), this environment's python first on PATH (flow runs call `dvc
+    # repro`, whose commands run `python -m ...`), and the server's address.
+    env = {**subprocess_env(), "PREFECT_API_URL": url, "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port)}
     server_pid = _read_pid("server.pid")
     if alive(server_pid, "prefect") and healthy(url):
         print(f"serve: Prefect server already running (pid {server_pid}) at {url}")

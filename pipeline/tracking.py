@@ -38,18 +38,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{project_root() / 'mlflow.db'}")
 
 
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a SQLite store's file (mlartifacts/).
-
-    MLflow's default for a database store is ./mlruns under whatever directory the process happens
-    to run in; beside the database, artifacts follow it (a test's temp store keeps its own).
-    Other stores (a tracking server) decide for themselves.
-    """
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
-    return None
-
-
 def start_run(params: dict | None = None, run_name: str | None = None, run_id: str | None = None,
               tags: dict | None = None, parent_run_id: str | None = None) -> mlflow.ActiveRun:
     """Start an MLflow run in the project's experiment, or resume `run_id` (a resumed DeepCluster run
@@ -61,7 +49,12 @@ def start_run(params: dict | None = None, run_name: str | None = None, run_id: s
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        # A new experiment's artifacts go beside a SQLite store's file (mlartifacts/), so they follow it (a test's
+        # temp store keeps its own): MLflow's default for a database store is ./mlruns under whatever directory the
+        # process happens to run in. Other stores (a tracking server) decide for themselves.
+        sqlite = uri.startswith("sqlite:///")
+        location = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts") if sqlite else None
+        mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     run_id, parent_run_id = (_existing_run(r) for r in (run_id, parent_run_id))
     run = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id,

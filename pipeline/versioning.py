@@ -52,9 +52,7 @@ class DvcWorkspace:
     def find(cls, root: str | Path) -> "DvcWorkspace | None":
         """The project at `root` if it is a DVC project with a dvc.yaml, else None (versioning off)."""
         root = Path(root)
-        if (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file():
-            return cls(root)
-        return None
+        return cls(root) if (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file() else None
 
     def _with_lock(self, what: str, fn: Callable):
         """Run fn(repo) holding the DVC workspace lock, waiting up to LOCK_TIMEOUT_S for it."""

@@ -43,40 +43,19 @@ RERUNNABLE = EPOCH_STAGES[EPOCH_STAGES.index("extract") + 1:EPOCH_STAGES.index("
 STAGES = (*RERUNNABLE, "evaluate")
 
 
-def affects(stage: str) -> tuple[str, ...] | None:
-    """The parameters that can change a rerun of `stage` (None: any, the final evaluation reads several
-    sections); anything else would be silently ignored, so it is refused. A pca or cluster rerun starts
-    at pca when its parameters differ from the main run's; a labels rerun uses the epoch's own clustering."""
+def check_overrides(stage: str, overrides: dict) -> None:
+    """Refuse the overrides that cannot change a rerun of `stage`: they would be silently ignored (the final
+    evaluation reads several sections: any goes). A pca or cluster rerun starts at pca when its parameters
+    differ from the main run's; a labels rerun uses the epoch's own clustering."""
     if stage == "evaluate":
-        return None
+        return
     first = stage if stage == "labels" else RERUNNABLE[0]
     keys = dict.fromkeys(k for name in RERUNNABLE[RERUNNABLE.index(first):] for k in epoch_stage(name).reads_params)
-    return tuple(k if "." in k else k + "." for k in keys)
-
-
-def check_overrides(stage: str, overrides: dict) -> None:
-    allowed = affects(stage)
-    if allowed is None:
-        return
+    allowed = tuple(k if "." in k else k + "." for k in keys)
     bad = [k for k in overrides if not k.startswith(allowed)]
     if bad:
         what = ", ".join(a.rstrip(".") for a in allowed) or "no parameter"
         raise StageError(f"{', '.join(bad)} cannot change a {stage} rerun (it depends on {what})")
-
-
-def main_run(epochs_root: Path) -> dict:
-    run_file = epochs_root / RUN_FILE
-    if not run_file.exists():
-        raise StageError(f"{run_file} not found: there is no run to ablate in {epochs_root}")
-    return read_json(run_file)
-
-
-def finished_epoch_dir(epochs_root: Path, epoch: int) -> Path:
-    d = epoch_dir(epochs_root, epoch)
-    if not (d / METRICS).exists():
-        raise StageError(f"epoch {epoch} of {epochs_root} has not finished (no {d / METRICS}): "
-                         "ablations rerun stages of finished epochs")
-    return d
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -113,10 +92,8 @@ def ablation_metrics(out: Path, epoch: int, main_dir: Path) -> dict:
     metrics = {"epoch": epoch}
     if (out / report("labels")).exists():
         lab = read_json(out / report("labels"))
-        metrics.update(nmi_previous=lab["nmi_previous"], nmi_labels=lab["nmi_labels"], n_clusters=lab["n_clusters"],
-                       empty_clusters=lab["empty_clusters"], cluster_size_min=lab["size_min"],
-                       cluster_size_median=lab["size_median"], cluster_size_max=lab["size_max"],
-                       cluster_size_cv=lab["size_cv"])
+        metrics.update({k: lab[k] for k in ("nmi_previous", "nmi_labels", "n_clusters", "empty_clusters")})
+        metrics.update({f"cluster_size_{k}": lab[f"size_{k}"] for k in ("min", "median", "max", "cv")})
         metrics["nmi_main"] = nmi_between(read_assignments(out / ASSIGNMENTS), read_assignments(main_dir / ASSIGNMENTS))
     if (out / report("cluster")).exists():
         metrics["kmeans_loss"] = read_json(out / report("cluster")).get("objective")
@@ -185,10 +162,15 @@ def ablate(stage: str, epoch: int, overrides: dict, name: str, *, previous: int 
         raise StageError(f"ablation name {name!r}: use letters, digits, - and _ (it names data/ablations/<name>)")
     check_overrides(stage, overrides)
     epochs_root, root = Path(epochs_root), Path(root)
-    run = main_run(epochs_root)
-    src = finished_epoch_dir(epochs_root, epoch)
+    run_file, src = epochs_root / RUN_FILE, epoch_dir(epochs_root, epoch)
+    if not run_file.exists():
+        raise StageError(f"{run_file} not found: there is no run to ablate in {epochs_root}")
+    if not (src / METRICS).exists():
+        raise StageError(f"epoch {epoch} of {epochs_root} has not finished (no {src / METRICS}): "
+                         "ablations rerun stages of finished epochs")
+    run = read_json(run_file)
     # the main run's parameters, not today's params.yaml
-    params = apply_overrides(run["params"], overrides, source=str(epochs_root / RUN_FILE))
+    params = apply_overrides(run["params"], overrides, source=str(run_file))
     final = root / name
     if final.exists() and not force:
         raise StageError(f"{final} exists: choose another --name, or --force to replace it")
@@ -259,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         rec = ablate(args.stage, args.epoch, overrides, args.name, previous=args.previous, force=args.force,
                      epochs_root=args.epochs_root, dataset=args.dataset, checkpoints=args.checkpoints,
                      dvc=not args.no_dvc)
-    m = rec["metrics"]
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items() if k != "epoch"}
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec["metrics"].items() if k != "epoch"}
     print(f"ablate: {args.name} ({args.stage}, epoch {args.epoch}) -> {ABLATIONS_ROOT}/{args.name}: {shown}")
 
 

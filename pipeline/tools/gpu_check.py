@@ -315,6 +315,7 @@ class Check:
         x = torch.randn(s.alexnet_batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (s.alexnet_batch,), device=dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -334,13 +335,11 @@ class Check:
         rates = []
         for fn in (infer, step):
             fn()  # warm-up: cudnn autotuning, allocator
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             for _ in range(s.alexnet_steps):
                 fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             rates.append(s.alexnet_batch * s.alexnet_steps / (time.perf_counter() - t))
         amp = "bf16 autocast" if dev.type == "cuda" else "fp32"
         self.rows.append(Row(f"AlexNet 224 px, synthetic tensors, batch {s.alexnet_batch}, {amp} + channels_last",
@@ -395,11 +394,9 @@ def table(rows: list[Row]) -> str:
 
 def skip_reason(device: str) -> str | None:
     """Why there is nothing to check (no CUDA GPU for torch), or None."""
-    if device == "cpu":
-        return None
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cpu" or torch.cuda.is_available():
         return None
     return (f"torch {torch.__version__} sees no CUDA GPU (CUDA build: {torch.version.cuda or 'none'}), so there is "
             "nothing to check here; `--device cpu --tiny` runs the check's code on the CPU")

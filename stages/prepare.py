@@ -58,16 +58,11 @@ def import_idx(root: Path, limits: dict[str, int | None], seed: int) -> tuple[pd
         if len(images) != len(labels):
             raise StageError(f"{img_file} has {len(images)} images but {lab_file} has {len(labels)} labels")
         keep = seeded_subset(len(images), limits.get(split), seed)
-        frames.append(pd.DataFrame({
-            "image_id": [f"{split}-{i:05d}" for i in keep],
-            "split": split,
-            "label": pd.array(labels[keep].astype(np.int64), dtype="Int64"),
-            "source": "fashion-mnist",
-            "path": pd.array([None] * len(keep), dtype="string"),
-        }))
+        frames.append(pd.DataFrame({"image_id": [f"{split}-{i:05d}" for i in keep], "split": split,
+                                    "label": pd.array(labels[keep].astype(np.int64), dtype="Int64"),
+                                    "source": "fashion-mnist", "path": pd.array([None] * len(keep), dtype="string")}))
         arrays.append(images[keep][..., None])
-    meta = {"classes": FASHION_CLASSES}
-    return pd.concat(frames, ignore_index=True), np.concatenate(arrays), meta
+    return pd.concat(frames, ignore_index=True), np.concatenate(arrays), {"classes": FASHION_CLASSES}
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -36,12 +36,9 @@ class Clustering:
 
 
 # ---------------------------------------------------------------- where clustering runs
-BACKENDS = ("faiss-gpu", "torch-cuda", "faiss-cpu")
-
-
 @dataclass(frozen=True)
 class ClusteringPlan:
-    backend: str  # one of BACKENDS
+    backend: str  # faiss-gpu, torch-cuda or faiss-cpu
     gpus: int = 0  # GPUs used: all that faiss sees, 1 for torch, 0 on the CPU
 
     @property

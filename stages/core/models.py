@@ -99,73 +99,60 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> list
     return [nn.Conv2d(cin, cout, k, stride, pad), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def _classifier(d_in: int, d_fc: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, d_fc), nn.ReLU(inplace=True),
-                         nn.Dropout(dropout), nn.Linear(d_fc, d_fc))
-
-
-def alexnet(in_channels: int, sobel: bool = True, image_size: int = 224, dropout: float = 0.5, **_) -> DeepClusterNet:
-    cin = 2 if sobel else in_channels
-    features = nn.Sequential(
+# Each architecture: its conv blocks on `cin` input channels (2 behind Sobel), and the width of its fc layers.
+def alexnet(cin: int, **_) -> tuple[nn.Sequential, int]:
+    return nn.Sequential(
         *_conv_bn(cin, 96, 11, 4, 2), nn.MaxPool2d(3, 2),
         *_conv_bn(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2),
         *_conv_bn(256, 384, 3, 1, 1), *_conv_bn(384, 384, 3, 1, 1), *_conv_bn(384, 256, 3, 1, 1),
         nn.MaxPool2d(3, 2),
-    )
-    d = _flat_dim(features, cin, image_size)
-    return DeepClusterNet(features, _classifier(d, 4096, dropout), 4096, in_channels, sobel)
+    ), 4096
 
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
-def vgg16(in_channels: int, sobel: bool = True, image_size: int = 224, dropout: float = 0.5, **_) -> DeepClusterNet:
-    cin = c = 2 if sobel else in_channels
+def vgg16(cin: int, **_) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for v in VGG16_CFG:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += _conv_bn(c, v, 3, 1, 1)
-            c = v
-    features = nn.Sequential(*layers)
-    d = _flat_dim(features, cin, image_size)
-    return DeepClusterNet(features, _classifier(d, 4096, dropout), 4096, in_channels, sobel)
+            layers += _conv_bn(cin, v, 3, 1, 1)
+            cin = v
+    return nn.Sequential(*layers), 4096
 
 
-def small_alexnet(in_channels: int, sobel: bool = True, image_size: int = 28, width: int = 32,
-                  fc_dim: int = 256, dropout: float = 0.5, **_) -> DeepClusterNet:
+def small_alexnet(cin: int, width: int = 32, fc_dim: int = 256, **_) -> tuple[nn.Sequential, int]:
     """AlexNet's five conv blocks and two fc layers, without the stride-4 stem, for 28-96 px images."""
-    cin = 2 if sobel else in_channels
     w = width
-    features = nn.Sequential(
+    return nn.Sequential(
         *_conv_bn(cin, 2 * w, 5, 1, 2), nn.MaxPool2d(2, 2),
         *_conv_bn(2 * w, 4 * w, 3, 1, 1), nn.MaxPool2d(2, 2),
         *_conv_bn(4 * w, 6 * w, 3, 1, 1), *_conv_bn(6 * w, 6 * w, 3, 1, 1), *_conv_bn(6 * w, 4 * w, 3, 1, 1),
         nn.MaxPool2d(2, 2),
-    )
-    d = _flat_dim(features, cin, image_size)
-    return DeepClusterNet(features, _classifier(d, fc_dim, dropout), fc_dim, in_channels, sobel)
+    ), fc_dim
 
 
 ARCHITECTURES = {"alexnet": alexnet, "vgg16": vgg16, "small_alexnet": small_alexnet}
-
-
-def _flat_dim(features: nn.Module, cin: int, size: int) -> int:
-    """Size of the flattened conv output, from a forward pass on the meta device: no compute, and the
-    BatchNorm running statistics of the real network are never touched by a dummy batch."""
-    probe = copy.deepcopy(features).to("meta")
-    with torch.no_grad():
-        return int(probe(torch.zeros(1, cin, size, size, device="meta")).numel())
 
 
 def build_model(model_params: dict, in_channels: int, image_size: int) -> DeepClusterNet:
     arch = model_params["arch"]
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {arch!r}: choose one of {sorted(ARCHITECTURES)}")
-    kwargs = {k: v for k, v in model_params.items() if k != "arch"}
+    sobel, dropout = model_params.get("sobel", True), model_params.get("dropout", 0.5)
+    cin = 2 if sobel else in_channels
+    features, fc_dim = ARCHITECTURES[arch](cin, **{k: v for k, v in model_params.items() if k != "arch"})
+    # The flattened conv output's size from a forward pass on the meta device: no compute, and the
+    # BatchNorm running statistics of the real network are never touched by a dummy batch.
     try:
-        return ARCHITECTURES[arch](in_channels=in_channels, image_size=image_size, **kwargs)
+        with torch.no_grad():
+            probe = copy.deepcopy(features).to("meta")
+            d = int(probe(torch.zeros(1, cin, image_size, image_size, device="meta")).numel())
     except RuntimeError as e:  # too small an input for the architecture's strides
         raise ValueError(f"model.arch {arch!r} cannot take {image_size}px images ({e}); use small_alexnet "
                          "for 28-96 px or raise the crop size") from e
+    classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, fc_dim), nn.ReLU(inplace=True),
+                               nn.Dropout(dropout), nn.Linear(fc_dim, fc_dim))
+    return DeepClusterNet(features, classifier, fc_dim, in_channels, sobel)

@@ -58,12 +58,6 @@ def _finite(value: float) -> float:
     return value
 
 
-def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    if hi is None:
-        return f"{'>' if lo_open else '≥'} {lo:g}"
-    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
 def Int(ge: int, *, null: str | None = None, word: str | None = None) -> Any:
     """A whole number ≥ ge; `null` / `word`: what null / that word means instead."""
     text = f"int ≥ {ge}" + (f", or {word}" if word else "") + (f", or null ({null})" if null else "")
@@ -76,16 +70,17 @@ def Int(ge: int, *, null: str | None = None, word: str | None = None) -> Any:
 
 
 def _float_type(gt=None, ge=None, lt=None, le=None) -> Any:
-    bounds = [b for b in (at.Gt(gt) if gt is not None else None, at.Ge(ge) if ge is not None else None,
-                          at.Lt(lt) if lt is not None else None, at.Le(le) if le is not None else None) if b]
+    bounds = [bound(v) for bound, v in ((at.Gt, gt), (at.Ge, ge), (at.Lt, lt), (at.Le, le)) if v is not None]
     return Annotated[float, BeforeValidator(_number), AfterValidator(_finite), *bounds]
 
 
 def Float(gt=None, ge=None, lt=None, le=None) -> Any:
     """A real number in the given interval (ints and strings such as "1e-3" are read as floats)."""
     lo, hi = (gt if gt is not None else ge), (lt if lt is not None else le)
-    return Annotated[_float_type(gt, ge, lt, le), Allowed(f"float {_interval(lo, hi, gt is not None, lt is not None)}",
-                                                          numeric=True)]
+    lo_open, hi_open = gt is not None, lt is not None
+    interval = (f"{'>' if lo_open else '≥'} {lo:g}" if hi is None
+                else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    return Annotated[_float_type(gt, ge, lt, le), Allowed(f"float {interval}", numeric=True)]
 
 
 def Choice(*values: Any, text: str | None = None) -> Any:

@@ -15,16 +15,15 @@ def project_root() -> Path:
     return Path.cwd()
 
 
-def offline_environment(root: Path | None = None) -> None:
+def offline_environment() -> None:
     """A command line's offline-safe defaults (anything already set wins): no telemetry or analytics (there
     is no internet), Prefect's state in the project's .prefect/ (MLflow's store, the project's mlflow.db, is
     pipeline.tracking.tracking_uri). Call it first in main(): Prefect and MLflow read these when imported."""
-    root = project_root() if root is None else Path(root)
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_HOME": str(project_root() / ".prefect"),
         "PREFECT_LOGGING_LEVEL": "INFO",
         # Prefect waits 20 s for its temporary server by default; on a small machine busy with other jobs the
         # server's start (imports, database migrations) takes longer, and the run would fail before it began.

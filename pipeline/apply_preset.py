@@ -9,6 +9,8 @@ params.yaml` shows exactly what the preset changed and `git checkout params.yaml
 from __future__ import annotations
 
 import argparse
+import functools
+import operator
 from pathlib import Path
 
 import yaml
@@ -42,12 +44,8 @@ def apply_preset(params_file: str | Path, overrides: dict, origin: str = "preset
     with open(params_file) as f:
         doc = rt.load(f)
     for dotted in overrides:
-        value = valid[dotted]
         *parents, leaf = dotted.split(".")
-        node = doc
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        functools.reduce(operator.getitem, parents, doc)[leaf] = valid[dotted]  # doc[a][b]...[leaf]
     with atomic_path(params_file) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
 

@@ -29,20 +29,6 @@ def reporting() -> Iterator[None]:
         yield
 
 
-def die_with(parent: int):
-    """A subprocess preexec_fn: the child gets SIGTERM when `parent` dies, however it dies (kill -9 included)."""
-    import ctypes
-    import signal
-
-    def preexec() -> None:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def start_temporary_server() -> str:
     """Start the temporary Prefect server as Prefect would on its first API call (SubprocessASGIServer, a
     uvicorn child), registered as Prefect's own instance so Prefect reuses it; returns its API URL.
@@ -52,12 +38,23 @@ def start_temporary_server() -> str:
     this process dies. Prefect builds the command and its environment in one method with no hook for a
     preexec_fn, so subprocess.Popen is wrapped for that one call rather than Prefect's command copied.
     """
+    import ctypes
+    import signal
+
     from prefect.server.api.server import SubprocessASGIServer
+
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, before exec: SIGTERM when `parent` dies, however it dies
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
     class ServerDyingWithFlow(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
             popen = subprocess.Popen
-            subprocess.Popen = functools.partial(popen, preexec_fn=die_with(os.getpid()))
+            subprocess.Popen = functools.partial(popen, preexec_fn=die_with_parent)
             try:
                 return super()._run_uvicorn_command()
             finally:

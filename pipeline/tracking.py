@@ -142,29 +142,25 @@ class Progress:
 
 
 # ------------------------------------------------------------------ the `publish` stage
-def log_evaluation(eval_dir: str | Path, prefix: str = "evaluation") -> None:
-    """Into the active run: the final figures (`final.<key>`, step = the run's last epoch) and the
-    evaluation's files (metrics, report, curves, score tables, pictures)."""
+def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) -> str:
+    """Log into the run's MLflow run the final figures (`final.<key>`, step = the run's last epoch), the
+    evaluation's files (metrics, report, curves, score tables, pictures) and the last model; returns its id."""
     import mlflow
 
-    eval_dir = Path(eval_dir)
-    metrics = read_json(eval_dir / METRICS)
-    mlflow.log_metrics({f"final.{k}": v for k, v in numeric_metrics(metrics).items()}, step=int(metrics.get("epochs") or 0))
-    log_artifacts([eval_dir / METRICS, eval_dir / "report.md", eval_dir / EVAL_CURVES, eval_dir / EVAL_CLUSTER_SIZES], prefix)
-    log_artifacts([eval_dir / "scores"], f"{prefix}/scores")
-    log_artifacts([eval_dir / "pictures"], f"{prefix}/pictures")
-
-
-def publish(epochs_root: str | Path, eval_dir: str | Path, model: str | Path) -> str:
-    """Log the final evaluation and the last model into the run's MLflow run; returns its id."""
-    run_file = Path(epochs_root) / RUN_FILE
+    run_file, eval_dir = Path(epochs_root) / RUN_FILE, Path(eval_dir)
     if not run_file.exists():
         raise StageError(f"{run_file} not found: run the deepcluster stage first")
-    if not (Path(eval_dir) / METRICS).exists():
-        raise StageError(f"{Path(eval_dir) / METRICS} not found: run the evaluate stage first")
+    if not (eval_dir / METRICS).exists():
+        raise StageError(f"{eval_dir / METRICS} not found: run the evaluate stage first")
     state = read_json(run_file)
     with start_run(state["params"], run_name=f"deepcluster-{state['fingerprint']}", run_id=state.get("mlflow_run_id")) as run:
-        log_evaluation(eval_dir)
+        metrics = read_json(eval_dir / METRICS)
+        mlflow.log_metrics({f"final.{k}": v for k, v in numeric_metrics(metrics).items()},
+                           step=int(metrics.get("epochs") or 0))
+        log_artifacts([eval_dir / METRICS, eval_dir / "report.md", eval_dir / EVAL_CURVES, eval_dir / EVAL_CLUSTER_SIZES],
+                      "evaluation")
+        log_artifacts([eval_dir / "scores"], "evaluation/scores")
+        log_artifacts([eval_dir / "pictures"], "evaluation/pictures")
         log_artifacts([model], "model")
         return run.info.run_id
 

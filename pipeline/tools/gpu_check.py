@@ -113,18 +113,6 @@ def run_stage(stage: str, args: list[str], nproc: int | None = None) -> None:
         raise CheckFailed(f"{' '.join(cmd)} exited {done.returncode}: " + " | ".join(tail))
 
 
-def write_params(path: Path, overrides: dict) -> Path:
-    """params.yaml with the check's overrides, validated like any run's."""
-    import yaml
-
-    from stages.core.params import load_params
-
-    params = load_params("params.yaml", overrides, origin="gpu-check")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-    return path
-
-
 # ---------------------------------------------------------------- data
 def write_idx(out: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
     """A split's gzipped IDX files (uint8), the format of the Fashion-MNIST distribution."""
@@ -205,20 +193,27 @@ class Check:
         """torchrun's processes for extract and train, or None: one plain process."""
         return self.gpus if self.device == "cuda" else None
 
-    def stage_overrides(self) -> dict:
-        s = self.sizes
-        return {"run.epochs": 2, "prepare.max_train_images": s.train_images, "prepare.max_test_images": s.test_images,
-                "prepare.num_workers": max(1, s.workers), "model.width": s.width, "model.fc_dim": s.fc_dim,
-                "extract.device": self.device, "train.device": self.device, "extract.batch_size": 4 * s.batch,
-                "train.batch_size": s.batch, "pca.dim": s.pca_dim,
-                "cluster.device": "gpu" if self.device == "cuda" else "auto"}
+    def epochs(self, run: Path, overrides: dict, epochs: int, label: str) -> list[dict]:
+        """In `run`: params.yaml with the check's sizes and `overrides` (validated like any run's), prepare,
+        train --init, then `epochs` epochs of extract, pca, cluster, labels, train; each epoch's reports."""
+        import yaml
 
-    def epochs(self, params: Path, dataset: Path, run: Path, epochs: int, label: str) -> list[dict]:
-        """train --init, then `epochs` epochs of extract, pca, cluster, labels, train; each epoch's reports."""
         from stages.core.io import read_json
         from stages.core.layout import RunLayout, report
+        from stages.core.params import load_params
         from stages.epoch import EPOCH_CHAIN, stage_arguments
 
+        s = self.sizes
+        sized = {"run.epochs": 2, "prepare.max_train_images": s.train_images, "prepare.max_test_images": s.test_images,
+                 "prepare.num_workers": max(1, s.workers), "model.width": s.width, "model.fc_dim": s.fc_dim,
+                 "extract.device": self.device, "train.device": self.device, "extract.batch_size": 4 * s.batch,
+                 "train.batch_size": s.batch, "pca.dim": s.pca_dim,
+                 "cluster.device": "gpu" if self.device == "cuda" else "auto"}
+        params, dataset = run / "params.yaml", run / "dataset"
+        run.mkdir(parents=True, exist_ok=True)
+        params.write_text(yaml.safe_dump(load_params("params.yaml", {**sized, **overrides}, origin="gpu-check")
+                                         .model_dump(), sort_keys=False))
+        run_stage("prepare", ["--params", str(params), "--out", str(dataset)])
         layout = RunLayout(dataset, run / "epochs", run / "checkpoints")
         run_stage("train", ["--params", str(params), "--dataset", str(dataset), "--init",
                             "--checkpoint-out", str(layout.checkpoint(0))])
@@ -282,11 +277,7 @@ class Check:
         data, what = fashion_mnist(self.data, self.out, s)
         run = self.out / "fashion-mnist"
         shutil.rmtree(run, ignore_errors=True)
-        params = write_params(run / "params.yaml", {**self.stage_overrides(), "prepare.source": "fashion-mnist",
-                                                    "prepare.path": str(data)})
-        dataset = run / "dataset"
-        run_stage("prepare", ["--params", str(params), "--out", str(dataset)])
-        epochs = self.epochs(params, dataset, run, 2, "Fashion-MNIST")
+        epochs = self.epochs(run, {"prepare.source": "fashion-mnist", "prepare.path": str(data)}, 2, "Fashion-MNIST")
         self.rows.append(Row("Fashion-MNIST data", what, "note"))
         for r in epochs:
             w, tr, lab, cl = r["wall"], r["train"], r["labels"], r["cluster"]
@@ -354,17 +345,14 @@ class Check:
         t = time.perf_counter()
         tree = write_jpeg_tree(run / "images", s.jpegs)
         written = time.perf_counter() - t
-        params = write_params(run / "params.yaml", {
-            **self.stage_overrides(), "prepare.source": "imagefolder", "prepare.path": str(tree),
+        r = self.epochs(run, {
+            "prepare.source": "imagefolder", "prepare.path": str(tree),
             "prepare.image_size": 256, "prepare.max_train_images": None, "prepare.max_test_images": None,
             "model.arch": s.jpeg_arch, "extract.crop_size": s.jpeg_crop, "train.crop_size": s.jpeg_crop,
             "train.lr": 0.01,  # AlexNet diverges at the small model's 0.1 (the paper: 0.05 at batch 256)
             "extract.batch_size": s.alexnet_batch, "train.batch_size": s.alexnet_batch,
             "extract.num_workers": s.workers, "train.num_workers": s.workers, "train.samples_per_epoch": s.jpeg_samples,
-            "cluster.k": max(2, min(100, s.jpegs // 8)), "pca.dim": min(32, s.pca_dim)})
-        dataset = run / "dataset"
-        run_stage("prepare", ["--params", str(params), "--out", str(dataset)])
-        r = self.epochs(params, dataset, run, 1, "JPEG tree")[0]
+            "cluster.k": max(2, min(100, s.jpegs // 8)), "pca.dim": min(32, s.pca_dim)}, 1, "JPEG tree")[0]
         extract_rate = r["extract"]["n_images"] / r["extract"]["seconds"]
         train_rate = r["train"]["images_per_second"]
         tensors = getattr(self, "_tensor_rates", None)

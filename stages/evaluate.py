@@ -1,13 +1,9 @@
-"""Stage `evaluate`.
-
-`epoch`: the epoch's stage reports gathered into data/epochs/<epoch>/metrics.json (stages.epoch).
-
-`final`: the run's last network on the held-out labelled split, side by side with the same network at
-random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc, weighted kNN,
-k-means with k = classes (NMI, ARI, Hungarian accuracy), and the paper's pictures. Writes data/eval/:
-metrics.json (every figure, flat keys such as probe.trained.conv3), headline.json (the few `dvc metrics
-show` and `dvc exp show` list), scores/*.json (one row per feature source), epochs.csv (the per-epoch
-curves), report.md and pictures/*.png; the `publish` stage logs them into the run's MLflow run.
+"""Stage `evaluate final`: the run's last network on the held-out labelled split, side by side with the
+same network at random init (epoch 0) and with raw pixels: linear probes on every conv layer and on fc,
+weighted kNN, k-means with k = classes (NMI, ARI, Hungarian accuracy), and the paper's pictures. Writes
+data/eval/: metrics.json (every figure, flat keys such as probe.trained.conv3), headline.json (the few
+`dvc metrics show` and `dvc exp show` list), scores/*.json (one row per feature source), epochs.csv (the
+per-epoch curves), report.md and pictures/*.png; the `publish` stage logs them into the run's MLflow run.
 """
 from __future__ import annotations
 
@@ -119,8 +115,7 @@ def load_images(images: ImageSet, rows: np.ndarray) -> np.ndarray:
 
 def probe_layers(cfg: Evaluate, model: torch.nn.Module) -> list[str]:
     """The layers to probe: evaluate.probe_layers, where `all` = every conv block and fc."""
-    layers = cfg.probe_layers
-    return conv_layer_names(model) + ["fc"] if layers == "all" else list(layers)
+    return conv_layer_names(model) + ["fc"] if cfg.probe_layers == "all" else list(cfg.probe_layers)
 
 
 def probe_options(cfg: Evaluate) -> dict:

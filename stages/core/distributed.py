@@ -307,9 +307,8 @@ def launch(run: Run, stage: str, args: list[str]) -> None:
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
             tail.append(chunk)
-    if proc.returncode == 0:
-        return
-    raise launch_error(stage, b"".join(tail).decode(errors="replace"), proc.returncode)
+    if proc.returncode:
+        raise launch_error(stage, b"".join(tail).decode(errors="replace"), proc.returncode)
 
 
 def launch_error(stage: str, stderr: str, returncode: int) -> StageError | TransientError:

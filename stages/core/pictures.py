@@ -50,8 +50,7 @@ def to_display(images: np.ndarray) -> np.ndarray:
 
 def _show(ax: plt.Axes, image: np.ndarray, frame: str | None = None) -> None:
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     for spine in ax.spines.values():
         spine.set_visible(frame is not None)
         if frame is not None:
@@ -254,12 +253,10 @@ def plot_cluster_sizes(sizes: np.ndarray, path: str | Path, epoch: int | None = 
     ordered = np.sort(sizes)[::-1]
     a1.bar(np.arange(len(ordered)), ordered, width=1.0, color="tab:blue")
     a1.axhline(sizes.sum() / max((sizes > 0).sum(), 1), color="tab:red", lw=1, ls="--", label="mean (non-empty)")
-    a1.set_xlabel("cluster rank")
-    a1.set_ylabel("images")
+    a1.set(xlabel="cluster rank", ylabel="images")
     a1.legend(fontsize=8)
     a2.hist(sizes, bins=min(50, max(len(sizes) // 2, 5)), color="tab:blue")
-    a2.set_xlabel("cluster size (images)")
-    a2.set_ylabel("clusters")
+    a2.set(xlabel="cluster size (images)", ylabel="clusters")
     when = f"epoch {epoch}: " if epoch is not None else ""
     fig.suptitle(f"{when}{len(sizes)} clusters, {int((sizes == 0).sum())} empty, "
                  f"sizes {int(sizes[sizes > 0].min())}..{int(sizes.max())}", fontsize=10)
@@ -276,9 +273,7 @@ def plot_epoch_curves(curves: pd.DataFrame, path: str | Path) -> Path:
         if column in curves and curves[column].notna().any():
             a1.plot(e, curves[column], marker="o", ms=3, label=label)
             plotted += 1
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("NMI")
-    a1.set_ylim(0, 1)
+    a1.set(xlabel="epoch", ylabel="NMI", ylim=(0, 1))
     a1.grid(alpha=0.3)
     if plotted:
         a1.legend(fontsize=8)

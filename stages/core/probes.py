@@ -290,6 +290,4 @@ def kmeans_quality(x: np.ndarray, labels: np.ndarray, *, k: int, niter: int, see
         x = fit_pca_whitening(x, min(pca_dim, x.shape[1]), eps).transform(x)
     scores = [clustering_scores(labels, run_kmeans(x, k, niter, seed + i).labels) for i in range(runs)]
     out = {key: float(np.mean([s[key] for s in scores])) for key in ("nmi", "ari", "acc")}
-    out["nmi_std"] = float(np.std([s["nmi"] for s in scores]))
-    out["acc_std"] = float(np.std([s["acc"] for s in scores]))
-    return out
+    return out | {f"{key}_std": float(np.std([s[key] for s in scores])) for key in ("nmi", "acc")}

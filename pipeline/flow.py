@@ -131,12 +131,6 @@ def entry_point() -> str:
 
 
 # ------------------------------------------------------------------ one epoch
-def summarize(stats: dict) -> str:
-    """A stage's report for the log, without long lists (cluster sizes)."""
-    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
-                       if not isinstance(v, (list, dict))}, sort_keys=True)
-
-
 def version_epoch(ws: DvcWorkspace | None, params: Params, layout: RunLayout, epoch: int) -> float:
     """Put what the epoch keeps into DVC's cache (see pipeline.versioning); returns the seconds it took."""
     if ws is None:
@@ -176,7 +170,9 @@ def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: 
         logger.info(f"epoch {epoch}: {name} starting")
         stats = stage_task.with_options(name=name, task_run_name=f"{name}-epoch-{epoch:04d}")(name, params, layout, epoch)
         ran += stats["seconds"]
-        logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {summarize(stats)}")
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
+                 if not isinstance(v, (list, dict))}  # without long lists (cluster sizes)
+        logger.info(f"epoch {epoch}: {name} done in {stats['seconds']:.1f}s: {json.dumps(shown, sort_keys=True)}")
     metrics = epoch_metrics(layout.epoch(epoch), epoch)
     metrics.update(finish_epoch(params, layout, epoch, n_epochs, metrics, ws, run_id, resumed=start_at > 0))
     # Orchestration overhead: wall time of the epoch in this process minus the stages' own compute,
@@ -253,10 +249,10 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 metrics = read_json(layout.epoch(done[-1]) / METRICS)
                 finish_epoch(params, layout, done[-1], n_epochs, metrics, ws, run.info.run_id, resumed=True)
                 logger.info(f"resuming after epoch {done[-1]} of {n_epochs}")
-            progress = tracking.Progress(len(done), n_epochs)
+            update_progress = tracking.progress(len(done), n_epochs)
             for epoch in (e for e in range(1, n_epochs + 1) if e not in done):
                 run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
-                progress.update(epoch)
+                update_progress(epoch)
             # the newest finished epoch's figures (an earlier epoch whose files were deleted may have been redone)
             finished = [e for e in layout.completed_epochs() if e <= n_epochs]
             metrics = read_json(layout.epoch(finished[-1]) / METRICS) if finished else {}

@@ -29,9 +29,9 @@ def reporting() -> Iterator[None]:
         yield
 
 
-def start_temporary_server() -> str:
+def start_temporary_server() -> None:
     """Start the temporary Prefect server as Prefect would on its first API call (SubprocessASGIServer, a
-    uvicorn child), registered as Prefect's own instance so Prefect reuses it; returns its API URL.
+    uvicorn child), registered as Prefect's own instance so Prefect reuses it.
 
     Prefect stops its server at exit, but a flow killed with kill -9 (or by the OOM killer) never exits
     normally and the server (about 200 MB) would run on: with PR_SET_PDEATHSIG the kernel stops it when
@@ -68,7 +68,6 @@ def start_temporary_server() -> str:
         raise StageError(f"the temporary Prefect server did not answer within {os.environ.get(variable)} s "
                          f"({first_line(e)}): on a busy machine wait longer (export {variable}=600), or start "
                          "one server for all runs with `deepcluster serve start`") from e
-    return server.api_url
 
 
 class _WithoutTracebackForKnownErrors(logging.Formatter):

@@ -50,19 +50,15 @@ def _spawn(cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
     return proc
 
 
-def _tail(name: str, lines: int = 30) -> str:
-    try:
-        return "\n".join(_file(f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _wait(check, timeout: float, what: str, proc: subprocess.Popen, log: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if proc.poll() is not None:
             _file(f"{log}.pid").unlink(missing_ok=True)
-            sys.exit(f"serve: {what} exited (status {proc.returncode}); the end of {_file(log + '.log')}:\n{_tail(log)}")
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = "\n".join(_file(f"{log}.log").read_text(errors="replace").splitlines()[-30:])
+            sys.exit(f"serve: {what} exited (status {proc.returncode}); the end of {_file(log + '.log')}:\n{tail}")
         if time.monotonic() > deadline:
             sys.exit(f"serve: {what} not ready after {timeout:.0f}s; see {_file(log + '.log')}")
         time.sleep(0.5)

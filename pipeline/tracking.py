@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,20 +126,14 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-class Progress:
-    """The run's progress artifact (percent of epochs finished), updated after every epoch."""
+def progress(done: int, total: int) -> Callable[[int], None]:
+    """The run's progress artifact (percent of epochs finished); returns its update(done), called after every epoch."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    def __init__(self, done: int, total: int):
-        from prefect.artifacts import create_progress_artifact
-
-        self.total = max(total, 1)
-        self.id = create_progress_artifact(progress=100.0 * done / self.total, key=PROGRESS_KEY,
-                                           description=f"DeepCluster: epochs finished of {total}")
-
-    def update(self, done: int) -> None:
-        from prefect.artifacts import update_progress_artifact
-
-        update_progress_artifact(self.id, progress=100.0 * done / self.total)
+    n = max(total, 1)
+    artifact = create_progress_artifact(progress=100.0 * done / n, key=PROGRESS_KEY,
+                                        description=f"DeepCluster: epochs finished of {total}")
+    return lambda done: update_progress_artifact(artifact, progress=100.0 * done / n)
 
 
 # ------------------------------------------------------------------ the `publish` stage

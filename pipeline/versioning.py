@@ -76,8 +76,8 @@ class DvcWorkspace:
             finally:
                 repo.close()
 
-    def cache_paths(self, paths: list[str | Path]) -> dict[str, str]:
-        """Put files/directories into DVC's cache without touching dvc.lock; returns path -> md5.
+    def cache_paths(self, paths: list[str | Path]) -> None:
+        """Put files/directories into DVC's cache without touching dvc.lock.
 
         The same build + transfer as `dvc commit` (dvc/output.py Output.commit), minus the lock-file
         update: objects are content-addressed and written atomically (temp file + rename), so a
@@ -88,16 +88,13 @@ class DvcWorkspace:
 
         existing = [Path(p).resolve() for p in paths if Path(p).exists()]
 
-        def work(repo) -> dict[str, str]:
-            odb = repo.cache.repo
-            hashes = {}
+        def work(repo) -> None:
             for path in existing:
-                staging, _, obj = build(odb, str(path), repo.fs, "md5", ignore=repo.dvcignore)
-                transfer(staging, odb, {obj.hash_info}, shallow=False, hardlink=False)
-                hashes[str(path.relative_to(self.root))] = obj.hash_info.value
-            return hashes
+                staging, _, obj = build(repo.cache.repo, str(path), repo.fs, "md5", ignore=repo.dvcignore)
+                transfer(staging, repo.cache.repo, {obj.hash_info}, shallow=False, hardlink=False)
 
-        return self._with_lock("cache the epoch's artifacts", work) if existing else {}
+        if existing:
+            self._with_lock("cache the epoch's artifacts", work)
 
     def commit_stage(self, stage: str = STAGE) -> None:
         """`dvc commit <stage> --force`: record the workspace's outputs, deps and params in dvc.lock."""

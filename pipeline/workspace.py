@@ -37,27 +37,18 @@ RESULT_NEUTRAL = ("extract.keep_features_every", "train.keep_checkpoint_every", 
                   "extract.num_workers", "extract.device", "train.num_workers", "train.device")
 
 
-class WorkspaceBusy(StageError):
-    """Another run holds the workspace."""
-
-
-def lock_path(epochs_root: str | Path) -> Path:
-    # Beside, not inside, data/epochs: the epochs directory is a DVC output and is hashed as a whole.
-    epochs_root = Path(epochs_root)
-    return epochs_root.parent / f".{epochs_root.name}.run-lock"
-
-
 @contextlib.contextmanager
 def workspace_lock(epochs_root: str | Path, description: str = "") -> Iterator[Path]:
     """Hold the run lock of `epochs_root` for the block; refuse at once if another process holds it."""
-    path = lock_path(epochs_root)
+    # Beside, not inside, data/epochs: the epochs directory is a DVC output and is hashed as a whole.
+    path = Path(epochs_root).parent / f".{Path(epochs_root).name}.run-lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkspaceBusy(_busy_message(path, epochs_root)) from None
+            raise StageError(_busy_message(path, epochs_root)) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(sys.argv), "description": description}
         os.ftruncate(fd, 0)
@@ -110,9 +101,7 @@ def dataset_version(dataset: str | Path) -> str | None:
         return None
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(f.read_bytes())  # read whole: a manifest holds a few dozen bytes per image
     return h.hexdigest()[:16]
 
 

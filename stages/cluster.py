@@ -25,7 +25,6 @@ stage also runs where only torch is installed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from stages.core.clustering import ClusteringPlan, cluster_features, plan_for, s
 from stages.core.errors import cli_errors
 from stages.core.io import write_json
 from stages.core.layout import CLUSTERING, report
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import Timer, peak_rss_mb, seed_for
 from stages.core.schema import Params
 
@@ -60,8 +59,7 @@ def run_cluster(params: Params, features: str | Path, out: str | Path, epoch: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `cluster` section")
+    parser = stage_parser(__doc__, "params file; this stage reads its `cluster` section")
     parser.add_argument("--features", required=True, help="pca_features.npy written by pca")
     parser.add_argument("--out", required=True, help="epoch directory for clusters.npz")
     parser.add_argument("--epoch", type=int, required=True, help="epoch number: k-means is seeded from run.seed and it (PIC is deterministic)")

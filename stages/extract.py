@@ -9,7 +9,6 @@ Under torchrun each process computes a contiguous block of rows into the same fi
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from stages.core.distributed import (World, backend_for, barrier, broadcast, che
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import atomic_path, write_json
 from stages.core.layout import FEATURES, report
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import Timer, autocast, peak_rss_mb
 from stages.core.schema import Params
 
@@ -89,8 +88,7 @@ def run_extract(params: Params, dataset: str | Path, checkpoint: str | Path, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `extract` section")
+    parser = stage_parser(__doc__, "params file; this stage reads its `extract` section")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset written by prepare")
     parser.add_argument("--checkpoint", required=True, help="network to extract with (the previous epoch's)")
     parser.add_argument("--out", required=True, help="epoch directory, e.g. data/epochs/0003")

@@ -7,7 +7,6 @@ for monitoring only, never used for model selection).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -18,15 +17,9 @@ from stages.core.data import load_split
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
 from stages.core.layout import ASSIGNMENTS, CLUSTERING, report
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import Timer
 from stages.core.schema import Params
-
-
-def recompute_assignments(epoch_dir: str | Path, dataset: str | Path) -> str:
-    """How to get a finished epoch's assignments back: they are a function of its clustering (layout.CLUSTERING)."""
-    return (f"recompute it from that epoch's {CLUSTERING} with `python -m stages.labels --epoch-dir {epoch_dir} "
-            f"--dataset {dataset}`, or restore it with `dvc checkout`, then rerun")
 
 
 def run_labels(params: Params, epoch_dir: str | Path, dataset: str | Path, previous: str | Path | None = None) -> dict:
@@ -43,7 +36,10 @@ def run_labels(params: Params, epoch_dir: str | Path, dataset: str | Path, previ
         prev_file = Path(previous) / ASSIGNMENTS if previous else None
         if prev_file is not None and prev_file.exists():
             current = pd.DataFrame({"image_id": images.ids, "cluster": c.labels})
-            stats["nmi_previous"] = nmi_between(current, read_assignments(prev_file, recompute_assignments(previous, dataset)))
+            # a finished epoch's assignments are a function of its clustering: the way back if they are damaged
+            fix = (f"recompute it from that epoch's {CLUSTERING} with `python -m stages.labels --epoch-dir {previous} "
+                   f"--dataset {dataset}`, or restore it with `dvc checkout`, then rerun")
+            stats["nmi_previous"] = nmi_between(current, read_assignments(prev_file, fix))
         stats["nmi_labels"] = nmi(images.labels, c.labels) if images.has_labels else None
     stats["seconds"] = t.seconds
     write_json(epoch_dir / report("labels"), stats)
@@ -51,8 +47,7 @@ def run_labels(params: Params, epoch_dir: str | Path, dataset: str | Path, previ
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (this stage has no section of its own)")
+    parser = stage_parser(__doc__, "params file (this stage has no section of its own)")
     parser.add_argument("--epoch-dir", required=True, help="epoch directory holding clusters.npz")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset (true labels, if any)")
     parser.add_argument("--previous", help="previous epoch directory, for NMI between consecutive epochs")

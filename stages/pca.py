@@ -12,7 +12,6 @@ directions with almost no variance are not blown up to unit variance.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from stages.core.artifacts import train_rows, allocate_npy, check_npy
 from stages.core.errors import cli_errors
 from stages.core.io import atomic_path, write_json
 from stages.core.layout import PCA, PCA_FEATURES, report
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import Timer, peak_rss_mb, seed_for, seeded_subset
 from stages.core.schema import Params
 from stages.core.whitening import apply_in_chunks, fit_pca_whitening
@@ -52,8 +51,7 @@ def run_pca(params: Params, features: str | Path, out: str | Path, epoch: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `pca` section")
+    parser = stage_parser(__doc__, "params file; this stage reads its `pca` section")
     parser.add_argument("--features", required=True, help="features.npy written by extract")
     parser.add_argument("--out", required=True, help="directory for pca.npz and pca_features.npy")
     parser.add_argument("--epoch", type=int, default=0, help="epoch number (seeds the fitting sample)")

@@ -7,7 +7,6 @@ Sources:
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import shutil
@@ -23,7 +22,7 @@ from stages.core.crops import crop_warning, image_side
 from stages.core.data import IMAGE_EXTENSIONS, decode_image, to_8bit
 from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import seeded_subset
 from stages.core.schema import Prepare
 
@@ -259,8 +258,7 @@ def prepare(source: str, path: str | Path, out: str | Path, section: Prepare, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads its `prepare` section")
+    parser = stage_parser(__doc__, "params file; this stage reads its `prepare` section")
     parser.add_argument("--source", help="overrides prepare.source (fashion-mnist | imagefolder | folder)")
     parser.add_argument("--path", help="overrides prepare.path: where the source lives")
     parser.add_argument("--out", default="data/dataset", help="canonical dataset directory to write")

@@ -17,7 +17,6 @@ ranks do not crop their shares alike.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from stages.core.errors import StageError, cli_errors
 from stages.core.io import write_json
 from stages.core.layout import report
 from stages.core.models import DeepClusterNet
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import Timer, autocast, peak_rss_mb, seed_for
 from stages.core.schema import Params, Train
 
@@ -181,8 +180,7 @@ def run_train(params: Params, dataset: str | Path, assignments: str | Path, chec
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file; this stage reads `train` and `model`")
+    parser = stage_parser(__doc__, "params file; this stage reads `train` and `model`")
     parser.add_argument("--dataset", default="data/dataset", help="canonical dataset written by prepare")
     parser.add_argument("--init", action="store_true", help="only write the epoch-0 (random) checkpoint to --checkpoint-out")
     parser.add_argument("--assignments", help="this epoch's assignments.parquet")

@@ -23,26 +23,21 @@ from stages.core.schema import Model
 
 
 # ---------------------------------------------------------------- .npy / .npz
-def npy_header(path: str | Path, fix: str | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) from a .npy file's header, without reading the data."""
+def check_npy(path: str | Path, *, rows: int | None = None, dtype: np.dtype | type = np.float32, ndim: int = 2,
+              fix: str | None = None) -> tuple[int, ...]:
+    """The shape of a complete .npy array of `dtype` with `ndim` dimensions (and `rows` rows, if given), from
+    its header and size, without reading the data."""
     path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found" + (f": {fix}" if fix else ""))
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            return tuple(shape), dtype, f.tell()
+            shape, _, found = read(f)
+            offset = f.tell()
     except (ValueError, EOFError, OSError) as e:
         raise DamagedArtifact(path, f"not a readable .npy file ({e})", fix) from e
-
-
-def check_npy(path: str | Path, *, rows: int | None = None, dtype: np.dtype | type = np.float32, ndim: int = 2,
-              fix: str | None = None) -> tuple[int, ...]:
-    """The shape of a complete .npy array of `dtype` with `ndim` dimensions (and `rows` rows, if given)."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path} not found" + (f": {fix}" if fix else ""))
-    shape, found, offset = npy_header(path, fix)
     expected = offset + int(np.prod(shape, dtype=np.int64)) * found.itemsize
     size = path.stat().st_size
     if size != expected:

@@ -461,14 +461,9 @@ def intensity_jitter(batch: torch.Tensor, strength: float, generator: torch.Gene
     return batch * c.view(shape).to(batch.device, batch.dtype) + b.view(shape).to(batch.device, batch.dtype)
 
 
-def random_resized_crop_flip(
-    batch: torch.Tensor,
-    size: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hflip: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def random_resized_crop_flip(batch: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = CROP_RATIO, hflip: bool = True,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip for a whole float batch at once, one crop per image.
 
     Per-image torchvision transforms are a Python call per image; one affine_grid/grid_sample call

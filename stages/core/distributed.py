@@ -17,7 +17,6 @@ Nothing here imports pipeline/: `launch` is how the epoch chain (stages/epoch.py
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -37,7 +36,7 @@ from torch import nn
 
 from stages.core.errors import StageError, TransientError, cli_errors
 from stages.core.io import read_json, write_json
-from stages.core.params import load_params
+from stages.core.params import load_params, stage_parser
 from stages.core.runtime import pick_device
 from stages.core.schema import Run
 
@@ -370,9 +369,8 @@ def follow(run: Run, epochs_root: str | Path, poll_s: float = 0.5, log=print) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser(__doc__, "params file (its run section: nnodes, endpoint)")
     parser.add_argument("command", choices=["follow"], help="follow: take part in node 0's extract and train stages")
-    parser.add_argument("--params", default="params.yaml", help="params file (its run section: nnodes, endpoint)")
     parser.add_argument("--node-rank", type=int, help="this node's run.node_rank (default: the params file's)")
     parser.add_argument("--epochs-root", default="data/epochs", help="the run's epochs directory (shared with node 0)")
     args = parser.parse_args(argv)

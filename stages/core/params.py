@@ -73,6 +73,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def stage_parser(doc: str, params_help: str) -> argparse.ArgumentParser:
+    """A stage's command line: its module's docstring as --help, and --params."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=PARAMS_FILE, help=params_help)
+    return parser
+
+
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in params.items():

@@ -104,9 +104,8 @@ def versioned_workspace(layout: RunLayout, params_file: str | Path, enabled: boo
         return None
     stage = yaml.safe_load((ws.root / "dvc.yaml").read_text()).get("stages", {}).get(STAGE, {})
     outs = {(ws.root / (next(iter(o)) if isinstance(o, dict) else o)).resolve() for o in stage.get("outs", [])}
-    if outs != {layout.epochs_root.resolve(), layout.checkpoints.resolve()} or Path(params_file).resolve() != ws.root / "params.yaml":
-        return None
-    return ws
+    ours = outs == {layout.epochs_root.resolve(), layout.checkpoints.resolve()}
+    return ws if ours and Path(params_file).resolve() == ws.root / "params.yaml" else None
 
 
 def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
@@ -222,9 +221,7 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
             if not fresh and layout.run_file.exists():
                 # Refuse before touching params.yaml; the dataset is compared after `dvc repro prepare`.
                 identity = {**run_identity(params, layout), "dataset_version": None}
-                problems = resume_problems(read_json(layout.run_file), identity, params, layout)
-                if problems:
-                    refuse_resume(layout, problems)
+                refuse_resume(layout, resume_problems(read_json(layout.run_file), identity, params, layout))
             changed = sync_params_file(params_file, overrides)
             if changed:
                 logger.info(f"params.yaml: set {changed} (the run's parameters, so dvc.lock records them)")

@@ -21,7 +21,12 @@ from stages.core.errors import StageError, TransientError, first_line
 def reporting() -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    quiet_known_errors_on_console()
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:  # known errors on the console: their message only
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
+                                                                         _WithoutTracebackForKnownErrors):
+            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))
     url = None if os.environ.get("PREFECT_API_URL") else project_server_url()
     if not url and not PREFECT_API_URL.value():
         start_temporary_server()  # instead of Prefect, so that it dies with this process
@@ -83,11 +88,3 @@ class _WithoutTracebackForKnownErrors(logging.Formatter):
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
         return self.inner.format(record)
 
-
-def quiet_known_errors_on_console() -> None:
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
-                                                                         _WithoutTracebackForKnownErrors):
-            handler.setFormatter(_WithoutTracebackForKnownErrors(handler.formatter or logging.Formatter()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -64,10 +65,6 @@ def _wait(check, timeout: float, what: str, proc: subprocess.Popen, log: str) ->
         time.sleep(0.5)
 
 
-def deployment_exists(name: str, url: str) -> bool:
-    return healthy(url, f"/deployments/name/{FLOW_NAME}/{name}", timeout=2)
-
-
 def start(port: int, name: str) -> None:
     prefect_state_dir().mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/api"
@@ -92,12 +89,13 @@ def start(port: int, name: str) -> None:
         f"export PREFECT_API_URL={url}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\nexport DO_NOT_TRACK=1\n")
 
     runner_pid = _read_pid("runner.pid")
-    if alive(runner_pid, "pipeline.serve") and deployment_exists(name, url):
+    deployed = functools.partial(healthy, url, f"/deployments/name/{FLOW_NAME}/{name}", timeout=2)
+    if alive(runner_pid, "pipeline.serve") and deployed():
         print(f"serve: deployment {FLOW_NAME}/{name} already served (pid {runner_pid})")
     else:
         proc = _spawn([sys.executable, "-m", "pipeline.serve", "_runner", "--name", name], "runner", env)
         print(f"serve: serving deployment {FLOW_NAME}/{name} (pid {proc.pid}) ...")
-        _wait(lambda: deployment_exists(name, url), 120, "the deployment runner", proc, "runner")
+        _wait(deployed, 120, "the deployment runner", proc, "runner")
     print(f"serve: ready. UI: http://127.0.0.1:{port}  Run it with:\n"
           f"  source {_file('env.sh')}\n"
           f"  prefect deployment run '{FLOW_NAME}/{name}' --param epochs=12 --watch   "

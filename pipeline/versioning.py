@@ -28,12 +28,6 @@ def under_dvc_stage() -> bool:
     return os.environ.get("DVC_STAGE", "").split(":")[-1] == STAGE
 
 
-def dvc_executable() -> str:
-    """The dvc CLI of this interpreter's environment (a served deployment may not have it on PATH)."""
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.exists() else "dvc"
-
-
 def subprocess_env() -> dict[str, str]:
     """dvc.yaml commands call `python -m ...`: put this interpreter's bin first on PATH for them."""
     env = dict(os.environ)
@@ -108,7 +102,8 @@ class DvcWorkspace:
 
     def repro(self, *targets: str, log: Callable[[str], None] = print) -> None:
         """`dvc repro [targets]` in a subprocess (it runs the stages' own commands), output to `log`."""
-        cmd = [dvc_executable(), "repro", *targets]
+        beside = Path(sys.executable).parent / "dvc"  # this environment's: a served deployment may not have it on PATH
+        cmd = [str(beside) if beside.exists() else "dvc", "repro", *targets]
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
             output = []

@@ -157,9 +157,9 @@ def resume_problems(state: dict, identity: dict, params: Params, layout: RunLayo
 
 
 def refuse_resume(layout: RunLayout, problems: list[str]) -> None:
-    raise StageError(
-        f"{layout.epochs_root} holds a run that cannot be resumed: {'; '.join(problems)}. Restore what "
-        "changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
+    if problems:
+        raise StageError(f"{layout.epochs_root} holds a run that cannot be resumed: {'; '.join(problems)}. Restore "
+                         "what changed to resume it, or start over with --fresh (a deployment run: --param fresh=true)")
 
 
 def discard_run(layout: RunLayout, identity: dict) -> None:

@@ -12,10 +12,8 @@ The words, one meaning each:
               against its baseline commit, its data/eval/headline.json.
   study       one of the paper's comparisons, run as experiments named study-<row> (`deepcluster studies`).
               --study prints `deepcluster studies report`'s table and writes no file.
-  ablation    one stage of a finished epoch of the main run, rerun with other parameters (`deepcluster
-              ablate`); --ablations lists them beside the main run's same epoch.
-  screen      a few epochs run in-process, scored at chosen epochs (`deepcluster screen`); --screens: a row
-              per scored epoch.
+  ablation    one stage of a finished epoch of the main run, rerun with other parameters (`deepcluster ablate`).
+  screen      a few epochs run in-process, scored at chosen epochs (`deepcluster screen`).
 Figures, as in the evaluation report: trained network / random init / raw pixels for the best conv probe,
 weighted kNN and k-means (k = classes) accuracy (%) and NMI; NMI(t−1, t) is the last epoch's. Per-epoch
 curves of every run and ablation are in MLflow: the last line printed opens its UI on 127.0.0.1.

@@ -4,16 +4,9 @@
     python -m pipeline.tools.gpu_check --device cpu --tiny    # the same code on a CPU in under a minute (the tests)
     python -m pipeline.tools.gpu_check --bundle               # here: the Fashion-MNIST subset the check carries
 
-What it runs, each as a row of the table:
-- environment: Python, torch and its CUDA, the GPUs, faiss (if any) and the clustering plan;
-- k-means on the GPU (stages.cluster.run_kmeans with cluster.device: gpu) on synthetic features with
-  known centres: seconds and NMI with the centres;
-- two DeepCluster epochs of the stages themselves on Fashion-MNIST (prepare, train --init, then extract, pca,
-  cluster, labels, train per epoch) on the GPU: bf16 autocast (amp: auto) and channels_last are what the
-  stages do on CUDA; extract and train are launched under `python -m torch.distributed.run
-  --nproc_per_node <GPUs>` (stages/core/distributed.py);
-- AlexNet at 224 px: images/s of inference and of a training step on synthetic tensors, then of the
-  extract and train stages on a synthetic JPEG tree (decoding included), as a ratio of the former.
+Its rows: the environment and clustering plan, k-means on the GPU, two DeepCluster epochs of the stages'
+own command lines on Fashion-MNIST (extract and train under torchrun, one process per GPU), AlexNet at
+224 px on synthetic tensors and through the stages on a JPEG tree; what each runs: docs/gpus.md.
 
 Where torch sees no CUDA GPU it says so and exits 0 (nothing to check). It needs only torch, numpy,
 pandas, pyarrow, scipy and the three small packages the stages' params validation and progress bars use
@@ -405,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"gpu-check: Fashion-MNIST subset (10,000 train, 2,000 test) -> {out}, {size / 1e6:.1f} MB")
         return 0
-    reason = skip_reason(args.device)
-    if reason:
+    if reason := skip_reason(args.device):
         print(f"gpu-check: skipped: {reason}")
         return 0
     import torch

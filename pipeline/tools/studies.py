@@ -156,9 +156,7 @@ def table(rows: dict[str, dict], studies: list[str] | None = None) -> str:
     lines = [f"| study | experiment | change | clusters (last epoch) | NMI(t−1, t) last | {FIGURES} |",
              "|---|---|---|---:|---:|---|---|---|---|"]
     for study in studies or STUDIES:
-        for name in STUDIES[study]:
-            if name not in rows:
-                continue
+        for name in (n for n in STUDIES[study] if n in rows):
             m, curves = rows[name]["metrics"], rows[name]["curves"]
             clusters = int(curves["n_clusters"].iloc[-1]) if curves is not None else "–"
             source = "`HEAD` (the committed run)" if rows[name].get("source") == "HEAD" else f"`{PREFIX}{name}`"
@@ -219,9 +217,7 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
         if sizes:
             bins = np.logspace(0, np.log10(max(sizes)) + 0.1, 30)
             ax.hist(sizes, bins=bins, histtype="step", label=f"{name} ({len(sizes)} clusters)")
-    ax.set_xscale("log")
-    ax.set_xlabel("images per cluster (last epoch)")
-    ax.set_ylabel("clusters")
+    ax.set(xscale="log", xlabel="images per cluster (last epoch)", ylabel="clusters")
     ax.set_title("cluster sizes: k-means vs PIC", fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -38,7 +38,6 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
     return pd.DataFrame([read_json(f) for f in files]).sort_values("epoch").reset_index(drop=True)
 
 
-# ---------------------------------------------------------------- final evaluation
 NETWORKS = ("trained", "random")
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
@@ -266,7 +265,7 @@ def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, e
         written.append(pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png"))
 
     n_q = min(cfg.picture_queries, len(test_rows))
-    if n_q > 0 and cfg.picture_neighbours > 0:
+    if n_q > 0:
         q = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=n_q, replace=False))
         k = cfg.picture_neighbours
         panels = {}

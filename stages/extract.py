@@ -32,7 +32,7 @@ from stages.core.schema import Params
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, *, crop_size: int,
                      batch_size: int, device: torch.device, amp: bool | str = "auto", num_workers: int | str = 0,
-                     decode: str = "cpu", layer: str = "fc", progress: bool = True, rows: np.ndarray | None = None) -> None:
+                     decode: str = "cpu", progress: bool = True, rows: np.ndarray | None = None) -> None:
     """Fill `out` (len(rows) x D, e.g. a memmap) with the features of the images at `rows` (default: all, in
     dataset order)."""
     model.eval()
@@ -42,7 +42,7 @@ def extract_features(model: torch.nn.Module, images: ImageSet, out: np.ndarray, 
     for x in extract_batches(images, order, crop_size, batch_size, device, num_workers, decode):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            feats = model.fc_features(x) if layer == "fc" else model.conv_activations(x)[int(layer)]
+            feats = model.fc_features(x)
         out[start : start + len(x)] = feats.float().flatten(1).cpu().numpy()
         start += len(x)
         bar.update(len(x))

@@ -30,8 +30,7 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     n = float(len(ia))
     pa_, pb_ = np.bincount(ia.ravel()) / n, np.bincount(ib.ravel()) / n
     pij = counts / n
-    mi = float(np.sum(pij * (np.log(pij) - np.log(pa_[pairs // len(ub)]) - np.log(pb_[pairs % len(ub)]))))
-    mi = max(mi, 0.0)
+    mi = max(float(np.sum(pij * (np.log(pij) - np.log(pa_[pairs // len(ub)]) - np.log(pb_[pairs % len(ub)])))), 0.0)
     if mi == 0.0:
         return 0.0
     ha, hb = -float(np.sum(pa_ * np.log(pa_))), -float(np.sum(pb_ * np.log(pb_)))

@@ -18,20 +18,15 @@ def save_checkpoint(path: str | Path, *, model: DeepClusterNet, epoch: int, mode
                     in_channels: int, image_size: int, optimizer: torch.optim.Optimizer | None = None,
                     top_optimizer: torch.optim.Optimizer | None = None,
                     cluster_ids: torch.Tensor | None = None) -> None:
-    state = {
-        "epoch": epoch,
-        "model_params": dict(model_params),
-        "in_channels": in_channels,
-        "image_size": image_size,
-        # The body and its momentum buffers carry over between epochs; the head and its optimizer
-        # are rebuilt every epoch but kept so a checkpoint fully describes the finished epoch.
-        "model": {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer.")},
-        "top_layer": model.top_layer.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "top_optimizer": top_optimizer.state_dict() if top_optimizer is not None else None,
-        "cluster_ids": cluster_ids,  # head output j <-> cluster_ids[j] of this epoch's k-means
-        "rng_cpu": torch.get_rng_state(),
-    }
+    state = {"epoch": epoch, "model_params": dict(model_params), "in_channels": in_channels, "image_size": image_size,
+             # The body and its momentum buffers carry over between epochs; the head and its optimizer
+             # are rebuilt every epoch but kept so a checkpoint fully describes the finished epoch.
+             "model": {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer.")},
+             "top_layer": model.top_layer.state_dict(),
+             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "top_optimizer": top_optimizer.state_dict() if top_optimizer is not None else None,
+             "cluster_ids": cluster_ids,  # head output j <-> cluster_ids[j] of this epoch's k-means
+             "rng_cpu": torch.get_rng_state()}
     needed = nbytes(state) + (1 << 20)  # the tensors, plus the archive's own records
     require_free_space(path, needed)
     with atomic_path(path) as tmp:

@@ -17,7 +17,6 @@ from stages.core.errors import DamagedArtifact, StageError, first_line
 _UMASK = os.umask(0)
 
 
-# ---------------------------------------------------------------- atomic I/O
 # A write refused for want of room: a full disk, a quota, a file-size limit (RLIMIT_FSIZE).
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -87,9 +86,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)

@@ -15,7 +15,6 @@ from stages.core.errors import StageError
 PARAMS_FILE = "params.yaml"
 
 
-# ---------------------------------------------------------------- params
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None,
                 origin: str = "override") -> schema.Params:
     """Read params.yaml, apply dotted overrides such as {"cluster.k": 100} and validate the result

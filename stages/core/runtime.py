@@ -9,7 +9,6 @@ import torch
 
 from stages.core.errors import StageError
 
-# ---------------------------------------------------------------- seeds, devices
 STREAMS = {"init": 0, "cluster": 1, "train": 2, "evaluate": 3, "pca": 4}
 
 

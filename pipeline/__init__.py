@@ -38,7 +38,6 @@ def prefect_state_dir() -> Path:
 
 
 def healthy(url: str, path: str = "/health", timeout: float = 1.0) -> bool:
-    """The Prefect API at `url` answers `path` (its health check by default)."""
     try:
         with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as r:
             return r.status == 200

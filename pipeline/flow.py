@@ -108,7 +108,7 @@ def versioned_workspace(layout: RunLayout, params_file: str | Path, enabled: boo
     return ws if ours and Path(params_file).resolve() == ws.root / "params.yaml" else None
 
 
-def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
+def sync_params_file(params_file: str | Path, overrides: dict, log) -> None:
     """Write the run's overrides into params.yaml (comments kept), so dvc.lock records what produced the run."""
     from pipeline.apply_preset import apply_preset
 
@@ -116,7 +116,7 @@ def sync_params_file(params_file: str | Path, overrides: dict) -> dict:
     changed = {k: v for k, v in overrides.items() if current.get(k) != v}
     if changed:
         apply_preset(params_file, changed, origin="flow override")
-    return changed
+        log(f"params.yaml: set {changed} (the run's parameters, so dvc.lock records them)")
 
 
 def entry_point() -> str:
@@ -153,8 +153,7 @@ def finish_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, m
     if not (resumed and tracking.epoch_logged(run_id, epoch)):
         tracking.log_epoch(metrics, epoch)
     tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / report("labels"))["sizes"], epoch, n_epochs)
-    seconds_tracking = time.perf_counter() - start
-    return {"seconds_tracking": seconds_tracking, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
+    return {"seconds_tracking": time.perf_counter() - start, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
 
 
 def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
@@ -222,9 +221,7 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 # Refuse before touching params.yaml; the dataset is compared after `dvc repro prepare`.
                 identity = {**run_identity(params, layout), "dataset_version": None}
                 refuse_resume(layout, resume_problems(read_json(layout.run_file), identity, params, layout))
-            changed = sync_params_file(params_file, overrides)
-            if changed:
-                logger.info(f"params.yaml: set {changed} (the run's parameters, so dvc.lock records them)")
+            sync_params_file(params_file, overrides, log=logger.info)
             ws.repro("prepare", log=logger.info)  # the dataset, from params.yaml (a no-op when up to date)
         state = claim_workspace(params, layout, fresh, "fresh" if in_dvc else "refuse", log=logger.warning)
         n_epochs = params.run.epochs

@@ -30,10 +30,8 @@ def under_dvc_stage() -> bool:
 
 def subprocess_env() -> dict[str, str]:
     """dvc.yaml commands call `python -m ...`: put this interpreter's bin first on PATH for them."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.pop("DVC_STAGE", None)  # a nested `dvc repro` is not the deepcluster stage
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}  # a nested `dvc repro` is not the deepcluster stage
+    return {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
 
 
 class DvcWorkspace:
@@ -44,7 +42,6 @@ class DvcWorkspace:
 
     @classmethod
     def find(cls, root: str | Path) -> "DvcWorkspace | None":
-        """The project at `root` if it is a DVC project with a dvc.yaml, else None (versioning off)."""
         root = Path(root)
         return cls(root) if (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file() else None
 

@@ -125,9 +125,8 @@ def remove_stale_temp_files(*dirs: str | Path) -> list[Path]:
 def epoch_params(params: dict) -> dict[str, object]:
     """The flat parameters (as run.json records them) that decide the epochs' results: run.epochs is left
     out so a run can be extended, and RESULT_NEUTRAL so e.g. the retention policy can change during a long run."""
-    flat = {k: v for k, v in flatten({s: params.get(s, {}) for s in EPOCH_SECTIONS}).items() if k not in RESULT_NEUTRAL}
-    flat["run.seed"] = params["run"]["seed"]
-    return flat
+    flat = flatten({s: params.get(s, {}) for s in EPOCH_SECTIONS})
+    return {**{k: v for k, v in flat.items() if k not in RESULT_NEUTRAL}, "run.seed": params["run"]["seed"]}
 
 
 def run_fingerprint(params: Params) -> str:
@@ -150,9 +149,8 @@ def resume_problems(state: dict, identity: dict, params: Params, layout: RunLayo
         if state.get(key) and identity.get(key) and state[key] != identity[key]:
             problems.append(f"{what} changed since it started")
     finished = layout.completed_epochs()
-    n_epochs = params.run.epochs
-    if finished and finished[-1] > n_epochs:
-        problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={n_epochs}")
+    if finished and finished[-1] > params.run.epochs:
+        problems.append(f"it has {finished[-1]} finished epochs, more than run.epochs={params.run.epochs}")
     return problems
 
 

@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -228,8 +229,6 @@ def bench_ddp(steps: int = 60) -> None:
 def _anon_peak_sampler(interval: float = 0.005):
     """Start a thread that samples RssAnon (heap and other private memory, not the file pages of memmaps, which
     peak RSS counts too and the kernel can drop) from /proc/self/status; returns a function giving its peak MB."""
-    import threading
-
     peak = [0.0]
 
     def sample() -> None:
@@ -272,8 +271,6 @@ def _status_mb(field: str) -> float:
 
 
 def bench_memory(n: int = 1_000_000, d: int = 256, k: int = 1000, niter: int = 5) -> None:
-    import tempfile
-
     overrides = {"pca.dim": d, "cluster.k": k, "cluster.niter": niter, "cluster.device": "cpu"}
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
         features = Path(tmp) / "features.npy"
@@ -313,12 +310,11 @@ def synthetic_jpegs(root: Path, n: int, classes: int = 10, seed: int = 0) -> lis
     return paths
 
 
-def _decodes(path: str) -> bool:
+def _decodes(path: str) -> None:
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
-    return True
 
 
 def _images_per_second(n: int, fn) -> float:

@@ -82,7 +82,6 @@ class Sizes:
 
 # ---------------------------------------------------------------- launching the stages
 def stage_command(stage: str, args: list[str], nproc: int | None) -> list[str]:
-    """The command line of a stage: under torchrun with nproc processes, or plain `python -m`."""
     from stages.core.distributed import torchrun_command
 
     if nproc is None:
@@ -143,7 +142,6 @@ def write_synthetic(out: Path, train: int, test: int, seed: int = 0) -> Path:
 
 
 def fashion_mnist(requested: Path | None, scratch: Path, sizes: Sizes) -> tuple[Path, str]:
-    """Where the check's Fashion-MNIST is, and what it is."""
     for path, what in ((requested, "given"), (SUBSET, "carried subset"), (DEBIAN, "Debian package")):
         if path is not None and all((path / f"{name}.gz").exists() for name in IDX_FILES):
             return path, f"{what} ({path})"

@@ -80,10 +80,7 @@ class Reader:
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            if self._fs is None:
-                return (self.repo / path).read_bytes()
-            with self._fs.open(path, "rb") as f:
-                return f.read()
+            return (self.repo / path).read_bytes() if self._fs is None else self._fs.cat_file(path)
         except FileNotFoundError:
             where = f"revision {self.rev}" if self.rev else "the workspace"
             hint = ("`dvc checkout` restores tracked files that were deleted; `--rev HEAD` reads the last "
@@ -166,8 +163,7 @@ def cmd_show(args) -> None:
     print(f"epoch {ref.label}: {len(df)} images in {clusters} clusters "
           f"(sizes min {sizes[sizes > 0].min()}, median {np.median(sizes[sizes > 0]):.0f}, max {sizes.max()})")
     print(df.head(args.head).to_string(index=False))
-    print("\ncluster sizes:")
-    print(size_histogram(sizes).to_string(index=False))
+    print(f"\ncluster sizes:\n{size_histogram(sizes).to_string(index=False)}")
     if args.out:
         print(f"\nwrote {len(df)} rows to {args.out}")
 

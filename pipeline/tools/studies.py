@@ -117,8 +117,7 @@ def load_row(rev: str) -> dict:
     metrics = committed_file(rev, f"{EVAL}/{METRICS}")
     if metrics is None:
         raise StageError(f"experiment {rev[:7]} has no {EVAL}/{METRICS}: it did not finish its evaluation")
-    curves = committed_file(rev, f"{EVAL}/{EVAL_CURVES}")
-    sizes = committed_file(rev, f"{EVAL}/{EVAL_CLUSTER_SIZES}")
+    curves, sizes = (committed_file(rev, f"{EVAL}/{name}") for name in (EVAL_CURVES, EVAL_CLUSTER_SIZES))
     return {"metrics": json.loads(metrics), "curves": pd.read_csv(io.StringIO(curves)) if curves else None,
             "sizes": json.loads(sizes)["sizes"] if sizes else None}
 
@@ -209,8 +208,6 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
                 ax.plot(curves["epoch"], curves["nmi_previous"], label=name)
         ax.set_title(f"{study}: NMI(t−1, t)", fontsize=9)
         ax.set_xlabel("epoch")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
     ax = axes[-1]
     for name in STUDIES["clustering"]:
         sizes = rows.get(name, {}).get("sizes")
@@ -219,8 +216,9 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
             ax.hist(sizes, bins=bins, histtype="step", label=f"{name} ({len(sizes)} clusters)")
     ax.set(xscale="log", xlabel="images per cluster (last epoch)", ylabel="clusters")
     ax.set_title("cluster sizes: k-means vs PIC", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 

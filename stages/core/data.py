@@ -349,9 +349,16 @@ def decode_on_device(items: list[dict], crop_size: int, channels: int, fill: lis
     return out, errors
 
 
-def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_workers: int | str,
-                  device: torch.device):
-    """Normalised batches of a _FileViews on `device`; undecodable files reported on stderr as they come."""
+def _file_batches(images: ImageSet, rows: np.ndarray, crop_size: int, batch_size: int, num_workers: int | str,
+                  device: torch.device, decode: str, **view):
+    """Normalised batches on `device` of the _FileViews (`view`: the training view's seed, scale and hflip) of
+    the images at `rows`; undecodable files reported on stderr as they come. decode: gpu -> JPEGs decoded on
+    the device; cpu -> by PIL in the workers."""
+    if decode == "gpu" and device.type != "cuda":
+        raise StageError(f"decode: gpu decodes JPEGs with nvJPEG on a CUDA device, but this stage runs on "
+                         f"{device}: set decode: cpu (or device: cuda)")
+    dataset = _FileViews(images.paths, np.asarray(rows), images.channels, crop_size,
+                         [round(255 * m) for m in images.meta["mean"]], raw_jpegs=decode == "gpu", **view)
     workers = loader_workers(num_workers, images)
     extra = {"prefetch_factor": PREFETCH_FACTOR} if workers > 0 else {}
     # One loader per pass: its workers start once and decode the whole pass (persistent within it).
@@ -382,25 +389,11 @@ def _file_batches(images: ImageSet, dataset: _FileViews, batch_size: int, num_wo
               "prepare)", file=sys.stderr)
 
 
-def _fill(images: ImageSet) -> list[int]:
-    return [round(255 * m) for m in images.meta["mean"]]
-
-
-def _raw_jpegs(decode: str, device: torch.device) -> bool:
-    """decode: gpu -> JPEGs decoded on the device; cpu -> by PIL in the workers."""
-    if decode == "gpu" and device.type != "cuda":
-        raise StageError(f"decode: gpu decodes JPEGs with nvJPEG on a CUDA device, but this stage runs on "
-                         f"{device}: set decode: cpu (or device: cuda)")
-    return decode == "gpu"
-
-
 def extract_batches(images: ImageSet, order: np.ndarray, crop_size: int, batch_size: int, device: torch.device,
                     num_workers: int | str = 0, decode: str = "cpu"):
     """Normalised float batches (B x C x crop x crop, on `device`) of the centre view of the images at `order`."""
     if images.pixels is None:
-        views = _FileViews(images.paths, np.asarray(order), images.channels, crop_size, _fill(images),
-                           raw_jpegs=_raw_jpegs(decode, device))
-        yield from _file_batches(images, views, batch_size, num_workers, device)
+        yield from _file_batches(images, order, crop_size, batch_size, num_workers, device, decode)
         return
     mean, std = images.meta["mean"], images.meta["std"]
     for batch in iterate_batches(images, order, batch_size):
@@ -420,9 +413,8 @@ def train_batches(images: ImageSet, rows: np.ndarray, batch_size: int, *, crop_s
     """
     if images.pixels is None:
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-        views = _FileViews(images.paths, np.asarray(rows), images.channels, crop_size, _fill(images), seed,
-                           tuple(scale), hflip, raw_jpegs=_raw_jpegs(decode, device))
-        yield from _file_batches(images, views, batch_size, num_workers, device)
+        yield from _file_batches(images, rows, crop_size, batch_size, num_workers, device, decode, seed=seed,
+                                 scale=tuple(scale), hflip=hflip)
         return
     mean, std = images.meta["mean"], images.meta["std"]
     for batch in iterate_batches(images, rows, batch_size):

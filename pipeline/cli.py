@@ -27,8 +27,6 @@ COMMANDS = {
     "preset": ("pipeline.apply_preset", "apply pipeline/presets/<name>.yaml to params.yaml"),
     "params": ("stages.core.params", "the parameter table (--markdown) or validate a file (--check)"),
 }
-# Read-only commands whose output is often piped into `head`: end quietly when the pipe closes.
-PIPED = {"inspect", "compare", "params"}
 
 
 def stage_clis() -> tuple[str, ...]:
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         module, rest = f"stages.{rest[0]}", rest[1:]
     if module == "pipeline.flow":
         offline_environment()  # the flow module makes its Prefect flow when imported, and Prefect reads it then
-    if command in PIPED:
+    if command in {"inspect", "compare", "params"}:  # read-only, often piped into `head`: end quietly when it closes
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.argv = [f"deepcluster {command}", *rest]  # as `python -m` sets it: usage lines name the command typed
     sys.exit(importlib.import_module(module).main(rest))

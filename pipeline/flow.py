@@ -45,12 +45,6 @@ from stages.core.params import flatten, load_params, parse_override
 from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
 
-# A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.core.errors.is_transient)
-# may succeed on a second try; each try starts the stage over, its outputs being atomic. Anything else
-# (bad parameters or inputs, a damaged file) would fail again, hours later: it is never retried.
-TASK_RETRIES = 2
-RETRY_DELAY_S = 10
-
 
 # ------------------------------------------------------------------ one task per stage
 def retry_if_transient(task, task_run, state) -> bool:
@@ -62,9 +56,11 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+# A stage failing on a transient fault (an I/O error, out of memory, a GPU fault: stages.core.errors.is_transient)
+# may succeed on a second try; each try starts the stage over, its outputs being atomic. Anything else
+# (bad parameters or inputs, a damaged file) would fail again, hours later: it is never retried.
 # NO_CACHE: resuming is decided by the reports on disk, not by Prefect's result cache.
-@task(retries=TASK_RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient,
-      cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def stage_task(name: str, params: Params, layout: RunLayout, epoch: int) -> dict:
     """One stage of the chain; its error names the stage and epoch and says what to do: a StageError
     (not retried) for bad inputs and anything unexpected, a TransientError (retried) for a transient fault."""
@@ -156,7 +152,7 @@ def finish_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, m
     return {"seconds_tracking": time.perf_counter() - start, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
 
 
-def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
+def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> None:
     logger = get_run_logger()
     start = time.perf_counter()
     ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
@@ -185,7 +181,6 @@ def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: 
                 f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['n_clusters']} clusters "
                 f"({metrics['empty_clusters']} empty, {metrics['singleton_clusters']} singletons), "
                 f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration)")
-    return metrics
 
 
 # ------------------------------------------------------------------ the flow

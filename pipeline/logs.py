@@ -19,9 +19,8 @@ from stages.core.errors import StageError, TransientError, first_line
 
 @contextlib.contextmanager
 def reporting() -> Iterator[None]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     for handler in logging.getLogger().handlers:  # known errors on the console: their message only
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,

@@ -25,7 +25,6 @@ from pathlib import Path
 from pipeline import alive, healthy, offline_environment, prefect_state_dir, project_root, project_server_url
 from pipeline.versioning import subprocess_env
 
-DEFAULT_PORT = 4200
 DEFAULT_NAME = "local"
 FLOW_NAME = "deepcluster"
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("start", help="start the Prefect server and serve the deployment (background)")
-    st.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", DEFAULT_PORT)))
+    st.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", "4200")))
     st.add_argument("--name", default=DEFAULT_NAME, help="deployment name (runs: deepcluster/<name>)")
     sub.add_parser("stop", help="stop the runner and the server")
     sub.add_parser("status", help="are the server and the runner up?")

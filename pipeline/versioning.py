@@ -35,8 +35,6 @@ def subprocess_env() -> dict[str, str]:
 
 
 class DvcWorkspace:
-    """The DVC project at `root` (the directory holding dvc.yaml and .dvc/)."""
-
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
 

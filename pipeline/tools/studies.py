@@ -46,7 +46,6 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "input": ("defaults", "raw"),
     "k": ("k10", "k30", "k100", "defaults", "k1000"),
 }
-OUT = "docs/studies"
 
 
 def rows_of(studies: list[str]) -> list[str]:
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("studies", nargs="+", help=f"{', '.join(STUDIES)} or all")
     q.add_argument("--start", action="store_true", help="then start one queue worker (`dvc queue start -j 1`)")
     r = sub.add_parser("report", help="the studies' table and pictures from the finished experiments")
-    r.add_argument("--out", default=OUT, help="directory for studies.md, studies.png, nmi_and_sizes.png")
+    r.add_argument("--out", default="docs/studies", help="directory for studies.md, studies.png, nmi_and_sizes.png")
     args = parser.parse_args(argv)
     try:
         if args.command == "queue":

@@ -247,8 +247,7 @@ def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, e
     """Every picture of the evaluation into out/ (PNG)."""
     written = [pictures.plot_conv1_filters({"random init": nets["random"], "trained": nets["trained"]},
                                            out / "conv1_filters.png")]
-    test, test_rows = data.test, data.test_rows
-    model = nets["trained"]
+    train, test, test_rows = data.train, data.test, data.test_rows
     cfg, crop = params.evaluate, params.extract.crop_size
     for layer in cfg.picture_layers:
         cmax = extras["trained"]["channel_max"][layer]
@@ -259,7 +258,7 @@ def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, e
         top_imgs = top_imgs.reshape(*top.shape, *top_imgs.shape[1:])
         synthetic = None
         if cfg.ascent_steps > 0:
-            synthetic = pictures.gradient_ascent(model, layer, filters, size=crop, channels=test.channels,
+            synthetic = pictures.gradient_ascent(nets["trained"], layer, filters, size=crop, channels=test.channels,
                                                  mean=test.meta["mean"], std=test.meta["std"], steps=cfg.ascent_steps,
                                                  lr=cfg.ascent_lr, seed=seed)
         written.append(pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png"))
@@ -267,28 +266,22 @@ def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, e
     n_q = min(cfg.picture_queries, len(test_rows))
     if n_q > 0:
         q = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=n_q, replace=False))
-        k = cfg.picture_neighbours
         panels = {}
         for name, title in (("random", "random init"), ("trained", "trained")):
-            _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], k)
-            bank_rows = data.train_rows[idx]
-            train = data.train
-            imgs = load_images(train, bank_rows.ravel()).reshape(*idx.shape, train.image_size, train.image_size,
-                                                                  train.channels)
-            labels = data.y_train[idx] if data.labelled else None
-            panels[title] = (imgs, labels)
+            _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], cfg.picture_neighbours)
+            imgs = load_images(train, data.train_rows[idx].ravel())
+            panels[title] = (imgs.reshape(*idx.shape, *imgs.shape[1:]), data.y_train[idx] if data.labelled else None)
         queries = load_images(test, test_rows[q])
         qlabels = data.y_test[q] if data.labelled else None
         written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data.class_names))
 
     last_epoch = int(curves["epoch"].iloc[-1])
-    assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
     sizes = cluster_sizes(epochs_root, last_epoch)
     written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
     written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
+    assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
     if assign_file.exists():
         clusters = read_assignments(assign_file)["cluster"].to_numpy()  # row i = train image i
-        train = data.train
         if len(clusters) == len(train):  # else the epochs clustered another dataset: nothing to show
             chosen = pictures.sample_clusters(clusters, n_clusters=cfg.picture_clusters,
                                               per_cluster=cfg.picture_cluster_images, seed=seed,

@@ -180,7 +180,7 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, device: 
     labels a search against the final centroids. Distances are computed chunk rows at a time, so GPU memory
     is O(N x d + chunk x k); float32 sums, as faiss."""
     x_np = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x_np.shape
+    n = len(x_np)
     chunk = chunk or _chunk_rows(k)
     xt = torch.from_numpy(x_np).to(device)
     generator = torch.Generator().manual_seed(seed)

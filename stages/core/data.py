@@ -169,11 +169,9 @@ def iterate_batches(images: ImageSet, order: np.ndarray, batch_size: int, num_wo
             batch = np.asarray(images.pixels[idx])
             yield torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
         return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(_FileImages(images.paths, images.image_size, images.channels), order.tolist()),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False,
-    )
-    yield from loader
+    files = _FileImages(images.paths, images.image_size, images.channels)
+    yield from torch.utils.data.DataLoader(torch.utils.data.Subset(files, order.tolist()), batch_size=batch_size,
+                                           shuffle=False, num_workers=num_workers, persistent_workers=False)
 
 
 # ---------------------------------------------------------------- the views the stages train and extract on

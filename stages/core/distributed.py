@@ -156,14 +156,12 @@ def split_sample(rows: np.ndarray, batch_size: int, world: World) -> np.ndarray:
     """
     if batch_size % world.size:
         check_world(world.size, batch_size=batch_size, device="cpu")
-    local = batch_size // world.size
     rows = rows[: len(rows) - len(rows) % world.size]
     parts = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        share = len(batch) // world.size  # local, except in the last batch
+        share = len(batch) // world.size  # batch_size / world.size, except in the last batch
         parts.append(batch[world.rank * share : (world.rank + 1) * share])
-    assert all(len(p) == local for p in parts[:-1])
     return np.concatenate(parts) if parts else rows[:0]
 
 

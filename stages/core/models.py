@@ -22,9 +22,8 @@ class Sobel(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        grey = torch.full((1, in_channels, 1, 1), 1.0 / in_channels)
         gx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        self.register_buffer("grey", grey)
+        self.register_buffer("grey", torch.full((1, in_channels, 1, 1), 1.0 / in_channels))
         self.register_buffer("sobel", torch.stack([gx, gx.t()]).unsqueeze(1))  # 2 x 1 x 3 x 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

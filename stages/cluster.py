@@ -49,9 +49,8 @@ def run_cluster(params: Params, features: str | Path, out: str | Path, epoch: in
         plan = plan_for(section.device)
         c = cluster_features(section, np.load(features), seed_for(params.run.seed, epoch, "cluster"), plan)
         save_clustering(out_dir / CLUSTERING, c)
-    sizes = c.sizes()
     stats = {"method": section.method, "k": c.k, "empty_clusters": c.n_empty(),
-             "singleton_clusters": int((sizes == 1).sum()),
+             "singleton_clusters": int((c.sizes() == 1).sum()),
              "objective": float(c.objective[-1]) if len(c.objective) else None, "seed": c.seed,
              "gpu": plan.gpus > 0, "backend": plan.backend, "gpus": plan.gpus, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
     write_json(out_dir / report("cluster"), stats)

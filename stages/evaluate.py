@@ -130,13 +130,14 @@ def extraction_options(params: Params, device: torch.device) -> dict:
 
 
 def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: EvaluationData, params: Params, seed: int,
-              kmeans_runs: int) -> tuple[float, dict]:
-    """Weighted kNN accuracy and k-means (k = classes, PCA-whitened as in training) quality of fc features."""
+              kmeans_runs: int, whiten: bool = True) -> tuple[float, dict]:
+    """Weighted kNN accuracy and k-means (k = classes, PCA-whitened as in training) quality of fc features;
+    whiten=False: k-means on the features as they are (the usual raw-pixel baseline)."""
     cfg = params.evaluate
     knn = knn_accuracy(fc_train, data.y_train, fc_test, data.y_test, k=cfg.knn_k, temperature=cfg.knn_temperature,
                        n_classes=data.n_classes)
     q = kmeans_quality(fc_test, data.y_test, k=data.n_classes, niter=params.cluster.niter, seed=seed,
-                       runs=kmeans_runs, pca_dim=params.pca.dim, eps=params.pca.eps)
+                       runs=kmeans_runs, pca_dim=params.pca.dim if whiten else None, eps=params.pca.eps)
     return knn, q
 
 
@@ -163,10 +164,9 @@ def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, pa
     fte = extract_layer_features(model, data.test, data.test_rows, needed, channel_max_layers=channel_max_layers, **kw)
     metrics, details = {}, {}
     if data.labelled:
-        ytr, yte = data.y_train, data.y_test
         for layer in layers:
-            r = linear_probe(ftr.pooled[layer], ytr, fte.pooled[layer], yte, n_classes=data.n_classes, seed=seed,
-                             **probe_options(cfg))
+            r = linear_probe(ftr.pooled[layer], data.y_train, fte.pooled[layer], data.y_test,
+                             n_classes=data.n_classes, seed=seed, **probe_options(cfg))
             metrics[f"probe.{name}.{layer}"] = r["accuracy"]
             details[layer] = r
         conv = {k: v for k, v in metrics.items() if k.split(".")[-1].startswith("conv")}
@@ -202,13 +202,9 @@ def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[di
     cfg, crop = params.evaluate, params.extract.crop_size
     xtr = pixel_features(data.train, data.train_rows, crop_size=crop, max_dim=cfg.probe_dim)
     xte = pixel_features(data.test, data.test_rows, crop_size=crop, max_dim=cfg.probe_dim)
-    ytr, yte, n = data.y_train, data.y_test, data.n_classes
-    r = linear_probe(xtr, ytr, xte, yte, n_classes=n, seed=seed, **probe_options(cfg))
-    metrics = {"probe.pixels": r["accuracy"],
-               "knn.pixels": knn_accuracy(xtr, ytr, xte, yte, k=cfg.knn_k, temperature=cfg.knn_temperature, n_classes=n)}
-    # the usual raw-pixel baseline: plain k-means on the pixel vectors, no PCA-whitening
-    q = kmeans_quality(xte, yte, k=n, niter=params.cluster.niter, seed=seed, runs=cfg.kmeans_runs, pca_dim=None)
-    metrics.update({f"cluster.pixels.{k}": v for k, v in q.items()})
+    r = linear_probe(xtr, data.y_train, xte, data.y_test, n_classes=data.n_classes, seed=seed, **probe_options(cfg))
+    knn, q = fc_scores(xtr, xte, data, params, seed, cfg.kmeans_runs, whiten=False)
+    metrics = {"probe.pixels": r["accuracy"], "knn.pixels": knn, **{f"cluster.pixels.{k}": v for k, v in q.items()}}
     return metrics, {"pixels": r}  # as the networks' probes: layer -> probe
 
 
@@ -330,8 +326,7 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
             lines.append(f"| {layer} | {r.get('dim', '')} | {probe_cell('trained', layer)} | {probe_cell('random', layer)} |")
         px = info.probes.get("pixels", {}).get("pixels") or {}
         lines.append(f"| raw pixels | {px.get('dim', '')} | {probe_cell('pixels', 'pixels')} | |")
-        best = best_conv_layers(metrics, info.layers)
-        best_t, best_r = best.get("trained"), best.get("random")
+        best_t, best_r = (best_conv_layer(metrics, info.layers, network) for network in NETWORKS)
         lines += ["", f"Best conv layer: trained {pct(metrics.get('probe.trained.best'))} % ({best_t}), "
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
@@ -408,14 +403,10 @@ def score_tables(summary: dict) -> dict[str, dict]:
     return tables
 
 
-def best_conv_layers(summary: dict, layers: list[str]) -> dict[str, str]:
-    best = {}
-    for name in NETWORKS:
-        conv = {layer: summary[f"probe.{name}.{layer}"] for layer in layers
-                if layer.startswith("conv") and summary.get(f"probe.{name}.{layer}") is not None}
-        if conv:
-            best[name] = max(conv, key=conv.get)
-    return best
+def best_conv_layer(summary: dict, layers: list[str], network: str) -> str | None:
+    conv = {layer: summary[f"probe.{network}.{layer}"] for layer in layers
+            if layer.startswith("conv") and summary.get(f"probe.{network}.{layer}") is not None}
+    return max(conv, key=conv.get) if conv else None
 
 
 def cluster_sizes(epochs_root: str | Path, epoch: int) -> np.ndarray:

@@ -141,7 +141,6 @@ def check_architecture(ckpt: dict, model: Model, in_channels: int, path: str | P
 # ---------------------------------------------------------------- large writes
 def require_free_space(path: str | Path, needed: int) -> None:
     """Refuse a write of `needed` bytes beside `path` that the disk has no room for."""
-    path = Path(path)
     free = free_bytes(path)
     if needed > free:
         raise StageError(f"not enough disk space to write {path}: {needed:,} bytes needed, {free:,} bytes free on its "
@@ -158,11 +157,10 @@ def allocate_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | typ
     block behind it kills the process with SIGBUS. posix_fallocate reserves the blocks first, so a
     full disk is an OSError here, before any compute.
     """
-    path = Path(path)
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + 128
-    require_free_space(Path(name or path), needed)
+    require_free_space(name or path, needed)
     try:
         with open(path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)

@@ -108,12 +108,9 @@ def alexnet(cin: int, **_) -> tuple[nn.Sequential, int]:
     ), 4096
 
 
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
 def vgg16(cin: int, **_) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
-    for v in VGG16_CFG:
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):  # M: max-pool
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:

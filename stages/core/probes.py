@@ -103,8 +103,7 @@ def extract_layer_features(model: DeepClusterNet, images: ImageSet, rows: np.nda
 def pixel_features(images: ImageSet, rows: np.ndarray, *, crop_size: int, max_dim: int,
                    batch_size: int = 1024) -> np.ndarray:
     """Raw-pixel baseline: the normalised centre crop, average-pooled to at most max_dim values."""
-    out = None
-    start = 0
+    out, start = None, 0
     for x in extract_batches(images, rows, crop_size, batch_size, torch.device("cpu")):
         x = F.adaptive_avg_pool2d(x, pool_grid(x.shape[1], x.shape[-1], max_dim)).flatten(1).numpy()
         if out is None:
@@ -154,8 +153,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay:
         w = u * scale[:, None]
         return w if axes is None else axes @ w
 
-    u = torch.zeros(d, n_classes)
-    b = torch.zeros(n_classes)
+    u, b = torch.zeros(d, n_classes), torch.zeros(n_classes)
     if init is not None:
         w0 = init[0].T if axes is None else axes.T @ init[0].T
         u, b = w0 / scale[:, None], init[1].clone()

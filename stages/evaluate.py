@@ -61,6 +61,20 @@ class EvaluationData:
     class_names: list[str] | None
 
 
+@dataclass(frozen=True)
+class ReportInputs:
+    """What report.md says besides the metrics."""
+    checkpoint: str
+    random_source: str
+    data: EvaluationData
+    settings: Evaluate
+    layers: list[str]
+    probes: dict[str, dict]  # network (or pixels) -> layer -> its linear probe
+    curves: pd.DataFrame
+    pictures: list[Path]
+    seconds: dict[str, float]
+
+
 def seeded_init_network(params: Params, dataset: str | Path, trained: dict, seed: int, device: torch.device) -> dict:
     """The checkpoint of the network that the train stage's init builds for run.seed = seed (trained's architecture)."""
     p = apply_overrides(params, {"run.seed": seed, "train.crop_size": trained["image_size"],
@@ -285,22 +299,20 @@ def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
     return text
 
 
-def write_report(path: Path, metrics: dict, *, checkpoint: str, random_source: str, data: EvaluationData,
-                 cfg: Evaluate, layers: list[str], probes: dict[str, dict], curves: pd.DataFrame,
-                 written: list[Path], seconds: dict[str, float]) -> None:
-    """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures (`written`) besides
-    the metrics; probes: network (or pixels) -> layer -> its linear probe."""
+def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
+    """data/eval/report.md: the probe table, kNN, clustering, the curves and the pictures."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
     n_inits = metrics.get("random_inits", 1)
     f3 = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
     def probe_cell(name: str, layer: str) -> str:
-        r = probes.get(name, {}).get(layer)
+        r = info.probes.get(name, {}).get(layer)
         return "n/a" if r is None else f"{pct(r['accuracy'])} ({r['weight_decay']:g})"
 
+    data, cfg = info.data, info.settings
     held_out = "the test split" if data.test is not data.train else "train images outside the subset"
     lines = ["# DeepCluster evaluation", "",
-             f"Network: `{checkpoint}` (epoch {metrics.get('checkpoint_epoch')}); random init: {random_source}.",
+             f"Network: `{info.checkpoint}` (epoch {metrics.get('checkpoint_epoch')}); random init: {info.random_source}.",
              f"Probes and kNN train on {len(data.train_rows)} images of the train split and are tested on "
              f"{len(data.test_rows)} held-out images ({held_out}).", ""]
     if data.labelled:
@@ -309,12 +321,12 @@ def write_report(path: Path, metrics: dict, *, checkpoint: str, random_source: s
                   "logistic regression on standardised features, its weight decay (in brackets) chosen on "
                   "held-out training images.", "",
                   "| layer | dims | trained | random init |", "|---|---:|---:|---:|"]
-        for layer in layers:
-            r = probes.get("trained", {}).get(layer) or {}
+        for layer in info.layers:
+            r = info.probes.get("trained", {}).get(layer) or {}
             lines.append(f"| {layer} | {r.get('dim', '')} | {probe_cell('trained', layer)} | {probe_cell('random', layer)} |")
-        px = probes.get("pixels", {}).get("pixels") or {}
+        px = info.probes.get("pixels", {}).get("pixels") or {}
         lines.append(f"| raw pixels | {px.get('dim', '')} | {probe_cell('pixels', 'pixels')} | |")
-        best_t, best_r = (best_conv_layer(metrics, layers, network) for network in NETWORKS)
+        best_t, best_r = (best_conv_layer(metrics, info.layers, network) for network in NETWORKS)
         lines += ["", f"Best conv layer: trained {pct(metrics.get('probe.trained.best'))} % ({best_t}), "
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
@@ -354,12 +366,13 @@ def write_report(path: Path, metrics: dict, *, checkpoint: str, random_source: s
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
               "| epoch | NMI(t-1, t) | NMI(labels, t) | training loss | empty clusters |", "|---:|---:|---:|---:|---:|"]
-    for _, row in curves.iterrows():
+    for _, row in info.curves.iterrows():
         lines.append(f"| {int(row['epoch'])} | {f3(row.get('nmi_previous'))} | {f3(row.get('nmi_labels'))} | "
                      f"{f3(row.get('train_loss'))} | {int(row.get('empty_clusters', 0))} |")
-    if written:
-        lines += ["", "## Pictures", "", *(f"![{p.stem}](pictures/{p.name})" for p in written)]
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    if info.pictures:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{p.stem}](pictures/{p.name})" for p in info.pictures]
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in info.seconds.items())
     lines += ["", f"Evaluation took {metrics['seconds']:.0f} s ({timing}).", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
@@ -466,9 +479,9 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
                                          "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
     for name, row in score_tables(summary).items():
         write_json(out_dir / "scores" / f"{name}.json", row)
-    write_report(out_dir / "report.md", summary, checkpoint=str(checkpoint), random_source=random_source, data=data,
-                 cfg=cfg, layers=probe_layers(cfg, nets["trained"]), probes=probes, curves=curves, written=written,
-                 seconds=seconds)
+    info = ReportInputs(str(checkpoint), random_source, data, cfg, probe_layers(cfg, nets["trained"]), probes, curves,
+                        written, seconds)
+    write_report(out_dir / "report.md", summary, info)
     return summary
 
 

@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # dvc.yaml's commands call `python -m ...`: the project's environment must come first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install dataset run test clean-run serve stop serve-status gpu-check gpu-check-bundle
+.PHONY: install dataset run test learn-check clean-run serve stop serve-status gpu-check gpu-check-bundle
 
 $(VENV)/.installed-$(FAISS): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ run: install dataset
 
 test: install dataset
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+
+# Before a release: does the recipe still beat its random networks on a small data set? (pipeline/tools/learn_check.py)
+learn-check: install dataset
+	$(PY) -m pipeline.tools.learn_check $(LEARN_CHECK_ARGS)
 
 serve: install dataset
 	$(PY) -m pipeline.serve start --port $(PORT)

@@ -15,15 +15,25 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+def store_root() -> Path:
+    """Where the project's run records live (mlflow.db, mlartifacts/, .prefect/), whichever copy runs.
+
+    `dvc exp run --queue` and `--temp` run an experiment in a temporary copy under .dvc/tmp/exps/ and
+    bring back only what git or DVC tracks, so records kept in that copy would be lost with it. DVC
+    names the project the copy came from in DVC_ROOT (for a `dvc repro` in place, the project itself).
+    """
+    return Path(os.environ.get("DVC_ROOT") or project_root())
+
+
 def offline_environment() -> None:
     """A command line's offline-safe defaults (anything already set wins): no telemetry or analytics (there
     is no internet), Prefect's state in the project's .prefect/ (MLflow's store, the project's mlflow.db, is
-    pipeline.tracking.tracking_uri). Call it first in main(): Prefect and MLflow read these when imported."""
+    pipeline.tracking.tracking_uri; both under store_root()). Call it first in main(): Prefect and MLflow read these when imported."""
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_HOME": str(project_root() / ".prefect"),
+        "PREFECT_HOME": str(store_root() / ".prefect"),
         "PREFECT_LOGGING_LEVEL": "INFO",
         # Prefect waits 20 s for its temporary server by default; on a small machine busy with other jobs the
         # server's start (imports, database migrations) takes longer, and the run would fail before it began.
@@ -34,7 +44,7 @@ def offline_environment() -> None:
 
 
 def prefect_state_dir() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or project_root() / ".prefect")
+    return Path(os.environ.get("PREFECT_HOME") or store_root() / ".prefect")
 
 
 def healthy(url: str, path: str = "/health", timeout: float = 1.0) -> bool:

@@ -20,6 +20,7 @@ COMMANDS = {
     "ablate": ("pipeline.tools.ablate", "rerun one stage of a finished epoch with other parameters"),
     "studies": ("pipeline.tools.studies", "queue the paper's studies as DVC experiments, report them"),
     "screen": ("pipeline.tools.screen", "score a recipe change after a few epochs, in-process"),
+    "learn-check": ("pipeline.tools.learn_check", "before a release: trained vs random networks on small data"),
     "compare": ("pipeline.tools.compare", "runs side by side: experiments, studies, ablations, screens"),
     "serve": ("pipeline.serve", "the local Prefect server and deployment: start, stop, status"),
     "gpu-check": ("pipeline.tools.gpu_check", "run the GPU code paths here and print a table"),
@@ -45,7 +46,7 @@ def choose(prog: str, what: str, choices, argv: list[str], help: str | None = No
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = "\n".join(f"  {name:<10} {what}" for name, (_, what) in COMMANDS.items())  # one line each
+    commands = "\n".join(f"  {name:<12} {what}" for name, (_, what) in COMMANDS.items())  # one line each
     command = choose("deepcluster", "command", tuple(COMMANDS), argv, "one of the commands below",
                      description=__doc__, epilog=f"commands:\n{commands}")
     module, rest = COMMANDS[command][0], argv[1:]

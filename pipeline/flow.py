@@ -42,6 +42,7 @@ from stages.core.io import read_json, write_json
 from stages.core.layout import (CHECKPOINTS, DATASET, EPOCHS_ROOT, METRICS, RunLayout, apply_retention,
                                 keeps_checkpoint, report)
 from stages.core.params import flatten, load_params, parse_override
+from stages.core.runtime import clock
 from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, epoch_metrics, first_stage_to_run, reopen_damaged_epoch, run_stage, stage_inputs
 
@@ -119,7 +120,7 @@ def entry_point() -> str:
     from prefect.runtime import deployment, flow_run
 
     if under_dvc_stage():
-        return "dvc repro"
+        return f"dvc exp run ({os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else "dvc repro"
     if deployment.name:
         return f"deployment deepcluster/{deployment.name}, flow run {flow_run.name}"
     return f"flow run {flow_run.name}"
@@ -148,11 +149,11 @@ def finish_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, m
     start = time.perf_counter()
     if not (resumed and tracking.epoch_logged(run_id, epoch)):
         tracking.log_epoch(metrics, epoch)
-    tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / report("labels"))["sizes"], epoch, n_epochs)
+    tracking.epoch_artifacts(metrics, read_json(layout.epoch(epoch) / report("labels"))["sizes"], epoch, n_epochs, run_id)
     return {"seconds_tracking": time.perf_counter() - start, "seconds_dvc": version_epoch(ws, params, layout, epoch)}
 
 
-def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> None:
+def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: DvcWorkspace | None, run_id: str) -> dict:
     logger = get_run_logger()
     start = time.perf_counter()
     ran = 0.0  # seconds of stage compute in this process (a resumed epoch ran some stages before)
@@ -176,11 +177,38 @@ def run_epoch(params: Params, layout: RunLayout, epoch: int, n_epochs: int, ws: 
     tracking.log_epoch({k: metrics[k] for k in ("seconds_overhead", "seconds_epoch", "seconds_tracking", "seconds_dvc")},
                        epoch)
     write_json(layout.epoch(epoch) / METRICS, metrics)  # the epoch is done
+    return metrics
+
+
+def epoch_line(metrics: dict, epoch: int, n_epochs: int, clock: RunClock) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    logger.info(f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
-                f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['n_clusters']} clusters "
-                f"({metrics['empty_clusters']} empty, {metrics['singleton_clusters']} singletons), "
-                f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration)")
+    return (f"epoch {epoch}/{n_epochs}: loss {metrics['train_loss']:.3f}, NMI prev {fmt(metrics['nmi_previous'])}, "
+            f"NMI labels {fmt(metrics['nmi_labels'])}, {metrics['n_clusters']} clusters "
+            f"({metrics['empty_clusters']} empty, {metrics['singleton_clusters']} singletons), "
+            f"{metrics['seconds_epoch']:.1f}s ({metrics['seconds_overhead']:.2f}s orchestration); {clock.summary()}")
+
+
+class RunClock:
+    """The run's elapsed time (its epochs' own seconds, so a resumed run counts the epochs it ran before) and
+    the time left: the mean of the last few epochs times the epochs to go (epochs cost alike: the same stages
+    on the same images; the last few follow a change of machine or load)."""
+
+    RECENT = 5
+
+    def __init__(self, n_epochs: int, finished_seconds: list[float]):
+        self.n_epochs, self.seconds = n_epochs, list(finished_seconds)
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def left(self) -> float | None:
+        recent = self.seconds[-self.RECENT:]
+        return sum(recent) / len(recent) * max(self.n_epochs - len(self.seconds), 0) if recent else None
+
+    def summary(self) -> str:
+        left = self.left()
+        return (f"run {clock(sum(self.seconds))} elapsed, "
+                + ("time left unknown" if left is None else f"about {clock(left)} left"))
 
 
 # ------------------------------------------------------------------ the flow
@@ -223,12 +251,22 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
 
         if not layout.checkpoint(0).exists() and not layout.checkpoint(1).exists():
             init_checkpoint(params, layout.dataset, layout.checkpoint(0))
-        tags = {"deepcluster.fingerprint": state["fingerprint"], "deepcluster.entry_point": entry_point()}
+        from prefect.runtime import flow_run
+
+        # The flow run that started the run keeps the tag; one that resumes it is the last one.
+        started = tracking.link_tags(flow_run.id, flow_run.name) if state["mlflow_run_id"] is None else {
+            "prefect.last_flow_run_id": flow_run.id}
+        tags = {"deepcluster.fingerprint": state["fingerprint"], "deepcluster.entry_point": entry_point(), **started}
         with tracking.start_run(params.model_dump(), run_name=f"deepcluster-{state['fingerprint']}", run_id=state["mlflow_run_id"],
-                                tags=tags) as run:
+                                tags=tags, system_metrics=True) as run:
+            # run.json (versioned with the epochs) leads to the MLflow run and to the flow run and DVC experiment
+            # that started it; written once, so that a rerun with nothing to do leaves the outputs as they were
+            links = {"mlflow_run_id": run.info.run_id, "prefect_flow_run_id": flow_run.id,
+                     "dvc_experiment": os.environ.get("DVC_EXP_NAME")}
             if state["mlflow_run_id"] != run.info.run_id:
-                state["mlflow_run_id"] = run.info.run_id
+                state.update(links)
                 write_json(layout.run_file, state)
+            logger.info(f"MLflow run {run.info.run_id} in {tracking.tracking_uri()}")
             done = [e for e in layout.completed_epochs() if e <= n_epochs]
             if done and reopen_damaged_epoch(params, layout, done[-1], log=logger.warning):
                 done = done[:-1]
@@ -238,10 +276,13 @@ def deepcluster(epochs: int | None = None, overrides: dict | None = None, params
                 metrics = read_json(layout.epoch(done[-1]) / METRICS)
                 finish_epoch(params, layout, done[-1], n_epochs, metrics, ws, run.info.run_id, resumed=True)
                 logger.info(f"resuming after epoch {done[-1]} of {n_epochs}")
-            update_progress = tracking.progress(len(done), n_epochs)
+            clock = RunClock(n_epochs, [read_json(layout.epoch(e) / METRICS).get("seconds_epoch") or 0.0 for e in done])
+            update_progress = tracking.progress(len(done), n_epochs, run.info.run_id)
             for epoch in (e for e in range(1, n_epochs + 1) if e not in done):
-                run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
-                update_progress(epoch)
+                figures = run_epoch(params, layout, epoch, n_epochs, ws, run.info.run_id)
+                clock.add(figures["seconds_epoch"])
+                logger.info(epoch_line(figures, epoch, n_epochs, clock))
+                update_progress(len(clock.seconds), clock.summary())
             # the newest finished epoch's figures (an earlier epoch whose files were deleted may have been redone)
             finished = [e for e in layout.completed_epochs() if e <= n_epochs]
             metrics = read_json(layout.epoch(finished[-1]) / METRICS) if finished else {}

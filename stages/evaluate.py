@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from stages.core.layout import (ASSIGNMENTS, CHECKPOINTS, DATASET, EPOCHS_ROOT, 
 from stages.core.params import apply_overrides, load_params
 from stages.core.probes import (conv_layer_names, cosine_neighbours, extract_layer_features, kmeans_quality,
                                 knn_accuracy, linear_probe, pixel_features)
-from stages.core.runtime import Timer, pick_device, seed_for, seeded_subset
+from stages.core.runtime import Phases, Timer, pick_device, seed_for, seeded_subset
 from stages.core.schema import Evaluate, Params
 
 
@@ -39,6 +40,7 @@ def collect_epoch_metrics(epochs_root: str | Path) -> pd.DataFrame:
 
 
 NETWORKS = ("trained", "random")
+TITLES = {"trained": "trained network", "random": "random init"}  # in the progress lines
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
 HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "knn.trained", "knn.random", "knn.pixels",
@@ -151,28 +153,37 @@ def network_fc_scores(model: torch.nn.Module, data: EvaluationData, params: Para
 
 
 def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device,
-                     seed: int, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    """Probes on every layer, kNN and k-means on fc for one network.
+                     seed: int, phases: Phases, channel_max_layers: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Probes on every layer, kNN and k-means on fc for one network: three phases (features, probes with a
+    line per layer, kNN and k-means); without labels, the features' phase only.
 
     Returns the flat metrics and what the pictures need (fc features, filter maxima on the test split).
     """
-    cfg = params.evaluate
+    cfg, title = params.evaluate, TITLES[name]
     layers = probe_layers(cfg, model)
     needed = layers if "fc" in layers else layers + ["fc"]  # kNN and clustering use fc
     kw = extraction_options(params, device)
-    ftr = extract_layer_features(model, data.train, data.train_rows, needed, **kw)
-    fte = extract_layer_features(model, data.test, data.test_rows, needed, channel_max_layers=channel_max_layers, **kw)
+    with phases.phase(f"{title}: features of {len(data.train_rows):,} probe-train + {len(data.test_rows):,} "
+                      "held-out images"):
+        ftr = extract_layer_features(model, data.train, data.train_rows, needed, **kw)
+        fte = extract_layer_features(model, data.test, data.test_rows, needed, channel_max_layers=channel_max_layers,
+                                     **kw)
     metrics, details = {}, {}
     if data.labelled:
-        for layer in layers:
-            r = linear_probe(ftr.pooled[layer], data.y_train, fte.pooled[layer], data.y_test,
-                             n_classes=data.n_classes, seed=seed, **probe_options(cfg))
-            metrics[f"probe.{name}.{layer}"] = r["accuracy"]
-            details[layer] = r
+        span = layers[0] + (f"..{layers[-1]}" if len(layers) > 1 else "")
+        with phases.phase(f"{title}: linear probes {span}") as phase:
+            for layer in phases.progress(layers, len(layers), "probe", name=str):
+                r = linear_probe(ftr.pooled[layer], data.y_train, fte.pooled[layer], data.y_test,
+                                 n_classes=data.n_classes, seed=seed, **probe_options(cfg))
+                metrics[f"probe.{name}.{layer}"] = r["accuracy"]
+                details[layer] = r
+            phase.note = ", ".join(f"{layer} {r['accuracy']:.1%}" for layer, r in details.items())
         conv = {k: v for k, v in metrics.items() if k.split(".")[-1].startswith("conv")}
         if conv:
             metrics[f"probe.{name}.best"] = max(conv.values())
-        knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg.kmeans_runs)
+        with phases.phase(f"{title}: weighted kNN, k-means x{cfg.kmeans_runs}") as phase:
+            knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg.kmeans_runs)
+            phase.note = f"kNN {knn:.1%}, k-means NMI {q['nmi']:.3f}"
         metrics[f"knn.{name}"] = knn
         metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
@@ -180,14 +191,15 @@ def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, pa
 
 
 def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, data: EvaluationData, first: dict,
-                          device: torch.device, seed: int) -> dict:
+                          device: torch.device, seed: int, phases: Phases) -> dict:
     """kNN and k-means of `random_inits` random networks: mean and standard deviation over the networks.
 
     The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
     of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds.
     """
     knn, acc, nmi = [first["knn.random"]], [first["cluster.random.acc"]], [first["cluster.random.nmi"]]
-    for i in range(1, params.evaluate.random_inits):
+    more = params.evaluate.random_inits - 1
+    for i in phases.progress(range(1, more + 1), more, "random network", name=lambda i: f"run.seed + {i}"):
         ckpt = seeded_init_network(params, dataset, trained, params.run.seed + i, device)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
         k, q = network_fc_scores(model, data, params, device, seed, params.evaluate.kmeans_runs)
@@ -239,63 +251,85 @@ def evaluation_data(cfg: Evaluate, dataset: str | Path, seed: int) -> Evaluation
 
 
 def draw_pictures(out: Path, params: Params, data: EvaluationData, nets: dict, extras: dict, curves: pd.DataFrame,
-                  epochs_root: str | Path, seed: int) -> list[Path]:
-    """Every picture of the evaluation into out/ (PNG)."""
-    written = [pictures.plot_conv1_filters({"random init": nets["random"], "trained": nets["trained"]},
-                                           out / "conv1_filters.png")]
-    train, test, test_rows = data.train, data.test, data.test_rows
-    cfg, crop = params.evaluate, params.extract.crop_size
-    for layer in cfg.picture_layers:
-        cmax = extras["trained"]["channel_max"][layer]
-        filters = pictures.pick_filters(cmax, cfg.picture_filters)
-        top = pictures.top_images(cmax, filters, min(9, len(cmax)))
-        top_imgs = load_images(test, test_rows[top.ravel()])
-        top_imgs = center_crop(torch.from_numpy(top_imgs).permute(0, 3, 1, 2), crop).permute(0, 2, 3, 1).numpy()
-        top_imgs = top_imgs.reshape(*top.shape, *top_imgs.shape[1:])
-        synthetic = None
-        if cfg.ascent_steps > 0:
-            synthetic = pictures.gradient_ascent(nets["trained"], layer, filters, size=crop, channels=test.channels,
-                                                 mean=test.meta["mean"], std=test.meta["std"], steps=cfg.ascent_steps,
-                                                 lr=cfg.ascent_lr, seed=seed)
-        written.append(pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png"))
-
-    n_q = min(cfg.picture_queries, len(test_rows))
-    if n_q > 0:
-        q = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=n_q, replace=False))
-        panels = {}
-        for name, title in (("random", "random init"), ("trained", "trained")):
-            _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], cfg.picture_neighbours)
-            imgs = load_images(train, data.train_rows[idx].ravel())
-            panels[title] = (imgs.reshape(*idx.shape, *imgs.shape[1:]), data.y_train[idx] if data.labelled else None)
-        queries = load_images(test, test_rows[q])
-        qlabels = data.y_test[q] if data.labelled else None
-        written.append(pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data.class_names))
-
+                  epochs_root: str | Path, seed: int, phases: Phases) -> list[Path]:
+    """Every picture of the evaluation into out/ (PNG), with a progress line each: the filter panels' gradient
+    ascent takes minutes at 224 px."""
+    cfg = params.evaluate
     last_epoch = int(curves["epoch"].iloc[-1])
-    sizes = cluster_sizes(epochs_root, last_epoch)
-    written.append(pictures.plot_cluster_sizes(sizes, out / "cluster_sizes.png", epoch=last_epoch))
-    written.append(pictures.plot_epoch_curves(curves, out / "epoch_curves.png"))
-    assign_file = epoch_dir(epochs_root, last_epoch) / ASSIGNMENTS
-    if assign_file.exists():
-        clusters = read_assignments(assign_file)["cluster"].to_numpy()  # row i = train image i
-        if len(clusters) == len(train):  # else the epochs clustered another dataset: nothing to show
-            chosen = pictures.sample_clusters(clusters, n_clusters=cfg.picture_clusters,
-                                              per_cluster=cfg.picture_cluster_images, seed=seed,
-                                              labels=train.labels, class_names=data.class_names)
-            written.append(pictures.plot_cluster_samples([(t, load_images(train, m)) for t, m in chosen],
-                                                         out / "cluster_samples.png"))
-    return written
+    drawings = {
+        "conv1_filters": lambda: pictures.plot_conv1_filters({"random init": nets["random"], "trained": nets["trained"]},
+                                                             out / "conv1_filters.png"),
+        **{f"filters_{layer}": partial(filter_panel, out, params, data, nets["trained"],
+                                       extras["trained"]["channel_max"][layer], layer, seed)
+           for layer in cfg.picture_layers},
+        "neighbours": lambda: neighbours_picture(out, cfg, data, extras, seed),
+        "cluster_sizes": lambda: pictures.plot_cluster_sizes(cluster_sizes(epochs_root, last_epoch),
+                                                             out / "cluster_sizes.png", epoch=last_epoch),
+        "epoch_curves": lambda: pictures.plot_epoch_curves(curves, out / "epoch_curves.png"),
+        "cluster_samples": lambda: cluster_samples_picture(out, cfg, data, epochs_root, last_epoch, seed)}
+    written = [draw() for _, draw in phases.progress(drawings.items(), len(drawings), "picture", name=lambda d: d[0])]
+    return [p for p in written if p is not None]
 
 
-def margin(metrics: dict, a: str, b: str, std: str | None) -> str:
-    """a - b (accuracies in points, NMI as it is), with the combined spread of the two k-means means."""
+def filter_panel(out: Path, params: Params, data: EvaluationData, net: torch.nn.Module, cmax: np.ndarray, layer: str,
+                 seed: int) -> Path:
+    """filters_<layer>.png: a few of the layer's filters, the held-out images that excite each most and (with
+    ascent_steps) the input gradient ascent makes for it."""
+    cfg, crop, test = params.evaluate, params.extract.crop_size, data.test
+    filters = pictures.pick_filters(cmax, cfg.picture_filters)
+    top = pictures.top_images(cmax, filters, min(9, len(cmax)))
+    top_imgs = load_images(test, data.test_rows[top.ravel()])
+    top_imgs = center_crop(torch.from_numpy(top_imgs).permute(0, 3, 1, 2), crop).permute(0, 2, 3, 1).numpy()
+    top_imgs = top_imgs.reshape(*top.shape, *top_imgs.shape[1:])
+    synthetic = None
+    if cfg.ascent_steps > 0:
+        synthetic = pictures.gradient_ascent(net, layer, filters, size=crop, channels=test.channels,
+                                             mean=test.meta["mean"], std=test.meta["std"], steps=cfg.ascent_steps,
+                                             lr=cfg.ascent_lr, seed=seed)
+    return pictures.plot_filter_panel(synthetic, top_imgs, filters, layer, out / f"filters_{layer}.png")
+
+
+def neighbours_picture(out: Path, cfg: Evaluate, data: EvaluationData, extras: dict, seed: int) -> Path | None:
+    """neighbours.png: held-out queries and their nearest probe-train images by fc features, random init vs trained."""
+    n_q = min(cfg.picture_queries, len(data.test_rows))
+    if n_q == 0:
+        return None
+    q = np.sort(np.random.default_rng(seed).choice(len(data.test_rows), size=n_q, replace=False))
+    panels = {}
+    for name, title in (("random", "random init"), ("trained", "trained")):
+        _, idx = cosine_neighbours(extras[name]["fc_train"], extras[name]["fc_test"][q], cfg.picture_neighbours)
+        imgs = load_images(data.train, data.train_rows[idx].ravel())
+        panels[title] = (imgs.reshape(*idx.shape, *imgs.shape[1:]), data.y_train[idx] if data.labelled else None)
+    queries = load_images(data.test, data.test_rows[q])
+    qlabels = data.y_test[q] if data.labelled else None
+    return pictures.plot_neighbours(queries, qlabels, panels, out / "neighbours.png", data.class_names)
+
+
+def cluster_samples_picture(out: Path, cfg: Evaluate, data: EvaluationData, epochs_root: str | Path, epoch: int,
+                            seed: int) -> Path | None:
+    """cluster_samples.png: images of a few of the last epoch's clusters (none if it clustered another dataset)."""
+    assign_file = epoch_dir(epochs_root, epoch) / ASSIGNMENTS
+    if not assign_file.exists():
+        return None
+    clusters = read_assignments(assign_file)["cluster"].to_numpy()  # row i = train image i
+    if len(clusters) != len(data.train):
+        return None
+    chosen = pictures.sample_clusters(clusters, n_clusters=cfg.picture_clusters, per_cluster=cfg.picture_cluster_images,
+                                      seed=seed, labels=data.train.labels, class_names=data.class_names)
+    return pictures.plot_cluster_samples([(t, load_images(data.train, m)) for t, m in chosen], out / "cluster_samples.png")
+
+
+def margin(metrics: dict, a: str, b: str, spreads: tuple[str, ...] = ()) -> str:
+    """a - b (accuracies in points, NMI as it is) +- the named spreads combined (as independent); a margin no
+    larger than its spread is reported as no difference, not as a gain or a loss."""
     if metrics.get(a) is None or metrics.get(b) is None:
         return "n/a"
-    scale = 1 if a.endswith(".nmi") else 100
-    text = f"{scale * (metrics[a] - metrics[b]):+.{3 if scale == 1 else 1}f}"
-    if std:
-        spread = np.hypot(metrics.get(a.rsplit(".", 1)[0] + "." + std) or 0.0, metrics.get(b.rsplit(".", 1)[0] + "." + std) or 0.0)
-        text += f" +- {scale * spread:.{3 if scale == 1 else 1}f}"
+    scale, digits = (1, 3) if a.endswith(".nmi") else (100, 1)
+    diff = scale * (metrics[a] - metrics[b])
+    text = f"{diff:+.{digits}f}"
+    if spreads:
+        spread = scale * float(np.hypot.reduce([metrics.get(k) or 0.0 for k in spreads]))
+        text += f" +- {spread:.{digits}f}" + (" (no difference)" if abs(diff) <= spread else "")
     return text
 
 
@@ -347,21 +381,28 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
                          f"{f3(metrics.get(f'cluster.{name}.acc_std'))} |")
         lines += ["", "## Margins: trained minus random init, and minus raw pixels", "",
                   "| measure | vs random init | vs raw pixels |", "|---|---:|---:|"]
-        for title, t, r, p, std in (
+        seeds = lambda a, b, q: (f"cluster.{a}.{q}_std", f"cluster.{b}.{q}_std")  # k-means: over its seeds
+        for title, t, r, p, spread in (
                 ("best conv probe, points", "probe.trained.best", "probe.random.best", "probe.pixels", None),
                 ("weighted kNN, points", "knn.trained", "knn.random", "knn.pixels", None),
-                ("k-means ACC, points", "cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "acc_std"),
-                ("k-means NMI", "cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "nmi_std")):
-            lines.append(f"| {title} | {margin(metrics, t, r, std)} | {margin(metrics, t, p, std)} |")
-        for title, t, r, std in (
-                (f"weighted kNN vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits", None),
-                (f"k-means ACC vs the {n_inits} random inits, points", "cluster.trained.acc", "cluster.random_inits.acc", "acc_std"),
-                (f"k-means NMI vs the {n_inits} random inits", "cluster.trained.nmi", "cluster.random_inits.nmi", "nmi_std")):
-            lines.append(f"| {title} | {margin(metrics, t, r, std)} | |")
-        lines += ["", "k-means margins: difference of the means over the seeds, +- the two seed spreads combined. "
-                  f"Against the {n_inits} random inits (the run's epoch 0 and the networks of run.seed + 1, ...): the "
-                  "mean over the networks; its spread is the networks' (kNN: "
-                  f"+- {pct(metrics.get('knn.random_inits_std'))}), since one random network moves kNN by points."]
+                ("k-means ACC, points", "cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "acc"),
+                ("k-means NMI", "cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "nmi")):
+            lines.append(f"| {title} | {margin(metrics, t, r, seeds('trained', 'random', spread) if spread else ())} | "
+                         f"{margin(metrics, t, p, seeds('trained', 'pixels', spread) if spread else ())} |")
+        for title, t, r, spreads in (
+                (f"weighted kNN vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits",
+                 ("knn.random_inits_std",)),
+                (f"k-means ACC vs the {n_inits} random inits, points", "cluster.trained.acc", "cluster.random_inits.acc",
+                 seeds("trained", "random_inits", "acc")),
+                (f"k-means NMI vs the {n_inits} random inits", "cluster.trained.nmi", "cluster.random_inits.nmi",
+                 seeds("trained", "random_inits", "nmi"))):
+            lines.append(f"| {title} | {margin(metrics, t, r, spreads)} | |")
+        lines += ["", "Margins +- their spread: k-means, the seed spreads of both sides combined; against the "
+                  f"{n_inits} random inits (the run's epoch 0 and the networks of run.seed + 1, ...), the spread over "
+                  f"those networks (kNN +- {pct(metrics.get('knn.random_inits_std'))}: one random network moves kNN by "
+                  "points) combined with the trained side's. A margin within its spread is \"no difference\". "
+                  "Margins without a spread (the probes, kNN against one network) come from one network per side: "
+                  "read them against the spread over random networks."]
     else:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
     lines += ["", "## Training, epoch by epoch", "",
@@ -417,6 +458,12 @@ def cluster_sizes(epochs_root: str | Path, epoch: int) -> np.ndarray:
     return np.bincount(read_assignments(epoch_dir(epochs_root, epoch) / ASSIGNMENTS)["cluster"].to_numpy())
 
 
+def planned_phases(cfg: Evaluate, labelled: bool) -> int:
+    """How many phases run_final_evaluation announces: loading; per network its features and, with labels, its
+    probes and its kNN and k-means; with labels the more random networks and raw pixels; pictures; writing."""
+    return 1 + len(NETWORKS) * (3 if labelled else 1) + 2 * labelled + cfg.pictures + 1
+
+
 def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str | Path, checkpoint: str | Path,
                          out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
@@ -431,34 +478,39 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
         summary = {"epochs": int(last["epoch"]), "last_nmi_previous": last["nmi_previous"],
                    "first_nmi_previous": float(nmi_prev.iloc[0]) if len(nmi_prev) else None,
                    "last_nmi_labels": last["nmi_labels"], "last_train_loss": last["train_loss"]}
-
-        device = pick_device(params.extract.device)
-        trained = load_checkpoint(checkpoint, device)
-        check_input_size(trained, params.extract.crop_size, "extract.crop_size")
         # Not the epoch: runs of any length (and their random-init and pixel baselines) are then judged on the
         # same images with the same k-means seeds, so experiments compare without the seeds' noise.
         seed = seed_for(params.run.seed, 0, "evaluate")
-        nets = {"trained": model_from_checkpoint(trained, device)}
-        nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
-        nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
+        # before the first line: whether the images have labels decides which phases run (it reads the manifest)
         data = evaluation_data(cfg, dataset, seed)
+        phases = Phases("evaluate", total=planned_phases(cfg, data.labelled))
+
+        with phases.phase(f"loading {checkpoint} and its random init") as phase:
+            device = pick_device(params.extract.device)
+            trained = load_checkpoint(checkpoint, device)
+            check_input_size(trained, params.extract.crop_size, "extract.crop_size")
+            nets = {"trained": model_from_checkpoint(trained, device)}
+            nets["random"], random_source = random_init_network(params, checkpoint, dataset, trained, device)
+            nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}  # as extract: faster on CPU too
+            phase.note = f"epoch {trained['epoch']} on {device}, random init: {random_source}"
         summary.update(checkpoint_epoch=trained["epoch"], n_probe_train=len(data.train_rows), n_test=len(data.test_rows))
 
         picture_layers = tuple(cfg.picture_layers) if cfg.pictures else ()
         extras, probes = {}, {}
         for name in NETWORKS:
             with Timer() as tn:
-                m, extras[name] = evaluate_network(name, nets[name], data, params, device, seed,
+                m, extras[name] = evaluate_network(name, nets[name], data, params, device, seed, phases,
                                                    channel_max_layers=picture_layers if name == "trained" else ())
             summary.update(m)
             probes[name] = extras[name]["probes"]
             seconds[f"{name} network"] = tn.seconds
         if data.labelled:
-            with Timer() as tr:
-                summary.update(evaluate_random_inits(params, dataset, trained, data, summary, device, seed))
+            with phases.phase(f"weighted kNN, k-means of {cfg.random_inits - 1} more random networks") as tr:
+                summary.update(evaluate_random_inits(params, dataset, trained, data, summary, device, seed, phases))
             seconds["more random networks"] = tr.seconds
-            with Timer() as tp:
+            with phases.phase("raw pixels: linear probe, weighted kNN, k-means") as tp:
                 m, probes["pixels"] = evaluate_pixels(data, params, seed)
+                tp.note = f"probe {m['probe.pixels']:.1%}, kNN {m['knn.pixels']:.1%}"
             summary.update(m)
             summary["test_nmi_k_classes"] = summary["cluster.trained.nmi"]
             seconds["raw pixels"] = tp.seconds
@@ -466,22 +518,24 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
         written = []
         (out_dir / "pictures").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when empty
         if cfg.pictures:
-            with Timer() as tpic:
-                written = draw_pictures(out_dir / "pictures", params, data, nets, extras, curves, epochs_root, seed)
+            with phases.phase(f"pictures into {out_dir / 'pictures'}") as tpic:
+                written = draw_pictures(out_dir / "pictures", params, data, nets, extras, curves, epochs_root, seed,
+                                        phases)
             seconds["pictures"] = tpic.seconds
     summary["seconds"] = t.seconds
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
-    write_json(out_dir / METRICS, summary)
-    write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
-    # comparisons of runs (k-means vs PIC: pipeline.tools.studies) read the last clustering's sizes from here
-    sizes = cluster_sizes(epochs_root, summary["epochs"])
-    write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params.cluster.method,
-                                         "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
-    for name, row in score_tables(summary).items():
-        write_json(out_dir / "scores" / f"{name}.json", row)
-    info = ReportInputs(str(checkpoint), random_source, data, cfg, probe_layers(cfg, nets["trained"]), probes, curves,
-                        written, seconds)
-    write_report(out_dir / "report.md", summary, info)
+    with phases.phase(f"writing the metrics and report.md into {out_dir}"):
+        write_json(out_dir / METRICS, summary)
+        write_json(out_dir / EVAL_HEADLINE, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+        # comparisons of runs (k-means vs PIC: pipeline.tools.studies) read the last clustering's sizes from here
+        sizes = cluster_sizes(epochs_root, summary["epochs"])
+        write_json(out_dir / EVAL_CLUSTER_SIZES, {"epoch": summary["epochs"], "method": params.cluster.method,
+                                                  "sizes": sorted((int(v) for v in sizes if v > 0), reverse=True)})
+        for name, row in score_tables(summary).items():
+            write_json(out_dir / "scores" / f"{name}.json", row)
+        info = ReportInputs(str(checkpoint), random_source, data, cfg, probe_layers(cfg, nets["trained"]), probes,
+                            curves, written, seconds)
+        write_report(out_dir / "report.md", summary, info)
     return summary
 
 

@@ -7,7 +7,10 @@ never writes into the repository (no .prefect/, no mlflow.db, no data/ or models
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,5 +189,27 @@ def tiny_eval(tmp_path_factory, small_params, tiny_run) -> tuple[Path, dict]:
     from stages.evaluate import run_final_evaluation
 
     out = tmp_path_factory.mktemp("tiny-eval") / "eval"
-    metrics = run_final_evaluation(small_params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint, out)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        metrics = run_final_evaluation(small_params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint,
+                                       out)
+    (out.parent / "stdout.txt").write_text(stdout.getvalue())  # its progress lines, for tests/stages/test_evaluate.py
     return out, metrics
+
+
+CLOCK = r"(?:[0-9]+\.[0-9]s|[0-9]+[hm] [0-9]{2}[ms])"  # stages.core.runtime.clock: 41.2s, 1m 02s, 2h 05m
+
+
+def phases_printed(stdout: str, stage: str) -> list[tuple[str, str]]:
+    """(title, note) of every phase a stage printed (stages.core.runtime.Phases), in order, after checking that
+    each opened and closed with its number, 1..n of n."""
+    lines = [line for line in stdout.splitlines() if line.startswith(f"{stage}: [")]
+    opened, closed = lines[0::2], lines[1::2]
+    assert len(opened) == len(closed), lines
+    found = []
+    for i, (start, end) in enumerate(zip(opened, closed), 1):
+        title = re.fullmatch(rf"{stage}: \[{i}/{len(opened)}\] (.+) \.\.\.", start)
+        assert title, start
+        done = re.fullmatch(rf"(?:: (.+),)? done in {CLOCK} \(elapsed {CLOCK}\)", end.removeprefix(start[:-4]))
+        assert end.startswith(start[:-4]) and done, end
+        found.append((title[1], done[1] or ""))
+    return found

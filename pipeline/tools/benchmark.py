@@ -23,6 +23,9 @@ images: an image tree of synthetic ImageNet-like JPEGs (375-500 px sides, smooth
        ImageFolder + DataLoader (the baseline) at the same worker count (`--workers`, default auto: the
        usable cores), the loaders alone and with AlexNet at 224 px (channels_last) on the device; on a
        GPU also the loaders with decode: gpu (nvJPEG).
+tracking: the cost of what runs beside training: small_alexnet training steps alone (baseline) vs inside an
+       MLflow run with system metrics sampled every 10 s (the flow's setting) and every 1 s (ten times as
+       often, to make a cost visible), alternated, best of 5; and the epoch line's clock (RunClock + epoch_line).
 """
 from __future__ import annotations
 
@@ -438,7 +441,52 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
                   f"{mine:6.0f} img/s ({mine / base:4.2f}x)")
 
 
-BENCHES = {"model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp,
+def bench_tracking(seconds: float = 12.0, repeats: int = 5) -> None:
+    import mlflow
+
+    from pipeline.flow import RunClock, epoch_line
+    from pipeline.tracking import start_run
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "small_alexnet", "sobel": True, "width": 16, "fc_dim": 256}, 1, 28)
+    model.reset_top_layer(312)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 312, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def steps_per_second() -> float:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        steps_per_second()  # warm-up
+        rates: dict[str, list[float]] = {"alone": [], "system metrics every 10 s": [], "every 1 s": []}
+        for _ in range(repeats):
+            rates["alone"].append(steps_per_second())
+            for name, interval in (("system metrics every 10 s", 10), ("every 1 s", 1)):
+                mlflow.set_system_metrics_sampling_interval(interval)
+                with start_run(run_name=name, system_metrics=True):
+                    rates[name].append(steps_per_second())
+        mlflow.set_system_metrics_sampling_interval(None)
+    base = max(rates["alone"])
+    print(f"tracking: small_alexnet training steps (batch 64, 28 px), {seconds:.0f} s each, best of {repeats}, "
+          f"{torch.get_num_threads()} threads")
+    for name, r in rates.items():
+        print(f"  {name:28s} {max(r):7.1f} steps/s ({max(r) / base:5.3f}x)")
+    clock = RunClock(500, [16.0] * 10)
+    metrics = {"train_loss": 1.0, "nmi_previous": 0.5, "nmi_labels": 0.4, "n_clusters": 312, "empty_clusters": 0,
+               "singleton_clusters": 0, "seconds_epoch": 16.0, "seconds_overhead": 0.2}
+    per_call = _best_of(lambda: [(clock.add(16.0), epoch_line(metrics, 11, 500, clock)) for _ in range(1000)]) / 1000
+    print(f"  the epoch line's clock: {per_call * 1e6:.0f} us per epoch ({per_call / 16.0:.1e} of a 16 s epoch)")
+
+
+BENCHES = {"tracking": bench_tracking, "model": bench_model, "pca": bench_pca, "kmeans": bench_kmeans, "pic": bench_pic, "ddp": bench_ddp,
            "memory": bench_memory, "images": bench_images}
 
 

@@ -13,7 +13,8 @@ A row shared by several studies (the defaults) runs once. Experiments are named 
 reads `dvc exp show --json -A` (every baseline commit; the newest finished experiment of each name wins),
 and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`. Without a
 `study-defaults` experiment, the defaults row is HEAD's committed data/eval (what `dvc repro` of the committed
-params gave, when it was committed with them).
+params gave, when it was committed with them). `report --from-table <studies.md>` redraws the scores' picture
+from an earlier report's table instead, for experiments no longer at hand (docs/ablations: the `abl-<row>` runs).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def experiments(show: list | None = None, states: tuple[str, ...] = ("success",)
 
 
 def committed_file(rev: str, path: str) -> str | None:
-    result = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], check=False, capture_output=True, text=True)
     return result.stdout if result.returncode == 0 else None
 
 
@@ -121,28 +122,48 @@ def load_row(rev: str) -> dict:
             "sizes": json.loads(sizes)["sizes"] if sizes else None}
 
 
+def clusters(row: dict) -> int | None:
+    """The last epoch's number of clusters (k, or what PIC found): from the curves, else as a table recorded it."""
+    curves = row.get("curves")
+    return int(curves["n_clusters"].iloc[-1]) if curves is not None else row.get("clusters")
+
+
+INITS = ("trained", "random", "pixels")
+# FIGURES' cells: the metrics in each (trained / random / pixels), their display scale, which carry `± <key>_std`
+CELLS = ((("probe.trained.best", "probe.random.best"), 100, ()),
+         (tuple(f"knn.{i}" for i in INITS), 100, ()),
+         (tuple(f"cluster.{i}.acc" for i in INITS), 100, ("cluster.trained.acc",)),
+         (tuple(f"cluster.{i}.nmi" for i in INITS), 1, tuple(f"cluster.{i}.nmi" for i in INITS)))
 FIGURES = ("best conv probe: trained / random | kNN: trained / random / pixels | "
            "k-means (k = classes) ACC: trained / random / pixels | NMI: trained / random / pixels")
 
 
-def _cell(m: dict, key: str, std: bool = False, nmi: bool = False) -> str:
-    """A percentage, or an NMI to 3 decimals; with std, ± the `<key>_std` spread where there is one."""
-    scale, fmt = (1, ".3f") if nmi else (100, ".1f")
+def _cell(m: dict, key: str, scale: int = 100, std: bool = False) -> str:
+    """A percentage (scale 100) or an NMI to 3 decimals; with std, ± the `<key>_std` spread where there is one."""
+    fmt = ".1f" if scale == 100 else ".3f"
     v, s = m.get(key), m.get(key + "_std") if std else None
     return "–" if v is None else f"{scale * v:{fmt}}" + (f" ± {scale * s:{fmt}}" if s is not None else "")
 
 
 def figures(m: dict) -> str:
     """An evaluation's figures (metrics.json or headline.json) as the cells under FIGURES, as the default run's report."""
-    inits = ("trained", "random", "pixels")
-    return " | ".join([f"{_cell(m, 'probe.trained.best')} / {_cell(m, 'probe.random.best')}",
-                       " / ".join(_cell(m, f"knn.{i}") for i in inits),
-                       " / ".join(_cell(m, f"cluster.{i}.acc", std=i == "trained") for i in inits),
-                       " / ".join(_cell(m, f"cluster.{i}.nmi", std=True, nmi=True) for i in inits)])
+    return " | ".join(" / ".join(_cell(m, key, scale, key in stds) for key in keys) for keys, scale, stds in CELLS)
+
+
+def parse_figures(cells: list[str]) -> dict:
+    """figures()' cells back into metrics (rounded as printed, `_std` where a ± was): a report's table is the
+    only record left of experiments whose refs are gone (the `abl-<row>` runs behind docs/ablations)."""
+    m = {}
+    for cell, (keys, scale, _) in zip(cells, CELLS):
+        for key, text in zip(keys, cell.split(" / ")):
+            for suffix, number in zip(("", "_std"), text.split(" ± ")):
+                if number.strip() != "–":
+                    m[key + suffix] = float(number) / scale
+    return m
 
 
 def last_nmi(m: dict) -> str:
-    return _cell(m, "last_nmi_previous", nmi=True)
+    return _cell(m, "last_nmi_previous", scale=1)
 
 
 def changes(params: dict) -> str:
@@ -155,42 +176,159 @@ def table(rows: dict[str, dict], studies: list[str] | None = None) -> str:
              "|---|---|---|---:|---:|---|---|---|---|"]
     for study in studies or STUDIES:
         for name in (n for n in STUDIES[study] if n in rows):
-            m, curves = rows[name]["metrics"], rows[name]["curves"]
-            clusters = int(curves["n_clusters"].iloc[-1]) if curves is not None else "–"
-            source = "`HEAD` (the committed run)" if rows[name].get("source") == "HEAD" else f"`{PREFIX}{name}`"
-            lines.append(f"| {study} | {source} | {changes(ROWS[name]) or 'defaults'} | {clusters} | {last_nmi(m)} | "
-                         f"{figures(m)} |")
+            m, n = rows[name]["metrics"], clusters(rows[name])
+            source = rows[name].get("source") or f"`{PREFIX}{name}`"
+            lines.append(f"| {study} | {source} | {changes(ROWS[name]) or 'defaults'} | {'–' if n is None else n} | "
+                         f"{last_nmi(m)} | {figures(m)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(rows: dict[str, dict], path: Path) -> None:
-    """Per study, the trained network's headline figures per row, with the random-init and pixel baselines."""
-    from stages.core.pictures import plt, save_figure  # the Agg backend, atomic PNG writes
+def rows_from_table(text: str) -> dict[str, dict]:
+    """table()'s rows read back: row -> metrics, clusters and the experiment cell (its `source`), as printed."""
+    by_change = {changes(params) or "defaults": row for row, params in ROWS.items()}
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in STUDIES and cells[2] in by_change:
+            m = parse_figures(cells[5:]) | ({} if cells[4] == "–" else {"last_nmi_previous": float(cells[4])})
+            rows[by_change[cells[2]]] = {"metrics": m, "curves": None, "sizes": None, "source": cells[1],
+                                         "clusters": int(cells[3]) if cells[3].isdigit() else None}
+    return rows
 
-    keys = [("probe.trained.best", "probe.random.best", "probe.pixels", "best conv probe"),
-            ("knn.trained", "knn.random", "knn.pixels", "weighted kNN"),
-            ("cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "k-means ACC"),
-            ("cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "k-means NMI")]
-    studies = [(s, [n for n in names if n in rows]) for s, names in STUDIES.items()]
-    studies = [(s, names) for s, names in studies if names]
-    fig, axes = plt.subplots(len(studies), len(keys), figsize=(4 * len(keys), 3 * len(studies)), squeeze=False)
-    for i, (study, names) in enumerate(studies):
-        for j, (trained, random, pixels, title) in enumerate(keys):
-            ax = axes[i, j]
-            values = [rows[n]["metrics"].get(trained) or 0 for n in names]
-            ax.bar(range(len(names)), values, color="tab:blue", label="trained")
-            for key, style, label in ((random, "--", "random init"), (pixels, ":", "raw pixels")):
-                ref = [rows[n]["metrics"].get(key) for n in names]
-                if any(r is not None for r in ref):
-                    ax.plot(range(len(names)), ref, "k" + style, marker="o", ms=3, label=label)
-            ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-            lo = min(v for v in values + [rows[n]["metrics"].get(random) or 1 for n in names] if v)
-            ax.set_ylim(max(0.0, lo - 0.1), None)
+
+# ------------------------------------------------------------------ the scores' picture
+# (panel, trained, random-init keys (the first recorded wins), raw-pixel key, scale, what a bar or band is)
+PANELS = (("weighted kNN (%)", "knn.trained", ("knn.random_inits", "knn.random"), "knn.pixels", 100,
+           "trained: one run, no bar; band: ± sd over random nets"),
+          ("k-means ACC (%)", "cluster.trained.acc", ("cluster.random.acc",), "cluster.pixels.acc", 100,
+           "error bars and bands: ± sd over k-means seeds"),
+          ("k-means NMI", "cluster.trained.nmi", ("cluster.random.nmi",), "cluster.pixels.nmi", 1,
+           "error bars and bands: ± sd over k-means seeds"),
+          ("best conv probe (%)", "probe.trained.best", ("probe.random.best",), "probe.pixels", 100,
+           "one probe per network: no spread"))
+NUMERIC = {"k": "k (clusters in the last epoch, log scale)"}  # studies whose rows lie on a numeric axis
+REFERENCES = (("random", "tab:red", "--", "random init"), ("pixels", "dimgray", ":", "raw pixels"))
+
+
+def numeric_axis(rows: dict[str, dict], study: str) -> bool:
+    """Whether the study's rows lie on a numeric axis: k, when every row's k is known."""
+    return study in NUMERIC and all(clusters(rows[n]) for n in STUDIES[study] if n in rows)
+
+
+def row_label(name: str, n_clusters: int | None) -> str:
+    """A row by its settings, the number of clusters made concrete: `k=312 (default)`, not `defaults`."""
+    change = ROWS[name]
+    k = n_clusters if n_clusters is not None else change.get("cluster.k", "auto")
+    parts = [f"PIC: {n_clusters or '?'} clusters" if change.get("cluster.method") == "pic" else f"k={k}"]
+    parts += ["no Sobel"] if change.get("model.sobel") is False else []
+    return ", ".join(parts) + ("" if change else " (default)")
+
+
+def _value(m: dict, key: str, scale: int) -> tuple[float, float | None] | None:
+    """(value, sd) scaled for display; sd None where the run recorded no spread, None where no value."""
+    if m.get(key) is None:
+        return None
+    return scale * m[key], None if m.get(key + "_std") is None else scale * m[key + "_std"]
+
+
+def score_points(rows: dict[str, dict], study: str, panel: tuple) -> list[dict]:
+    """One panel's points: per row of the study, its x, label, and (value, sd) of the trained network and the
+    random-init and raw-pixel references. x is k on a numeric study's axis, else the row's index."""
+    _, trained, randoms, pixels, scale, _ = panel
+    points, numeric = [], numeric_axis(rows, study)
+    for i, name in enumerate(n for n in STUDIES[study] if n in rows):
+        m, k = rows[name]["metrics"], clusters(rows[name])
+        random = next((key for key in randoms if m.get(key) is not None), randoms[-1])
+        points.append({"x": k if numeric else i, "label": row_label(name, k),
+                       "trained": _value(m, trained, scale), "random": _value(m, random, scale),
+                       "pixels": _value(m, pixels, scale)})
+    return points
+
+
+def y_floor(values: list[tuple[float, float | None]], scale: int) -> float:
+    """Where a panel's axis starts: 0, unless the values and their spreads sit in a narrow band far above it
+    (kNN and probes: 76–90 %), then a round number below them, which the axis label then states."""
+    lows, highs = [v - (s or 0) for v, s in values], [v + (s or 0) for v, s in values]
+    step = 5 if scale == 100 else 0.05
+    floor = round(step * ((min(lows) - 0.3 * (max(highs) - min(lows))) // step), 2)
+    return 0.0 if floor < 0.4 * max(highs) else floor
+
+
+def _text(value: tuple[float, float | None], scale: int) -> str:
+    fmt = ".1f" if scale == 100 else ".3f"
+    return f"{value[0]:{fmt}}" + ("" if value[1] is None else f" ± {value[1]:{fmt}}")
+
+
+def _draw_panel(ax, points: list[dict], numeric: bool, scale: int) -> None:
+    """The trained network per row as a point with its sd, and each row's references as a band over that row's
+    own span: rows may have other references (no Sobel: another random network), so no band crosses rows."""
+    box = {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8}  # legible over the bands
+    for ref, colour, style, name in REFERENCES:
+        have = [p for p in points if p[ref] is not None]
+        shared = len({p[ref] for p in have}) == 1  # one label for the study then, in the right margin
+        for i, p in enumerate(have):
+            (v, s), (lo, hi) = p[ref], (p["x"] / 1.4, p["x"] * 1.4) if numeric else (p["x"] - 0.3, p["x"] + 0.3)
+            ax.plot([lo, hi], [v, v], color=colour, ls=style, lw=1.2, label=name if i == 0 else None, zorder=1)
+            if s is not None:
+                ax.fill_between([lo, hi], v - s, v + s, color=colour, alpha=0.15, lw=0, zorder=0)
+            other = p["pixels" if ref == "random" else "random"]
+            above = other is None or v >= other[0]  # the higher reference's label above its line, the lower's below
+            where = ((1.0, v), ("axes fraction", "data")) if shared else ((hi, v), "data")
+            if not shared or i == len(have) - 1:
+                ax.annotate(_text(p[ref], scale), where[0], xycoords=where[1], xytext=(2, 1 if above else -1),
+                            textcoords="offset points", fontsize=6, color=colour, va="bottom" if above else "top")
+    have = [p for p in points if p["trained"] is not None]
+    # a line only along a numeric axis (k); separate settings stay separate points
+    ax.errorbar([p["x"] for p in have], [p["trained"][0] for p in have], yerr=[p["trained"][1] or 0 for p in have],
+                fmt="-o" if numeric else "o", color="tab:blue", ms=5, capsize=4, label="trained", zorder=3)
+    for p in have:
+        (v, s) = p["trained"]
+        sign = -1 if p["random"] and v < p["random"][0] else 1
+        # written beyond its error bar on the side away from the random init, clear of the bands
+        ax.annotate(_text(p["trained"], scale), (p["x"], v + sign * (s or 0)), xytext=(0, 5 * sign),
+                    textcoords="offset points", ha="center", va="bottom" if sign > 0 else "top", fontsize=7,
+                    color="tab:blue", bbox=box, zorder=4)
+
+
+def draw_scores(rows: dict[str, dict]):
+    """Per study a row of panels, one per headline figure, every value written on it (see _draw_panel)."""
+    from stages.core.pictures import plt  # the Agg backend
+
+    studies = [s for s in STUDIES if any(n in rows for n in STUDIES[s])]
+    fig, axes = plt.subplots(len(studies), len(PANELS), figsize=(4.4 * len(PANELS), 3.4 * len(studies)),
+                             squeeze=False)
+    for ax_row, study in zip(axes, studies):
+        numeric = numeric_axis(rows, study)
+        for ax, panel in zip(ax_row, PANELS):
+            title, scale, spread = panel[0], panel[4], panel[5]
+            points = score_points(rows, study, panel)
+            _draw_panel(ax, points, numeric, scale)
+            xs, labels = [p["x"] for p in points], [p["label"] for p in points]
+            if numeric:  # the axis says k: the ticks say its values
+                ax.set(xscale="log", xlim=(min(xs) / 2, max(xs) * 2))
+                ax.set_xlabel(NUMERIC[study], fontsize=7)
+                labels = [label.removeprefix("k=") for label in labels]
+            else:
+                ax.set_xlim(-0.5, len(points) - 0.5)
+            ax.set_xticks(xs, labels, rotation=15, ha="right", fontsize=7)
+            ax.minorticks_off()
+            values = [p[key] for p in points for key in INITS if p[key] is not None]
+            floor, top = y_floor(values, scale), max(v + (s or 0) for v, s in values)
+            ax.set_ylim(floor, top + 0.12 * (top - floor))
+            ax.set_ylabel(spread + (f"\naxis starts at {floor:g}, not 0" if floor else ""), fontsize=7)
             ax.set_title(f"{study}: {title}", fontsize=9)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+    axes[0, 0].legend(fontsize=6, loc="lower left")
+    fig.text(0.5, 0, "One training run per setting: no spread over training seeds. Error bars and bands: ± 1 sd "
+             "where the metrics carry one, none where they do not.", ha="center", va="top", fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return fig
+
+
+def plot_scores(rows: dict[str, dict], path: Path) -> None:
+    from stages.core.pictures import save_figure  # atomic PNG writes, closes the figure
+
+    save_figure(draw_scores(rows), path, dpi=110)
 
 
 def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
@@ -222,14 +360,19 @@ def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def report(out: Path | None, show: list | None = None, studies: list[str] = ("all",)) -> str:
-    """The studies' table from the finished experiments; with `out`, written there with its pictures."""
+def report(out: Path | None, show: list | None = None, studies: list[str] = ("all",),
+           from_table: Path | None = None) -> str:
+    """The studies' table from the finished experiments (or from an earlier report's table, whose experiments
+    may be gone); with `out`, written there with its pictures."""
     names = rows_of(list(studies))
-    done = experiments(show)
-    rows = {name: load_row(done[PREFIX + name]["rev"]) for name in names if PREFIX + name in done}
+    if from_table is not None:
+        rows = {n: row for n, row in rows_from_table(from_table.read_text()).items() if n in names}
+    else:
+        done = experiments(show)
+        rows = {name: load_row(done[PREFIX + name]["rev"]) for name in names if PREFIX + name in done}
     if "defaults" in names and "defaults" not in rows and committed_file("HEAD", f"{EVAL}/{METRICS}") is not None:
         # the committed `dvc repro` of the committed params is the defaults row, when it was not run as an experiment
-        rows["defaults"] = {**load_row("HEAD"), "source": "HEAD"}
+        rows["defaults"] = {**load_row("HEAD"), "source": "`HEAD` (the committed run)"}
     if not rows:
         raise StageError(f"no finished experiment named {PREFIX}<row>: run `deepcluster studies queue all --start` "
                          "first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")
@@ -242,7 +385,8 @@ def report(out: Path | None, show: list | None = None, studies: list[str] = ("al
         with atomic_path(out / "studies.md") as tmp:
             tmp.write_text(text)
         plot_scores(rows, out / "studies.png")
-        plot_curves_and_sizes(rows, out / "nmi_and_sizes.png")
+        if any(row["curves"] is not None or row["sizes"] for row in rows.values()):  # a table keeps neither
+            plot_curves_and_sizes(rows, out / "nmi_and_sizes.png")
     return text
 
 
@@ -254,12 +398,14 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--start", action="store_true", help="then start one queue worker (`dvc queue start -j 1`)")
     r = sub.add_parser("report", help="the studies' table and pictures from the finished experiments")
     r.add_argument("--out", default="docs/studies", help="directory for studies.md, studies.png, nmi_and_sizes.png")
+    r.add_argument("--from-table", type=Path, help="an earlier report's studies.md instead of the experiments: "
+                   "redraws its pictures (the scores only: a table keeps no curves) without the runs")
     args = parser.parse_args(argv)
     try:
         if args.command == "queue":
             queue(args.studies, args.start)
         else:
-            print(report(Path(args.out)), end="")
+            print(report(Path(args.out), from_table=args.from_table), end="")
     except StageError as e:
         sys.exit(f"studies: {e}")
     except subprocess.CalledProcessError as e:

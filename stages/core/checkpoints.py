@@ -86,6 +86,21 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Dee
     return model.to(device)
 
 
+class FeatureExtractor(torch.nn.Module):
+    """Images in [0, 1] (B x C x H x W, the centre view) -> the features DeepCluster clusters (the last fc
+    layer, before its ReLU). The data set's normalisation is built in, so that the network exported to
+    MLflow (pipeline.tracking.log_model) needs neither this project's code nor its dataset.json."""
+
+    def __init__(self, network: DeepClusterNet, mean: list[float], std: list[float]):
+        super().__init__()
+        self.network = network.eval()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.fc_features((images - self.mean) / self.std)
+
+
 def init_checkpoint(params: Params, dataset: str | Path, path: str | Path) -> None:
     """Epoch 0: the seeded random network that the first clustering runs on."""
     images = load_split(dataset, "train")

@@ -211,31 +211,43 @@ def centre_box(width: int, height: int, crop_size: int) -> tuple[float, float, f
     return centred_square(width, height, min(width, height) * crop_size / round(crop_size * RESIZE_PER_CROP))
 
 
+def crop_sizes(width: int, height: int, area: np.ndarray, aspect: np.ndarray,
+               ratio: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel width and height of RandomResizedCrops of a width x height image, and whether each fitted.
+
+    torchvision's RandomResizedCrop.get_params, vectorised: row i of `area` (fractions of the image) and
+    `aspect` holds crop i's tries; it takes the first try that fits in the image, else the whole image
+    clamped to `ratio`, which the caller centres. Clamping a try that does not fit instead would pile
+    crops up at full width or height, shifting the area and ratio distribution.
+    """
+    w = np.round(np.sqrt(width * height * area * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(width * height * area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)[:, None]  # 0 where no try fits: replaced by the fallback below
+    w, h, fitted = (np.take_along_axis(a, first, axis=1)[:, 0] for a in (w, h, fits))
+    if width / height < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    return np.where(fitted, w, fw), np.where(fitted, h, fh), fitted
+
+
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
              rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a RandomResizedCrop of a width x height image, drawn from `rng`.
-
-    torchvision's algorithm (RandomResizedCrop.get_params: ten tries at an area fraction in `scale` and
-    a log-uniform aspect ratio in `ratio`, else the centre crop clamped to `ratio`), drawn from a numpy
-    Generator instead of torch's global RNG, so that each image's crop has its own seed.
+    """(left, top, right, bottom) of a RandomResizedCrop of a width x height image, drawn from `rng`:
+    crop_sizes' ten tries, a random position if one fitted, else centred. A numpy Generator instead of
+    torch's global RNG, so that each image's crop has its own seed.
     """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
-    if width / height < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        w, h = round(height * max(ratio)), height
+    area = rng.uniform(scale[0], scale[1], (1, 10))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (1, 10)))
+    (w,), (h,), (fitted,) = crop_sizes(width, height, area, aspect, ratio)
+    if fitted:
+        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
     else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+        left, top = (width - w) // 2, (height - h) // 2
+    return int(left), int(top), int(left + w), int(top + h)
 
 
 def sample_rng(seed: int, position: int) -> np.random.Generator:
@@ -459,16 +471,20 @@ def random_resized_crop_flip(batch: torch.Tensor, size: int, scale: tuple[float,
     Per-image torchvision transforms are a Python call per image; one affine_grid/grid_sample call
     does the same sampling for the whole batch (and runs on the GPU when the batch is there).
     """
-    n = batch.shape[0]
-    dev = batch.device
-    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=generator)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).clamp(max=1.0)  # fraction of width covered by the crop
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    n, (height, width), dev = batch.shape[0], batch.shape[-2:], batch.device
+    area = torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w, h, fitted = (torch.from_numpy(a) for a in crop_sizes(width, height, area.double().numpy(),
+                                                            log_r.double().exp().numpy(), ratio))
+    # top-left corner: uniform over the positions inside the image, as torchvision's; the fallback centred
+    corner = torch.rand(n, 2, generator=generator)
+    left = torch.where(fitted, (corner[:, 0] * (width - w + 1)).floor(), (width - w) // 2)
+    top = torch.where(fitted, (corner[:, 1] * (height - h + 1)).floor(), (height - h) // 2)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
+    # affine_grid (align_corners=False) puts the image's edges at -1 and 1: the box's half-size is the
+    # fraction of the image it covers, its centre (2 * left + w) / width - 1
+    w, h = w / width, h / height
+    cx, cy = 2 * left / width + w - 1, 2 * top / height + h - 1
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = w * flip
     theta[:, 0, 2] = cx

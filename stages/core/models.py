@@ -149,6 +149,8 @@ def build_model(model_params: dict, in_channels: int, image_size: int) -> DeepCl
     except RuntimeError as e:  # too small an input for the architecture's strides
         raise ValueError(f"model.arch {arch!r} cannot take {image_size}px images ({e}); use small_alexnet "
                          "for 28-96 px or raise the crop size") from e
-    classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, fc_dim), nn.ReLU(inplace=True),
+    # The official AlexNet drops out the conv features before the first fc layer; its VGG-16 does not.
+    first = [] if arch == "vgg16" else [nn.Dropout(dropout)]
+    classifier = nn.Sequential(*first, nn.Linear(d, fc_dim), nn.ReLU(inplace=True),
                                nn.Dropout(dropout), nn.Linear(fc_dim, fc_dim))
     return DeepClusterNet(features, classifier, fc_dim, in_channels, sobel)

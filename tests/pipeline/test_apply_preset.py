@@ -31,6 +31,44 @@ def test_the_imagenet_preset_names_only_existing_keys(tmp_path):
         apply_preset(tmp_path / "params.yaml", {"cluster.kk": 3})
 
 
+# The paper's ImageNet settings (Caron et al. 2018, Sec. 4 "Implementation details") and the official code's
+# defaults (facebookresearch/deepcluster main.py), written out here, not read from the preset.
+PAPER_IMAGENET = {
+    "model.arch": "alexnet",          # AlexNet with BatchNorm, no LRN
+    "model.sobel": True,              # "a fixed linear transformation based on Sobel filters"
+    "model.dropout": 0.5,
+    "extract.crop_size": 224,         # centre crop 224 of the image resized to 256
+    "extract.amp": False,             # the official code runs fp32
+    "pca.dim": 256,                   # "PCA-reduced to 256 dimensions, whitened and l2-normalized"
+    "cluster.method": "kmeans",
+    "cluster.k": 10000,               # "k = 10,000"
+    "cluster.niter": 20,              # official clustering.py: niter = 20
+    "train.lr": 0.05,                 # "learning rate of 0.05", constant
+    "train.lr_schedule": "constant",
+    "train.momentum": 0.9,
+    "train.weight_decay": 1e-5,       # official --wd -5, i.e. 10^-5
+    "train.batch_size": 256,
+    "train.crop_size": 224,
+    "train.crop_scale": [0.08, 1.0],  # RandomResizedCrop(224) with torchvision's default range
+    "train.hflip": True,
+    "train.intensity_jitter": 0.0,    # no colour or intensity jitter
+    "train.amp": False,
+    "train.samples_per_epoch": None,  # N images per epoch, sampled uniformly over the clusters
+    "run.epochs": 500,                # "trained for 500 epochs"
+}
+
+
+def test_the_imagenet_preset_is_the_papers_settings(tmp_path):
+    """The values a run gets after `deepcluster preset imagenet` (the preset over params.yaml's defaults, so a
+    default the preset forgets to override is caught too), against the table above."""
+    from stages.core.params import flatten, load_params
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_preset(tmp_path / "params.yaml", load_preset("imagenet"))
+    got = flatten(load_params(tmp_path / "params.yaml").model_dump())
+    assert {k: got[k] for k in PAPER_IMAGENET} == PAPER_IMAGENET
+
+
 def test_a_preset_is_validated_by_the_schema_and_written_normalised(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     before = (tmp_path / "params.yaml").read_text()

@@ -116,18 +116,27 @@ def test_serve_keeps_prefect_state_in_the_project(tmp_path):
     assert out.returncode == 1 and f"state and logs: {tmp_path / '.prefect'}" in out.stdout  # nothing runs here
 
 
-def test_publish_writes_into_the_projects_mlflow_store(tmp_path):
-    (tmp_path / "data" / "epochs").mkdir(parents=True)
-    (tmp_path / "data" / "eval").mkdir()
-    (tmp_path / "models").mkdir()
-    state = {"fingerprint": "f", "mlflow_run_id": None, "params": {"run": {"seed": 0}}}
-    (tmp_path / "data" / "epochs" / "run.json").write_text(json.dumps(state))
-    (tmp_path / "data" / "eval" / "metrics.json").write_text(json.dumps({"epochs": 2, "knn.trained": 0.5}))
-    (tmp_path / "models" / "last.pt").write_bytes(b"model")
-    out = subprocess.run([sys.executable, "-m", "pipeline.tracking", "publish", "--model", "models/last.pt"],
-                         cwd=tmp_path, env=clean_env(HOME=str(tmp_path / "home")), capture_output=True, text=True,
-                         timeout=300)
+@pytest.mark.slow
+@pytest.mark.parametrize("copy", [None, ".dvc/tmp/exps/tmpab12cd"], ids=["in place", "in a DVC experiment's temp copy"])
+def test_publish_writes_into_the_projects_mlflow_store(tmp_path, tiny_run, small_params, copy):
+    """`dvc exp run --queue/--temp` run in a copy under .dvc/tmp/exps/ (DVC_ROOT names the project): the
+    records must land in the project, not in the copy that is deleted afterwards."""
+    import shutil
+
+    work = tmp_path / copy if copy else tmp_path
+    (work / "data" / "epochs").mkdir(parents=True)
+    (work / "data" / "eval").mkdir()
+    state = {"fingerprint": "f", "mlflow_run_id": None, "params": small_params.model_dump()}
+    (work / "data" / "epochs" / "run.json").write_text(json.dumps(state))
+    (work / "data" / "eval" / "metrics.json").write_text(json.dumps({"epochs": 2, "knn.trained": 0.5}))
+    shutil.copytree(tiny_run.checkpoints, work / "models" / "checkpoints")
+    shutil.copytree(tiny_run.dataset, work / "data" / "dataset")
+    env = clean_env(HOME=str(tmp_path / "home"), **({"DVC_ROOT": str(tmp_path)} if copy else {}))
+    out = subprocess.run([sys.executable, "-m", "pipeline.tracking", "publish"], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "mlartifacts").rglob("last.pt"))
+    assert list((tmp_path / "mlartifacts").rglob("model.pt2"))  # the registered model beside them
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "home").exists()
+    assert not copy or not list((tmp_path / copy).rglob("mlflow.db"))

@@ -482,3 +482,19 @@ def test_a_damaged_input_of_an_unfinished_epoch_is_recomputed_once_not_retried(p
         [run] = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["cluster-epoch-0001"])),
                                       sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1)
     assert run.state.is_completed() and run.run_count == 1
+
+
+def test_the_epoch_line_shows_the_runs_elapsed_time_and_time_left():
+    from pipeline.flow import RunClock, epoch_line
+
+    clock = RunClock(10, [100.0, 110.0])  # two epochs finished before a resume
+    for seconds in (120.0, 130.0, 140.0, 150.0):
+        clock.add(seconds)
+    assert clock.left() == (110 + 120 + 130 + 140 + 150) / 5 * 4  # the last five epochs' mean, four epochs to go
+    metrics = {"train_loss": 2.5, "nmi_previous": None, "nmi_labels": 0.41, "n_clusters": 12, "empty_clusters": 1,
+               "singleton_clusters": 0, "seconds_epoch": 150.0, "seconds_overhead": 0.25}
+    line = epoch_line(metrics, 6, 10, clock)
+    assert line.startswith("epoch 6/10: loss 2.500, NMI prev n/a, NMI labels 0.410, 12 clusters (1 empty")
+    assert line.endswith("; run 12m 30s elapsed, about 8m 40s left")
+    assert RunClock(3, []).summary() == "run 0.0s elapsed, time left unknown"
+    assert RunClock(2, [5.0, 5.0]).left() == 0.0  # finished: nothing left

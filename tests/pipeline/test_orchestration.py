@@ -109,6 +109,10 @@ def mlflow_rows(project: Path, query: str, *args) -> list[tuple]:
         return db.execute(query, args).fetchall()
 
 
+def run_tags(project: Path, run_id: str) -> dict[str, str]:
+    return dict(mlflow_rows(project, "select key, value from tags where run_uuid = ?", run_id))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,7 +207,7 @@ def test_deployment_run_completes_and_versions_everything(deployed):
     steps = mlflow_rows(p, "select step from metrics where key='nmi_labels' order by step")
     assert [s for (s,) in steps] == [1, 2]
     assert mlflow_rows(p, "select count(*) from metrics where key='final.test_nmi_k_classes'")[0][0] == 1
-    assert (Path(mlflow_rows(p, "select artifact_uri from runs")[0][0]) / "model/last.pt").exists()
+    assert (Path(mlflow_rows(p, "select artifact_uri from runs")[0][0]) / "checkpoint/last.pt").exists()
     # Prefect artifacts of this flow run under stable keys (other tests' runs report to the same server).
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
@@ -215,6 +219,12 @@ def test_deployment_run_completes_and_versions_everything(deployed):
     assert len(artifacts("deepcluster-epoch-summary")) == 2
     assert {a["type"] for a in artifacts("deepcluster-cluster-sizes")} == {"table"}
     assert [float(a["data"]) for a in artifacts("deepcluster-progress")] == [100.0]
+    # each tool leads to the others: MLflow -> the flow run, run.json and the artifacts -> the MLflow run
+    run_id = runs[0][0]
+    assert run_tags(p, run_id)["prefect.flow_run_id"] == flow_run_id
+    assert read(p, "data/epochs/run.json")["mlflow_run_id"] == run_id
+    assert read(p, "data/epochs/run.json")["prefect_flow_run_id"] == flow_run_id
+    assert all(run_id in a["description"] for a in artifacts("deepcluster-epoch-summary") + artifacts("deepcluster-progress"))
 
 
 def test_dvc_repro_gives_the_same_artifacts_as_the_deployment(deployed, repro):
@@ -258,6 +268,92 @@ def test_dvc_experiments_record_and_compare_the_headline_figures(repro, tmp_path
     diff = json.loads(sh([DVC, "exp", "diff", "HEAD", "knn3", "--json"], p).stdout)
     change = diff["params"]["params.yaml"]["evaluate.knn_k"]
     assert (change["old"], change["new"]) == (20, 3)
+
+
+def test_a_queued_experiment_lands_in_the_projects_mlflow_store_linked(repro, tmp_path):
+    """`dvc exp run --queue` + `dvc queue start` run the experiment in a temporary copy under .dvc/tmp/exps,
+    from which only git- and DVC-tracked files come back: its MLflow run and Prefect state must still land in
+    the project's own stores (nothing here points PREFECT_HOME or MLFLOW_TRACKING_URI at them)."""
+    p = copy_project(repro, tmp_path / "project")
+    sh(["git", "add", "-A"], p)
+    sh(["git", "commit", "-qm", "the tiny run"], p)
+    head = sh(["git", "rev-parse", "HEAD"], p).stdout.strip()
+    env = {k: v for k, v in env_for(p).items() if k != "PREFECT_HOME"}
+
+    def dvc(*args: str, timeout: float = 300) -> str:
+        proc = subprocess.run([DVC, *args], cwd=p, env=env, text=True, timeout=timeout, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        return proc.stdout
+
+    dvc("exp", "run", "--queue", "-n", "queued-k6", "-S", "cluster.k=6")  # a new training run, not a resumed one
+    dvc("queue", "start")
+    try:
+        deadline = time.monotonic() + 600
+        while not re.search(r"queued-k6\s.*(Success|Failed)", status := dvc("queue", "status")):
+            assert time.monotonic() < deadline, status
+            time.sleep(5)
+        assert re.search(r"queued-k6\s.*Success", status), status + dvc("queue", "logs", "queued-k6")
+    finally:
+        subprocess.run([DVC, "queue", "stop", "--kill"], cwd=p, env=env, capture_output=True, timeout=120)
+    ids = [r for (r,) in mlflow_rows(p, "select run_uuid from tags where key = 'dvc.experiment' and value = 'queued-k6'")]
+    assert len(ids) == 1, "the experiment's MLflow run is not in the project's store"
+    run_id, tags = ids[0], run_tags(p, ids[0])
+    assert [s for (s,) in mlflow_rows(p, "select step from metrics where run_uuid = ? and key = 'nmi_labels' order by step",
+                                      run_id)] == [1, 2]
+    assert tags["mlflow.source.git.commit"] == tags["dvc.baseline_rev"] == head
+    assert tags["deepcluster.entry_point"] == "dvc exp run (queued-k6)"
+    flow_run = tags["prefect.flow_run_id"]
+    with sqlite3.connect(p / ".prefect" / "prefect.db") as db:  # the flow run is in the project's Prefect state
+        assert db.execute("select count(*) from flow_run where id = ?", (flow_run,)).fetchone()[0] == 1
+    assert mlflow_rows(p, "select count(*) from metrics where run_uuid = ? and key like 'final.%'", run_id)[0][0] > 0
+    assert not list((p / ".dvc" / "tmp").rglob("mlflow.db"))
+    # the experiment's run.json names the same MLflow run and flow run
+    dvc("exp", "apply", "queued-k6")
+    assert {k: read(p, "data/epochs/run.json")[k] for k in ("mlflow_run_id", "prefect_flow_run_id", "dvc_experiment")} == {
+        "mlflow_run_id": run_id, "prefect_flow_run_id": flow_run, "dvc_experiment": "queued-k6"}
+
+
+def test_the_documented_snippet_extracts_features_with_the_last_finished_model(repro, tmp_path):
+    """docs/operations.md "The trained model", run as written in the `dvc repro` project on a folder of PNGs:
+    the registry's alias is that run's model, and its features are the trained network's on the same view."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from stages.core.checkpoints import load_checkpoint, model_from_checkpoint
+    from stages.core.data import load_split
+
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    snippet = re.search(r"## The trained model.*?```python\n(.*?)```", doc, re.S).group(1)
+    images = load_split(repro / "data/dataset", "test")
+    folder = tmp_path / "images" / "any-class"
+    folder.mkdir(parents=True)
+    for i in range(6):  # 40 x 34 px: resized and centre-cropped as extract views an image tree
+        Image.fromarray(np.asarray(images.pixels[i])[..., 0]).resize((40, 34)).save(folder / f"{i}.png")
+    out = tmp_path / "features.pt"
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet + f"\ntorch.save(features, {str(out)!r})\n")
+    env = {**env_for(repro), "IMAGES": str(tmp_path / "images")}
+    proc = subprocess.run([PY, str(script)], cwd=repro, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    features = torch.load(out, weights_only=True)
+    assert proc.stdout.strip() == f"torch.Size([6, {TINY['model.fc_dim']}])"
+
+    run_id = read(repro, "data/epochs/run.json")["mlflow_run_id"]
+    with sqlite3.connect(repro / "mlflow.db") as db:
+        aliased = db.execute("select v.run_id from registered_model_aliases a join model_versions v on "
+                             "a.name = v.name and a.version = v.version where a.alias = 'last-finished'").fetchall()
+    assert aliased == [(run_id,)]
+    from torchvision import transforms
+
+    view = transforms.Compose([transforms.Grayscale(), transforms.Resize(32), transforms.CenterCrop(28),
+                               transforms.ToTensor()])
+    batch = torch.stack([view(Image.open(folder / f"{i}.png")) for i in range(6)])
+    network = model_from_checkpoint(load_checkpoint(repro / "models/checkpoints/last.pt")).eval()
+    mean, std = images.meta["mean"][0], images.meta["std"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(features, network.fc_features((batch - mean) / std), rtol=1e-4, atol=1e-4)
 
 
 def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):

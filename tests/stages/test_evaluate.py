@@ -3,6 +3,7 @@ the whole evaluation (probes trained vs random vs pixels, kNN, clustering, pictu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from stages.core.params import apply_overrides
 from stages.core.schema import Evaluate, Params
 from stages.evaluate import main, margin, random_init_network, run_final_evaluation, score_tables
 from stages.prepare import prepare
-from tests.conftest import run_epochs
+from tests.conftest import phases_printed, run_epochs
 
 REPO = Path(__file__).resolve().parents[2]
 PICTURES = {"conv1_filters.png", "filters_conv1.png", "filters_conv3.png", "filters_conv5.png", "neighbours.png",
@@ -50,6 +51,34 @@ def test_final_evaluation_scores_every_layer_of_both_networks_and_pixels(tiny_ev
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
 
 
+def phase_titles(stdout: str) -> list[str]:
+    """The titles of the phases `evaluate final` printed, each checked to open and close with its number."""
+    return [title for title, _ in phases_printed(stdout, "evaluate")]
+
+
+def item_lines(stdout: str, what: str) -> list[str]:
+    """What the progress lines of `what` (probe, picture, random network) name, in order."""
+    return re.findall(rf"^evaluate:   {what} \d+/\d+ (.+) in ", stdout, flags=re.M)
+
+
+@pytest.mark.slow  # a two-epoch run and its evaluation
+def test_final_evaluation_prints_a_line_as_each_phase_starts_and_ends(tiny_eval, tiny_run, small_params):
+    out, m = tiny_eval
+    stdout = (out.parent / "stdout.txt").read_text()
+    kmeans = f"weighted kNN, k-means x{small_params.evaluate.kmeans_runs}"
+    images = "features of 200 probe-train + 40 held-out images"
+    assert phase_titles(stdout) == [
+        f"loading {tiny_run.last_checkpoint} and its random init",
+        f"trained network: {images}", "trained network: linear probes conv1..fc", f"trained network: {kmeans}",
+        f"random init: {images}", "random init: linear probes conv1..fc", f"random init: {kmeans}",
+        "weighted kNN, k-means of 2 more random networks", "raw pixels: linear probe, weighted kNN, k-means",
+        f"pictures into {out / 'pictures'}", f"writing the metrics and report.md into {out}"]
+    assert item_lines(stdout, "probe") == LAYERS * 2
+    assert item_lines(stdout, "random network") == ["run.seed + 1", "run.seed + 2"]
+    assert sorted(f"{name}.png" for name in item_lines(stdout, "picture")) == sorted(PICTURES)
+    assert f"kNN {m['knn.trained']:.1%}" in stdout  # the figures as they come
+
+
 @pytest.mark.slow  # a two-epoch run and its evaluation
 def test_random_network_is_rebuilt_identically_when_epoch_0_was_deleted(tiny_run, small_params, tmp_path):
     ckpts = tmp_path / "checkpoints"
@@ -64,7 +93,7 @@ def test_random_network_is_rebuilt_identically_when_epoch_0_was_deleted(tiny_run
 
 
 @pytest.mark.slow  # a two-epoch run and its evaluation
-def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, small_params, tmp_path):
+def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, small_params, tmp_path, capsys):
     """evaluate.pictures: false used to leave out data/eval/pictures, and `dvc repro` failed on it."""
     params = apply_overrides(small_params, {"evaluate.pictures": False, "evaluate.probe_layers": ["conv5"]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
@@ -73,6 +102,10 @@ def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, sm
           "--epochs-root", str(tiny_run.epochs_root), "--checkpoint", str(tiny_run.last_checkpoint), "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert "probe.trained.conv5" in m and "probe.trained.conv3" not in m and "probe.trained.fc" not in m
+    stdout = capsys.readouterr().out
+    titles = phase_titles(stdout)
+    assert len(titles) == 10 and "trained network: linear probes conv5" in titles
+    assert not any(t.startswith("pictures") for t in titles) and item_lines(stdout, "probe") == ["conv5", "conv5"]
     assert "knn.trained" in m and "cluster.trained.nmi" in m  # kNN and clustering use fc whatever is probed
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
     declared = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in stage[key]]
@@ -133,10 +166,14 @@ def unlabelled_run(tmp_path_factory, small_params, fashion_dataset) -> tuple[Run
 
 
 @pytest.mark.slow  # a two-epoch run and its evaluation
-def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path):
+def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path, capsys):
     layout, params = unlabelled_run
     out = tmp_path / "eval"
     m = run_final_evaluation(params, layout.dataset, layout.epochs_root, layout.last_checkpoint, out)
+    images = "features of 80 probe-train + 40 held-out images"
+    assert phase_titles(capsys.readouterr().out) == [  # no probes, kNN or k-means without labels
+        f"loading {layout.last_checkpoint} and its random init", f"trained network: {images}",
+        f"random init: {images}", f"pictures into {out / 'pictures'}", f"writing the metrics and report.md into {out}"]
     assert not any(k.startswith(("probe.", "knn.", "cluster.")) for k in m)
     assert m["n_probe_train"] == 80 and m["n_test"] == 40  # held out: the train images outside the subset
     assert {n: json.loads((out / "scores" / f"{n}.json").read_text()) for n in ("trained", "random", "pixels")} == \
@@ -145,14 +182,20 @@ def test_unlabelled_folder_gets_pictures_and_no_scores(unlabelled_run, tmp_path)
     assert "No labelled held-out split" in (out / "report.md").read_text()
 
 
-def test_margins_are_differences_in_points_with_the_seed_spreads_combined():
+def test_margins_are_differences_in_points_with_the_spreads_combined_and_within_them_no_difference():
     m = {"knn.trained": 0.81, "knn.random": 0.75, "cluster.trained.acc": 0.6, "cluster.trained.acc_std": 0.03,
          "cluster.random.acc": 0.5, "cluster.random.acc_std": 0.04, "cluster.trained.nmi": 0.6,
-         "cluster.trained.nmi_std": 0.0, "cluster.random.nmi": 0.65, "cluster.random.nmi_std": 0.0}
-    assert margin(m, "knn.trained", "knn.random", None) == "+6.0"
-    assert margin(m, "cluster.trained.acc", "cluster.random.acc", "acc_std") == "+10.0 +- 5.0"
-    assert margin(m, "cluster.trained.nmi", "cluster.random.nmi", "nmi_std") == "-0.050 +- 0.000"
-    assert margin(m, "knn.trained", "knn.pixels", None) == "n/a"
+         "cluster.trained.nmi_std": 0.0, "cluster.random.nmi": 0.65, "cluster.random.nmi_std": 0.0,
+         "knn.random_inits": 0.80, "knn.random_inits_std": 0.015}
+    assert margin(m, "knn.trained", "knn.random") == "+6.0"
+    acc_spreads = ("cluster.trained.acc_std", "cluster.random.acc_std")
+    assert margin(m, "cluster.trained.acc", "cluster.random.acc", acc_spreads) == "+10.0 +- 5.0"
+    assert margin(m, "cluster.trained.nmi", "cluster.random.nmi", ("cluster.trained.nmi_std",)) == "-0.050 +- 0.000"
+    # +1.0 over the random networks' mean, whose spread is 1.5 points: not a gain
+    assert margin(m, "knn.trained", "knn.random_inits", ("knn.random_inits_std",)) == "+1.0 +- 1.5 (no difference)"
+    assert margin({**m, "cluster.trained.acc": 0.54}, "cluster.trained.acc", "cluster.random.acc", acc_spreads) == \
+        "+4.0 +- 5.0 (no difference)"
+    assert margin(m, "knn.trained", "knn.pixels") == "n/a"
 
 
 def test_the_last_clusterings_sizes_are_kept_with_the_evaluation(tiny_eval, tiny_run, small_params):
@@ -189,3 +232,16 @@ def test_random_inits_average_the_run_s_own_and_the_next_seeds_networks(tiny_run
     headline = json.loads((tmp_path / "a" / "headline.json").read_text())
     assert headline["knn.random_inits"] == two["knn.random_inits"]
     assert "2 random inits fc" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_the_report_gives_every_margin_over_the_random_networks_with_its_spread(tiny_eval):
+    out, m = tiny_eval
+    report = (out / "report.md").read_text()
+    n = m["random_inits"]
+    for measure in ("weighted kNN", "k-means ACC", "k-means NMI"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {measure} vs the {n} random inits"))
+        cell = row.split("|")[2].strip()
+        diff, spread = (float(x) for x in cell.split(" (")[0].split(" +- "))
+        assert cell.endswith("(no difference)") == (abs(diff) <= spread)
+    knn_row = next(line for line in report.splitlines() if line.startswith(f"| weighted kNN vs the {n} random inits"))
+    assert f"+- {100 * m['knn.random_inits_std']:.1f}" in knn_row

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from stages.core.data import iterate_batches, load_split
 from stages.core.errors import StageError
 from stages.core.io import read_json
 from stages.prepare import prepare, read_idx
+from tests.conftest import phases_printed
 
 
 def raw_idx(path: Path, header: int) -> np.ndarray:
@@ -131,6 +133,26 @@ def test_imagefolder_labels_from_folders_and_corrupt_file_skipped(tmp_path, imag
     assert batches[0].shape == (5, 3, 32, 32) and batches[0].dtype == torch.uint8
     camera = list(images.ids).index("people/camera.png")
     assert (batches[0][camera, 0] == batches[0][camera, 2]).all()  # grey decoded to 3 equal channels
+
+
+def test_prepare_on_a_tree_prints_each_phase_with_the_trees_counts(tmp_path, image_tree, small_params, capsys):
+    prepare("imagefolder", image_tree, tmp_path / "dataset", small_params.prepare)
+    out = capsys.readouterr().out
+    assert phases_printed(out, "prepare") == [
+        (f"scanning {image_tree}", "6 image files, 1 skipped"),  # notes.txt
+        ("checking 6 image headers", "5 readable, 1 unreadable"),  # broken.png
+        ("measuring the channel mean/std on 5 images", ANY),
+        (f"writing {tmp_path / 'dataset'}", "5 train images")]
+    headers = [line for line in out.splitlines() if line.startswith("prepare:   headers ")]
+    assert [line.split(" (")[0] for line in headers] == [f"prepare:   headers {n}/6" for n in range(1, 7)]
+
+
+def test_prepare_fashion_mnist_prints_a_line_as_it_reads_and_as_it_writes(tmp_path, fashion_mnist_dir, small_params,
+                                                                          capsys):
+    prepare("fashion-mnist", fashion_mnist_dir, tmp_path / "dataset", small_params.prepare)
+    assert phases_printed(capsys.readouterr().out, "prepare") == [
+        (f"reading Fashion-MNIST from {fashion_mnist_dir}", "280 images"),
+        (f"writing {tmp_path / 'dataset'}", "240 train, 40 test images")]
 
 
 def test_imagefolder_train_and_test_subtrees(tmp_path, small_params):

@@ -23,7 +23,7 @@ def main_run(tmp_path, tiny_run, tiny_eval, small_params, mlflow_uri) -> tuple[R
     with tracking.start_run(small_params.model_dump(), run_name="main") as run:
         run_id = run.info.run_id
     write_json(layout.run_file, {"fingerprint": "f", "mlflow_run_id": run_id, "params": small_params.model_dump()})
-    tracking.publish(layout.epochs_root, tiny_eval[0], layout.last_checkpoint)
+    tracking.publish(layout.epochs_root, tiny_eval[0], layout.last_checkpoint, layout.dataset)
     return layout, run_id
 
 

@@ -1,10 +1,31 @@
-"""pipeline.tools.studies: which experiments each study queues, and the table it reads back from DVC experiments."""
+"""pipeline.tools.studies: which experiments each study queues, the table it reads back from DVC experiments,
+and what its scores' picture draws."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
-from pipeline.tools.studies import PREFIX, ROWS, STUDIES, experiments, queue_command, rows_of, table
+from pipeline.tools.studies import (
+    PANELS,
+    PREFIX,
+    ROWS,
+    STUDIES,
+    draw_scores,
+    experiments,
+    queue_command,
+    report,
+    row_label,
+    rows_from_table,
+    rows_of,
+    score_points,
+    table,
+    y_floor,
+)
 from stages.core.errors import StageError
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_a_row_shared_by_several_studies_is_queued_once():
@@ -49,8 +70,6 @@ def test_only_finished_experiments_are_reported_and_the_newest_of_a_name_wins():
 
 
 def test_table_puts_each_row_under_its_studies_with_trained_random_and_pixel_figures():
-    import pandas as pd
-
     m = {"probe.trained.best": 0.8945, "probe.random.best": 0.888, "knn.trained": 0.8115, "knn.random": 0.7802,
          "knn.pixels": 0.82, "cluster.trained.acc": 0.53257, "cluster.trained.acc_std": 0.058,
          "cluster.random.acc": 0.5477, "cluster.pixels.acc": 0.5061, "cluster.trained.nmi": 0.518,
@@ -60,3 +79,105 @@ def test_table_puts_each_row_under_its_studies_with_trained_random_and_pixel_fig
     lines = [line for line in text.splitlines() if f"`{PREFIX}defaults`" in line]
     assert [line.split(" | ")[0] for line in lines] == ["| clustering", "| input", "| k"]
     assert "| 312 | 0.802 | 89.5 / 88.8 | 81.2 / 78.0 / 82.0 | 53.3 ± 5.8 / 54.8 / 50.6 | 0.518 ± 0.010 / – / – |" in lines[0]
+
+
+def metrics(acc: float, knn: float, **more) -> dict:
+    """A run's headline figures as evaluate writes them (fractions), with the spreads it records."""
+    return {"knn.trained": knn, "knn.random": 0.780, "knn.random_inits": 0.789, "knn.random_inits_std": 0.009,
+            "knn.pixels": 0.820, "cluster.trained.acc": acc, "cluster.trained.acc_std": 0.058,
+            "cluster.random.acc": 0.548, "cluster.random.acc_std": 0.024, "cluster.pixels.acc": 0.506,
+            "cluster.trained.nmi": 0.518, "cluster.trained.nmi_std": 0.052, "cluster.random.nmi": 0.492,
+            "cluster.pixels.nmi": 0.503, "probe.trained.best": 0.895, "probe.random.best": 0.888, **more}
+
+
+def study_rows() -> dict[str, dict]:
+    def row(m, n_clusters):
+        return {"metrics": m, "curves": pd.DataFrame({"epoch": [1, 2], "n_clusters": [n_clusters - 1, n_clusters]}),
+                "sizes": None}
+    return {"defaults": row(metrics(0.533, 0.812), 312), "k10": row(metrics(0.492, 0.768), 10),
+            "pic": row(metrics(0.507, 0.790), 1176),
+            "raw": row(metrics(0.491, 0.791, **{"cluster.random.acc": 0.590, "cluster.random.acc_std": None}), 312)}
+
+
+def test_a_reports_table_reads_back_as_the_figures_it_printed():
+    rows = study_rows()
+    text = table(rows)
+    back = rows_from_table(text)
+    assert sorted(back) == sorted(rows) and table(back) == text
+    m = back["defaults"]["metrics"]
+    assert m["cluster.trained.acc"] == pytest.approx(0.533) and m["cluster.trained.acc_std"] == pytest.approx(0.058)
+    assert m["cluster.random.nmi"] == pytest.approx(0.492) and "cluster.random.nmi_std" not in m
+    assert "cluster.random.acc_std" not in m  # the table prints no ± for it, so none is read back
+    assert back["pic"]["clusters"] == 1176 and back["pic"]["source"] == f"`{PREFIX}pic`"
+    # the committed studies, whose experiments are gone, are redrawn from their table: it must read back whole
+    committed = (REPO / "docs/ablations/ablations.md").read_text()
+    rows = rows_from_table(committed)
+    assert sorted(rows) == sorted(ROWS) and rows["k30"]["source"] == "`abl-k30`"
+    assert table(rows) in committed
+
+
+def test_report_from_a_table_redraws_the_scores_without_the_experiments(tmp_path):
+    (tmp_path / "old.md").write_text("Some words first.\n\n" + table(study_rows()))
+    text = report(tmp_path / "out", from_table=tmp_path / "old.md")
+    assert text.startswith(table(study_rows())) and "Not run yet: study-k30, study-k100, study-k1000" in text
+    assert (tmp_path / "out/studies.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out/nmi_and_sizes.png").exists()  # a table keeps no curves to draw
+
+
+def test_the_reference_run_is_labelled_by_its_settings():
+    assert row_label("defaults", 312) == "k=312 (default)"
+    assert row_label("defaults", None) == "k=auto (default)"
+    assert row_label("k10", 10) == "k=10"
+    assert row_label("pic", 1176) == "PIC: 1176 clusters"
+    assert row_label("raw", 312) == "k=312, no Sobel"
+
+
+def test_score_points_carry_each_spread_and_lie_on_k_where_the_study_varies_k():
+    knn, acc = PANELS[0], PANELS[1]
+    points = score_points(study_rows(), "k", acc)
+    assert [(p["x"], p["label"]) for p in points] == [(10, "k=10"), (312, "k=312 (default)")]
+    assert points[1]["trained"] == pytest.approx((53.3, 5.8))
+    assert points[1]["random"] == pytest.approx((54.8, 2.4)) and points[1]["pixels"][0] == pytest.approx(50.6)
+    assert points[1]["pixels"][1] is None  # no spread recorded: none invented
+    # kNN's random init: the mean over random networks with their spread, before the run's own network alone
+    assert score_points(study_rows(), "k", knn)[0]["random"] == pytest.approx((78.9, 0.9))
+    without = {n: {**r, "metrics": {k: v for k, v in r["metrics"].items() if "random_inits" not in k}}
+               for n, r in study_rows().items()}
+    assert score_points(without, "k", knn)[0]["random"] == (78.0, None)
+    # categories are positions, not numbers; the input study's rows keep their own random network
+    points = score_points(study_rows(), "input", acc)
+    assert [p["x"] for p in points] == [0, 1] and points[1]["random"][0] == pytest.approx(59.0)
+    assert points[1]["random"][1] is None and points[0]["random"][1] == pytest.approx(2.4)
+
+
+def test_an_axis_starts_at_zero_unless_the_values_sit_far_above_it():
+    assert y_floor([(53.3, 5.8), (10.0, 4.0)], 100) == 0
+    assert y_floor([(81.2, None), (76.8, None), (82.0, None)], 100) == 75
+    assert y_floor([(0.518, 0.052), (0.436, 0.039)], 1) == 0.3  # a round number, written on the axis
+
+
+def test_the_picture_joins_no_separate_settings_and_writes_every_value_and_spread():
+    from matplotlib.container import ErrorbarContainer
+
+    rows = study_rows()
+    fig = draw_scores(rows)
+    studies = ["clustering", "input", "k"]
+    assert fig.axes[0].get_title() == "clustering: weighted kNN (%)" and len(fig.axes) == len(studies) * len(PANELS)
+    for i, ax in enumerate(fig.axes):
+        study, panel = studies[i // len(PANELS)], PANELS[i % len(PANELS)]
+        points = score_points(rows, study, panel)
+        drawn = [line for line in ax.lines if line.get_linestyle() not in ("None", "")]
+        if study == "k":  # numeric k: one line through the trained points, with markers
+            assert any(list(line.get_xdata()) == [10, 312] and line.get_marker() == "o" for line in drawn)
+        else:  # no line spans two settings' positions
+            assert all(sum(min(line.get_xdata()) <= p["x"] <= max(line.get_xdata()) for p in points) <= 1
+                       for line in drawn)
+        fmt = ".1f" if panel[4] == 100 else ".3f"
+        written = {f"{v:{fmt}}" + ("" if s is None else f" ± {s:{fmt}}") for p in points for v, s in [p["trained"]]}
+        assert written <= {t.get_text() for t in ax.texts}
+        # the error bars are the recorded spreads: each bar's half-height is the sd
+        (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        halves = sorted(float(seg[1][1] - seg[0][1]) / 2 for seg in bars.lines[2][0].get_segments())
+        assert halves == pytest.approx(sorted((p["trained"][1] or 0) for p in points))
+        bottom = ax.get_ylim()[0]
+        assert bottom == 0 or f"axis starts at {bottom:g}, not 0" in ax.get_ylabel()

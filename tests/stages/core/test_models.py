@@ -123,3 +123,35 @@ def test_building_a_network_leaves_batchnorm_statistics_at_their_initial_values(
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
         assert int(bn.num_batches_tracked) == 0
     assert model.training  # and the network is returned in train mode, as built
+
+
+# The official facebookresearch/deepcluster classifiers (models/alexnet.py, models/vgg16.py), written out
+# by hand; the top layer is separate in both. Ours stop before the last ReLU (fc_features is pre-ReLU),
+# which forward applies: layer_list appends it.
+OFFICIAL_CLASSIFIERS = {
+    "alexnet": [("Dropout", 0.5), ("Linear", 9216, 4096), ("ReLU",), ("Dropout", 0.5), ("Linear", 4096, 4096),
+                ("ReLU",)],
+    "vgg16": [("Linear", 25088, 4096), ("ReLU",), ("Dropout", 0.5), ("Linear", 4096, 4096), ("ReLU",)],
+}
+
+
+def layer_list(classifier: torch.nn.Sequential) -> list[tuple]:
+    def describe(m):
+        if isinstance(m, torch.nn.Linear):
+            return ("Linear", m.in_features, m.out_features)
+        return ("Dropout", m.p) if isinstance(m, torch.nn.Dropout) else (type(m).__name__,)
+    return [describe(m) for m in classifier] + [("ReLU",)]
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16"])
+def test_classifier_layers_are_the_official_ones(arch):
+    with torch.device("meta"):  # the shapes at 224 px without allocating VGG-16's 120M weights
+        model = build_model({"arch": arch, "sobel": True, "dropout": 0.5}, 3, 224)
+    assert layer_list(model.classifier) == OFFICIAL_CLASSIFIERS[arch]
+
+
+def test_small_alexnet_classifier_is_alexnets_at_its_own_widths():
+    model = build_model(SMALL_MODEL, 1, 28)
+    d = model.classifier[1].in_features
+    assert layer_list(model.classifier) == [("Dropout", 0.5), ("Linear", d, 32), ("ReLU",), ("Dropout", 0.5),
+                                            ("Linear", 32, 32), ("ReLU",)]

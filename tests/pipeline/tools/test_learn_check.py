@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from pipeline.tools.learn_check import RESULT, judge, main, table
+from stages.core.errors import StageError
+
+
+def scores(knn, acc, nmi):
+    return {"knn": knn, "acc": acc, "nmi": nmi}
+
+
+RANDOMS = [scores(0.78, 0.50, 0.48), scores(0.80, 0.54, 0.50), scores(0.79, 0.52, 0.49)]  # sd 0.0082, 0.0163, 0.0082
+
+
+def test_a_margin_passes_only_above_the_random_networks_spread():
+    rows = {r["measure"]: r for r in judge(scores(0.82, 0.53, 0.60), RANDOMS)}
+    assert rows["knn"]["random_mean"] == pytest.approx(0.79) and rows["knn"]["random_sd"] == pytest.approx(0.00816, abs=1e-4)
+    assert rows["knn"]["margin"] == pytest.approx(0.03) and rows["knn"]["passed"]
+    assert rows["nmi"]["passed"]
+    assert not rows["acc"]["passed"]  # +1 point over the mean, inside a 1.6-point spread: no difference
+    assert not judge(scores(0.75, 0.60, 0.60), RANDOMS)[0]["passed"]  # under the random networks
+
+
+def test_the_table_calls_a_margin_inside_the_spread_no_difference():
+    text = table(judge(scores(0.82, 0.53, 0.60), RANDOMS))
+    knn, acc, nmi = text.splitlines()[2:]
+    assert "82.00" in knn and "79.00 ± 0.82" in knn and "+3.0 +- 0.8 |" in knn and knn.endswith("| ok |")
+    assert "(no difference)" in acc and acc.endswith("NOT ABOVE THE SPREAD |")
+    assert "0.600" in nmi and "+0.110 +- 0.008" in nmi
+
+
+def test_one_random_network_has_no_spread_and_is_refused():
+    with pytest.raises(StageError, match="random_inits >= 2"):
+        judge(scores(0.8, 0.5, 0.5), RANDOMS[:1])
+
+
+@pytest.mark.slow
+def test_the_check_trains_scores_three_random_networks_and_exits_by_its_verdict(small_params, write_params, tmp_path,
+                                                                                capsys):
+    params = write_params(tmp_path, small_params, {"run.epochs": 2})
+    root = tmp_path / "check"
+    argv = ["--params", str(params), "--images", "200", "--test-images", "60", "--kmeans-runs", "2", "--root", str(root)]
+    code = main(argv)
+    out = capsys.readouterr().out
+    result = json.loads((root / RESULT).read_text())
+    assert code == (0 if result["passed"] else 1)
+    assert result["random_seeds"] == [0, 1, 2] and result["epochs"] == 2
+    assert [r["measure"] for r in result["rows"]] == ["knn", "acc", "nmi"]
+    knn = result["rows"][0]
+    assert 0 < knn["trained"] <= 1 and knn["random_sd"] > 0  # three different random networks
+    assert "| weighted kNN on fc |" in out and "200 training images" in out
+    # the subset is what was asked: 200 training and 60 held-out images of the source
+    meta = json.loads((root / "dataset" / "dataset.json").read_text())
+    assert meta["counts"] == {"train": 200, "test": 60}
+    # a second check prepares nothing again but trains again: a release is judged on the code it runs
+    prepared = (root / "dataset" / "dataset.json").stat().st_mtime_ns
+    trained = next((root / "runs" / "trained" / "checkpoints").glob("*0002*"))
+    stamp = trained.stat().st_mtime_ns
+    main(argv)
+    assert (root / "dataset" / "dataset.json").stat().st_mtime_ns == prepared
+    assert next((root / "runs" / "trained" / "checkpoints").glob("*0002*")).stat().st_mtime_ns != stamp
+
+
+def test_bad_sizes_are_refused_with_the_option_named(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        main(["--images", "0", "--root", str(tmp_path)])
+    assert refused.value.code == 2

@@ -130,7 +130,7 @@ def run_under_torchrun(stage: EpochStage, params: Params, layout: RunLayout, epo
     name, section = stage.name, getattr(params, stage.name)
     n_images = train_rows(layout.dataset)
     if name == "train":
-        n_images = section.samples_per_epoch or n_images
+        n_images = train.draws_per_epoch(section, n_images)
     check_launch(params.run)
     check_world(processes(params.run), n_images=n_images, device=section.device, backend=params.run.dist_backend,
                 section=name, local_size=params.run.nproc_per_node,

@@ -39,6 +39,16 @@ from stages.core.runtime import Timer, autocast, peak_rss_mb, seed_for
 from stages.core.schema import Params, Train
 
 
+def draws_per_epoch(section, n_images: int) -> int:
+    """Images drawn per epoch: samples_per_epoch when set, else N but at least min_samples_per_epoch.
+
+    The head is new each epoch, so an epoch of few SGD steps spends most of them re-learning it: one draw
+    per image gives a 5,000-image data set 78 steps of 64 per clustering, and its features stay at random
+    init (docs/results.md "The learn check"). The floor leaves data sets of min_samples_per_epoch images
+    and more at the paper's one draw per image."""
+    return section.samples_per_epoch or max(n_images, section.min_samples_per_epoch)
+
+
 def uniform_cluster_sample(labels: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Indices into `labels`, about n_samples / n_clusters from each non-empty cluster, shuffled.
 
@@ -120,7 +130,7 @@ def run_train(params: Params, dataset: str | Path, assignments: str | Path, chec
     world = world_from_env() if world is None else world
     with Timer() as t:
         images = load_split(dataset, "train")
-        n_samples = p.samples_per_epoch or len(images)
+        n_samples = draws_per_epoch(p, len(images))
         check_world(world.size, n_images=n_samples, device=p.device, backend=params.run.dist_backend,
                     local_size=world.local_size, batch_size=p.batch_size)
         device = stage_device(p.device, world)

@@ -66,6 +66,7 @@ SMALL = {
     "train.batch_size": 64,
     "train.device": "cpu",
     "train.samples_per_epoch": None,
+    "train.min_samples_per_epoch": 0,  # one draw per image: the tiny runs stay tiny
     "extract.keep_features_every": 1,
     "train.keep_checkpoint_every": 1,
     # the final evaluation, small: one k-means seed, short gradient ascent, few pictures

@@ -217,8 +217,12 @@ class Train(Section):
                                "computes them; the recipe's batch of 64 split over 8 GPUs would leave 8 images per "
                                "process's statistics")
     amp: Amp = doc("bf16 autocast on GPU; auto keeps fp32 on CPU, where bf16 is slower")
-    samples_per_epoch: Int(1, null="as many draws as training images") = doc(
-        "images drawn (uniformly over clusters) per epoch")
+    samples_per_epoch: Int(1, null="max(N, min_samples_per_epoch)") = doc(
+        "images drawn (uniformly over clusters) per epoch; null = one per training image (paper), at least "
+        "min_samples_per_epoch")
+    min_samples_per_epoch: Int(0) = doc(
+        "with samples_per_epoch: null, the fewest draws per epoch: the head is new each epoch, and a small data "
+        "set's one draw per image leaves too few SGD steps per clustering to move its features off random init")
     num_workers: Int(0, word="auto") = doc(LOADER_WORKERS)
     decode: Choice("cpu", "gpu") = doc(JPEG_DECODING)
     device: Device = doc("auto = a CUDA GPU when torch sees one, else the CPU")

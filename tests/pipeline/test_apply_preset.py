@@ -54,6 +54,7 @@ PAPER_IMAGENET = {
     "train.intensity_jitter": 0.0,    # no colour or intensity jitter
     "train.amp": False,
     "train.samples_per_epoch": None,  # N images per epoch, sampled uniformly over the clusters
+    "train.min_samples_per_epoch": 0,  # no floor: N draws even on a small image tree
     "run.epochs": 500,                # "trained for 500 epochs"
 }
 

@@ -14,7 +14,7 @@ from stages.core.models import build_model
 from stages.core.params import apply_overrides
 from stages.core.runtime import seed_for
 from stages.core.schema import Params
-from stages.train import contiguous_targets, epoch_lr, run_train, uniform_cluster_sample
+from stages.train import contiguous_targets, draws_per_epoch, epoch_lr, run_train, uniform_cluster_sample
 
 # ---------------------------------------------------------------- the sampler
 SKEWED = {0: 5, 2: 50, 5: 500, 7: 5000, 11: 20}  # cluster id -> size; ids 1, 3, 4, 6, 8-10 are empty
@@ -76,6 +76,28 @@ def test_contiguous_targets_maps_non_empty_cluster_ids_to_head_outputs():
     targets, ids = contiguous_targets(np.array([7, 3, 3, 12, 7]))
     assert targets.tolist() == [1, 0, 0, 2, 1] and targets.dtype == np.int64
     assert ids.tolist() == [3, 7, 12]
+
+
+@pytest.mark.parametrize("samples, floor, n_images, draws", [
+    (None, 20000, 5000, 20000),    # a small data set: the floor
+    (None, 20000, 60000, 60000),   # a large one: one draw per image (paper)
+    (None, 0, 5000, 5000),         # no floor: one draw per image
+    (3000, 20000, 5000, 3000),     # a set samples_per_epoch is taken as it is
+])
+def test_draws_per_epoch_are_one_per_image_above_the_floor_unless_set(small_params, samples, floor, n_images, draws):
+    p = apply_overrides(small_params, {"train.samples_per_epoch": samples, "train.min_samples_per_epoch": floor})
+    assert draws_per_epoch(p.train, n_images) == draws
+
+
+def test_an_epoch_on_a_small_data_set_draws_the_floor(fashion_dataset, small_params, tmp_path):
+    p = apply_overrides(small_params, {"train.min_samples_per_epoch": 500, "train.batch_size": 100})
+    train = load_split(fashion_dataset, "train")
+    assert len(train) < 500
+    write_assignments(tmp_path / "a.parquet", train.ids, np.arange(len(train)) % 4, np.zeros(len(train), np.float32))
+    init_checkpoint(p, fashion_dataset, tmp_path / "epoch_0000.pt")
+    stats = run_train(p, fashion_dataset, tmp_path / "a.parquet", tmp_path / "epoch_0000.pt", tmp_path / "epoch_0001.pt",
+                      epoch=1)
+    assert stats["n_samples"] == 500
 
 
 def test_constant_schedule_keeps_the_learning_rate(small_params):

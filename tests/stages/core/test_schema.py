@@ -58,6 +58,7 @@ NUMERIC = {
     "train.crop_scale": ([[0.01, 1.0], [1.0, 1.0]], [[0.0, 1.0], [0.5, 1.5], [0.9, 0.5], [0.5]]),
     "train.intensity_jitter": ([0.0, 0.99], [-0.1, 1.0]),
     "train.samples_per_epoch": ([1, None], [0]),
+    "train.min_samples_per_epoch": ([0, 20000], [-1, None]),
     "train.num_workers": ([0, "auto"], [-1, "all"]),
     "train.keep_checkpoint_every": ([0], [-1]),
     "evaluate.train_images": ([1, None], [0]),

@@ -43,7 +43,9 @@ NETWORKS = ("trained", "random")
 TITLES = {"trained": "trained network", "random": "random init"}  # in the progress lines
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
-HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "knn.trained", "knn.random", "knn.pixels",
+HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels",
+            "knn_conv.trained", "knn_conv.random", "knn_conv.random_inits", "knn_conv.random_inits_std",
+            "knn.trained", "knn.random", "knn.pixels",
             *(f"cluster.{s}.{m}" for s in ("trained", "random", "pixels") for m in ("acc", "nmi")),
             "knn.random_inits", "knn.random_inits_std", "cluster.random_inits.acc", "cluster.random_inits.nmi",
             "last_nmi_previous")
@@ -143,13 +145,56 @@ def fc_scores(fc_train: np.ndarray, fc_test: np.ndarray, data: EvaluationData, p
     return knn, q
 
 
-def network_fc_scores(model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device, seed: int,
-                      kmeans_runs: int) -> tuple[float, dict]:
-    """fc_scores of one network: its fc features of the probe-train and held-out images, then kNN and k-means."""
+def choose_knn_layer(features: dict[str, np.ndarray], labels: np.ndarray, cfg: Evaluate, n_classes: int,
+                     seed: int) -> tuple[str, dict[str, float]]:
+    """The layer whose weighted kNN best classifies held-out training images, and each layer's accuracy there.
+
+    As the probes choose their weight decay: evaluate.probe_val_fraction of the probe-train images (seeded)
+    are queried against the others. The test split plays no part, so the chosen layer's test kNN is not
+    picked by the images it is scored on. Ties keep the earlier layer.
+    """
+    labels = np.asarray(labels)
+    n_val = max(1, int(len(labels) * cfg.probe_val_fraction))
+    if len(labels) - n_val < 1:
+        raise StageError(f"choosing the kNN layer needs at least 2 probe-train images, got {len(labels)}")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    val, fit = order[:n_val], order[n_val:]
+    k = min(cfg.knn_k, len(fit))
+    scores = {layer: knn_accuracy(x[fit], labels[fit], x[val], labels[val], k=k, temperature=cfg.knn_temperature,
+                                  n_classes=n_classes) for layer, x in features.items()}
+    return max(scores, key=lambda layer: (scores[layer], -list(scores).index(layer))), scores
+
+
+def conv_knn(train: dict[str, np.ndarray], test: dict[str, np.ndarray], data: EvaluationData, cfg: Evaluate,
+             seed: int) -> tuple[float | None, str | None]:
+    """Weighted kNN on the network's best conv layer (choose_knn_layer), or (None, None) when no conv layer
+    was extracted. The paper judges a network by its conv features; fc is trained to predict the last
+    clustering's pseudo-labels, so its neighbourhoods follow those clusters more than the images."""
+    convs = {layer: x for layer, x in train.items() if layer.startswith("conv")}
+    if not convs:
+        return None, None
+    layer = choose_knn_layer(convs, data.y_train, cfg, data.n_classes, seed)[0] if len(convs) > 1 else next(iter(convs))
+    return knn_accuracy(train[layer], data.y_train, test[layer], data.y_test, k=cfg.knn_k,
+                        temperature=cfg.knn_temperature, n_classes=data.n_classes), layer
+
+
+def feature_scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], data: EvaluationData, params: Params,
+                   seed: int, kmeans_runs: int) -> dict:
+    """A network's scores besides its probes: weighted kNN on fc and on its best conv layer, k-means on fc."""
+    knn, q = fc_scores(train["fc"], test["fc"], data, params, seed, kmeans_runs)
+    knn_conv, layer = conv_knn(train, test, data, params.evaluate, seed)
+    return {"knn": knn, "knn_conv": knn_conv, "knn_conv_layer": layer, **q}
+
+
+def network_scores(model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device, seed: int,
+                   kmeans_runs: int) -> dict:
+    """feature_scores of one network: its features (probe layers and fc) of the probe-train and held-out images."""
+    layers = probe_layers(params.evaluate, model)
+    needed = layers if "fc" in layers else layers + ["fc"]
     kw = extraction_options(params, device)
-    f_train = extract_layer_features(model, data.train, data.train_rows, ["fc"], **kw).pooled["fc"]
-    f_test = extract_layer_features(model, data.test, data.test_rows, ["fc"], **kw).pooled["fc"]
-    return fc_scores(f_train, f_test, data, params, seed, kmeans_runs)
+    train = extract_layer_features(model, data.train, data.train_rows, needed, **kw).pooled
+    test = extract_layer_features(model, data.test, data.test_rows, needed, **kw).pooled
+    return feature_scores(train, test, data, params, seed, kmeans_runs)
 
 
 def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device,
@@ -182,32 +227,45 @@ def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, pa
         if conv:
             metrics[f"probe.{name}.best"] = max(conv.values())
         with phases.phase(f"{title}: weighted kNN, k-means x{cfg.kmeans_runs}") as phase:
-            knn, q = fc_scores(ftr.pooled["fc"], fte.pooled["fc"], data, params, seed, cfg.kmeans_runs)
-            phase.note = f"kNN {knn:.1%}, k-means NMI {q['nmi']:.3f}"
+            scores = feature_scores({layer: ftr.pooled[layer] for layer in needed},
+                                    {layer: fte.pooled[layer] for layer in needed}, data, params, seed, cfg.kmeans_runs)
+            knn, knn_conv, conv_layer = scores.pop("knn"), scores.pop("knn_conv"), scores.pop("knn_conv_layer")
+            phase.note = (f"kNN {knn:.1%}" + (f" (fc), {knn_conv:.1%} ({conv_layer})" if conv_layer else "")
+                          + f", k-means NMI {scores['nmi']:.3f}")
         metrics[f"knn.{name}"] = knn
-        metrics.update({f"cluster.{name}.{k}": v for k, v in q.items()})
+        if conv_layer:
+            metrics.update({f"knn_conv.{name}": knn_conv, f"knn_conv.{name}_layer": conv_layer})
+        metrics.update({f"cluster.{name}.{k}": v for k, v in scores.items()})
     extras = {"fc_train": ftr.pooled["fc"], "fc_test": fte.pooled["fc"], "channel_max": fte.channel_max, "probes": details}
     return metrics, extras
 
 
 def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, data: EvaluationData, first: dict,
                           device: torch.device, seed: int, phases: Phases) -> dict:
-    """kNN and k-means of `random_inits` random networks: mean and standard deviation over the networks.
+    """kNN (fc and best conv layer) and k-means of `random_inits` random networks: mean and standard deviation
+    over the networks.
 
     The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
-    of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds.
+    of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds. Each
+    network's conv kNN is on its own best conv layer, as each network's best conv probe is.
     """
-    knn, acc, nmi = [first["knn.random"]], [first["cluster.random.acc"]], [first["cluster.random.nmi"]]
+    scores = [{"knn": first["knn.random"], "knn_conv": first.get("knn_conv.random"),
+               "knn_conv_layer": first.get("knn_conv.random_layer"), "acc": first["cluster.random.acc"],
+               "nmi": first["cluster.random.nmi"]}]
     more = params.evaluate.random_inits - 1
     for i in phases.progress(range(1, more + 1), more, "random network", name=lambda i: f"run.seed + {i}"):
         ckpt = seeded_init_network(params, dataset, trained, params.run.seed + i, device)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
-        k, q = network_fc_scores(model, data, params, device, seed, params.evaluate.kmeans_runs)
-        knn.append(k), acc.append(q["acc"]), nmi.append(q["nmi"])
-    return {"knn.random_inits": float(np.mean(knn)), "knn.random_inits_std": float(np.std(knn)),
-            "cluster.random_inits.acc": float(np.mean(acc)), "cluster.random_inits.acc_std": float(np.std(acc)),
-            "cluster.random_inits.nmi": float(np.mean(nmi)), "cluster.random_inits.nmi_std": float(np.std(nmi)),
-            "random_inits": params.evaluate.random_inits}
+        scores.append(network_scores(model, data, params, device, seed, params.evaluate.kmeans_runs))
+    out = {"random_inits": params.evaluate.random_inits}
+    for key, prefix in (("knn", "knn.random_inits"), ("knn_conv", "knn_conv.random_inits"),
+                        ("acc", "cluster.random_inits.acc"), ("nmi", "cluster.random_inits.nmi")):
+        values = [s[key] for s in scores]
+        if None not in values:
+            out.update({prefix: float(np.mean(values)), f"{prefix}_std": float(np.std(values))})
+    if scores[0]["knn_conv_layer"]:  # a string, as the other layer names: metrics.json stays flat
+        out["knn_conv.random_inits_layers"] = ", ".join(s["knn_conv_layer"] for s in scores)
+    return out
 
 
 def evaluate_pixels(data: EvaluationData, params: Params, seed: int) -> tuple[dict, dict]:
@@ -365,9 +423,20 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
                   f"## Weighted kNN (k = {cfg.knn_k}, T = {cfg.knn_temperature}, cosine), %", "",
-                  f"| trained fc | random init fc | {n_inits} random inits fc (mean +- sd) | raw pixels |",
-                  "|---:|---:|---:|---:|",
-                  f"| {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | "
+                  "Each network's best conv layer leads, chosen by kNN on held-out probe-train images (never on the "
+                  "test split): the paper judges a network by its conv features, and fc, the layer DeepCluster "
+                  "clusters, is trained to predict the last clustering's pseudo-labels, so its neighbourhoods follow "
+                  "those clusters.", "",
+                  f"| features | trained | random init | {n_inits} random inits (mean +- sd) | raw pixels |",
+                  "|---|---:|---:|---:|---:|"]
+        if metrics.get("knn_conv.trained") is not None:
+            layer = lambda key: f" ({metrics[key]})" if metrics.get(key) else ""
+            lines.append(f"| best conv layer | {pct(metrics.get('knn_conv.trained'))}{layer('knn_conv.trained_layer')} | "
+                         f"{pct(metrics.get('knn_conv.random'))}{layer('knn_conv.random_layer')} | "
+                         f"{pct(metrics.get('knn_conv.random_inits'))} +- "
+                         f"{pct(metrics.get('knn_conv.random_inits_std'))}{layer('knn_conv.random_inits_layers')} | "
+                         f"{pct(metrics.get('knn.pixels'))} |")
+        lines += [f"| fc | {pct(metrics.get('knn.trained'))} | {pct(metrics.get('knn.random'))} | "
                   f"{pct(metrics.get('knn.random_inits'))} +- {pct(metrics.get('knn.random_inits_std'))} | "
                   f"{pct(metrics.get('knn.pixels'))} |",
                   "", f"## Clustering the held-out images (k-means, k = {data.n_classes})", "",
@@ -384,13 +453,16 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
         seeds = lambda a, b, q: (f"cluster.{a}.{q}_std", f"cluster.{b}.{q}_std")  # k-means: over its seeds
         for title, t, r, p, spread in (
                 ("best conv probe, points", "probe.trained.best", "probe.random.best", "probe.pixels", None),
-                ("weighted kNN, points", "knn.trained", "knn.random", "knn.pixels", None),
+                ("weighted kNN, best conv layer, points", "knn_conv.trained", "knn_conv.random", "knn.pixels", None),
+                ("weighted kNN, fc, points", "knn.trained", "knn.random", "knn.pixels", None),
                 ("k-means ACC, points", "cluster.trained.acc", "cluster.random.acc", "cluster.pixels.acc", "acc"),
                 ("k-means NMI", "cluster.trained.nmi", "cluster.random.nmi", "cluster.pixels.nmi", "nmi")):
             lines.append(f"| {title} | {margin(metrics, t, r, seeds('trained', 'random', spread) if spread else ())} | "
                          f"{margin(metrics, t, p, seeds('trained', 'pixels', spread) if spread else ())} |")
         for title, t, r, spreads in (
-                (f"weighted kNN vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits",
+                (f"weighted kNN, best conv layer, vs the {n_inits} random inits, points", "knn_conv.trained",
+                 "knn_conv.random_inits", ("knn_conv.random_inits_std",)),
+                (f"weighted kNN, fc, vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits",
                  ("knn.random_inits_std",)),
                 (f"k-means ACC vs the {n_inits} random inits, points", "cluster.trained.acc", "cluster.random_inits.acc",
                  seeds("trained", "random_inits", "acc")),
@@ -436,8 +508,8 @@ def score_tables(summary: dict) -> dict[str, dict]:
                 continue
             if parts[0] == "probe":
                 row["probe_input" if name == "pixels" else f"probe_{parts[2]}"] = value
-            elif parts[0] == "knn":
-                row["knn"] = value
+            elif parts[0] in ("knn", "knn_conv"):
+                row[parts[0]] = value
             elif parts[0] == "cluster":
                 row[parts[2]] = value
         tables[name] = row

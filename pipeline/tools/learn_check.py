@@ -4,10 +4,11 @@ DeepCluster can look healthy (the loss falls, NMI(t-1, t) rises) while its featu
 network it started from, and that happens first on small data sets. So this check prepares a seeded
 subset of params.yaml's data source (5,000 training images by default). It runs params.yaml's recipe on
 that subset for run.epochs epochs, in-process as `screen` does (no DVC, Prefect or MLflow). Then it scores
-the trained network's fc features next to `evaluate.random_inits` random networks (seeds run.seed,
-run.seed + 1, ...), all on the same held-out images and k-means seeds. For kNN, k-means ACC and NMI
-(k = classes) it prints the margin over the random networks' mean, with their spread. It exits 1 when a
-margin is not above its spread: a margin inside the spread is no difference.
+the trained network next to `evaluate.random_inits` random networks (seeds run.seed, run.seed + 1, ...),
+all on the same held-out images and k-means seeds, as `evaluate` does: weighted kNN on each network's best
+conv layer and on fc, k-means ACC and NMI (k = classes) on fc. It prints the margin over the random
+networks' mean, with their spread. It exits 1 when a margin is not above its spread: a margin inside the
+spread is no difference.
 
     make learn-check                                        # the embedded data set, the committed recipe
     python -m pipeline.tools.learn_check --images 5000      # the same
@@ -35,7 +36,8 @@ from stages.evaluate import margin
 
 ROOT = Path("data/learn-check")
 RESULT = "learn-check.json"
-MEASURES = {"knn": "weighted kNN on fc", "acc": "k-means ACC, k = classes", "nmi": "k-means NMI, k = classes"}
+MEASURES = {"knn_conv": "weighted kNN, best conv layer", "knn": "weighted kNN on fc", "acc": "k-means ACC, k = classes",
+            "nmi": "k-means NMI, k = classes"}
 
 
 def subset(params: Params, images: int, test_images: int | None, root: Path) -> Path:
@@ -61,6 +63,8 @@ def judge(trained: dict, randoms: list[dict]) -> list[dict]:
         raise StageError("the check needs at least 2 random networks for a spread: set evaluate.random_inits >= 2")
     rows = []
     for key in MEASURES:
+        if trained.get(key) is None:  # no conv layer scored (evaluate.probe_layers: [fc])
+            continue
         values = np.array([r[key] for r in randoms], dtype=float)
         mean, sd = float(values.mean()), float(values.std())
         rows.append({"measure": key, "trained": float(trained[key]), "random_mean": mean, "random_sd": sd,

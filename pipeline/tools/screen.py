@@ -2,9 +2,9 @@
 
 A full run (`dvc exp run`) scores only its last epoch, with every probe and picture. To compare many
 recipe changes on two cores, this runs the same stages (stages.epoch.run_stage, no DVC, Prefect or MLflow)
-and scores the fc features at a few epochs on what the method has room to move: weighted kNN, and k-means
-with k = classes on the PCA-whitened features (evaluate's protocol, fewer seeds). The default run's
-table and the sweep that chose the recipe are in docs/results.md ("The recipe").
+and scores the features at a few epochs on what the method has room to move: weighted kNN on the best conv
+layer and on fc, and k-means with k = classes on the PCA-whitened fc features (evaluate's protocol, fewer
+seeds). The default run's table and the sweep that chose the recipe are in docs/results.md ("The recipe").
 
     python -m pipeline.tools.screen wd5e-4 --set train.weight_decay=0.0005 --eval-at 8,16
     python -m pipeline.tools.screen seed1 --set run.seed=1 --eval-seed 0 --eval-at 0,16   # another init, judged alike
@@ -27,18 +27,19 @@ from stages.core.params import load_params, parse_override
 from stages.core.runtime import pick_device
 from stages.core.schema import Params
 from stages.epoch import EPOCH_STAGES, run_stage
-from stages.evaluate import EvaluationData, evaluation_data, network_fc_scores
+from stages.evaluate import EvaluationData, evaluation_data, network_scores
 
 SCREEN_ROOT = Path("data/screen")
 RESULTS = "results.jsonl"
 
 
 def score(params: Params, checkpoint: Path, data: EvaluationData, kmeans_runs: int, eval_seed: int) -> dict:
-    """kNN and k-means (k = classes) on the fc features of evaluate's held-out images, as `evaluate` scores them."""
+    """kNN (fc and the best conv layer) and k-means (k = classes, fc) on evaluate's held-out images, as
+    `evaluate` scores them."""
     device = pick_device(params.extract.device)
     model = model_from_checkpoint(load_checkpoint(checkpoint, device), device)
-    knn, q = network_fc_scores(model, data, params, device, eval_seed, kmeans_runs)
-    return {"knn": knn, "acc": q["acc"], "acc_std": q["acc_std"], "nmi": q["nmi"], "nmi_std": q["nmi_std"]}
+    s = network_scores(model, data, params, device, eval_seed, kmeans_runs)
+    return {key: s[key] for key in ("knn", "knn_conv", "knn_conv_layer", "acc", "acc_std", "nmi", "nmi_std")}
 
 
 def screen(name: str, params: Params, eval_at: list[int], dataset: Path, root: Path = SCREEN_ROOT,
@@ -81,10 +82,12 @@ def screen(name: str, params: Params, eval_at: list[int], dataset: Path, root: P
 
 
 def table(root: Path = SCREEN_ROOT) -> str:
-    rows = ["| change | epoch | eval seed | weighted kNN | k-means ACC | k-means NMI |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| change | epoch | eval seed | weighted kNN, best conv layer | weighted kNN, fc | k-means ACC | k-means NMI |",
+            "|---|---:|---:|---|---:|---:|---:|"]
     for results_file in sorted(root.glob(f"*/{RESULTS}")):
         for r in sorted((json.loads(line) for line in results_file.read_text().splitlines()), key=lambda r: r["epoch"]):
-            rows.append(f"| {r['name']} | {r['epoch']} | {r.get('eval_seed', '')} | {100 * r['knn']:.2f} | {100 * r['acc']:.1f} ± "
+            conv = f"{100 * r['knn_conv']:.2f} ({r['knn_conv_layer']})" if r.get("knn_conv") is not None else ""
+            rows.append(f"| {r['name']} | {r['epoch']} | {r.get('eval_seed', '')} | {conv} | {100 * r['knn']:.2f} | {100 * r['acc']:.1f} ± "
                         f"{100 * r['acc_std']:.1f} | {r['nmi']:.3f} ± {r['nmi_std']:.3f} |")
     return "\n".join(rows)
 

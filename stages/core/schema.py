@@ -238,7 +238,7 @@ class Evaluate(Section):
     probe_iters: Int(1) = doc("L-BFGS iterations per fit (preconditioned, so tens of iterations converge)")
     probe_val_fraction: Float(gt=0, lt=1) = doc("share of the probe's training images held out to choose the "
                                                 "weight decay")
-    knn_k: Int(1) = doc("weighted kNN on fc features (Wu et al. 2018): k neighbours, votes exp(cos / T)")
+    knn_k: Int(1) = doc("weighted kNN (Wu et al. 2018) on fc and on the best conv layer: k neighbours, votes exp(cos / T)")
     knn_temperature: Float(gt=0) = doc("the T of the kNN votes (Wu et al. 2018)")
     kmeans_runs: Int(1) = doc("k-means (k = classes) on the held-out features, averaged over this many seeds (one "
                               "run's ACC moves by points)")

@@ -17,7 +17,8 @@ from stages.core.errors import StageError
 from stages.core.layout import RunLayout, checkpoint_name
 from stages.core.params import apply_overrides
 from stages.core.schema import Evaluate, Params
-from stages.evaluate import main, margin, random_init_network, run_final_evaluation, score_tables
+from stages.evaluate import (EvaluationData, choose_knn_layer, conv_knn, main, margin, random_init_network,
+                             run_final_evaluation, score_tables)
 from stages.prepare import prepare
 from tests.conftest import phases_printed, run_epochs
 
@@ -42,7 +43,12 @@ def test_final_evaluation_scores_every_layer_of_both_networks_and_pixels(tiny_ev
 
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
     scores = {n: json.loads((out / "scores" / f"{n}.json").read_text()) for n in ("trained", "random", "pixels")}
-    assert set(scores["trained"]) == {"acc", "acc_std", "ari", "knn", "nmi", "nmi_std", "probe_best", *[f"probe_{x}" for x in LAYERS]}
+    assert set(scores["trained"]) == {"acc", "acc_std", "ari", "knn", "knn_conv", "nmi", "nmi_std", "probe_best",
+                                      *[f"probe_{x}" for x in LAYERS]}
+    for net in ("trained", "random"):  # kNN on each network's own best conv layer
+        assert m[f"knn_conv.{net}_layer"] in LAYERS[:-1] and m[f"knn_conv.{net}"] > 0.2
+        assert scores[net]["knn_conv"] == m[f"knn_conv.{net}"]
+    assert len(m["knn_conv.random_inits_layers"].split(", ")) == m["random_inits"]
     assert scores["pixels"]["probe_input"] == m["probe.pixels"]
     report = (out / "report.md").read_text()
     assert "| conv3 |" in report and "raw pixels" in report and "pictures/neighbours.png" in report
@@ -107,6 +113,7 @@ def test_cli_without_pictures_writes_every_output_dvc_yaml_declares(tiny_run, sm
     assert len(titles) == 10 and "trained network: linear probes conv5" in titles
     assert not any(t.startswith("pictures") for t in titles) and item_lines(stdout, "probe") == ["conv5", "conv5"]
     assert "knn.trained" in m and "cluster.trained.nmi" in m  # kNN and clustering use fc whatever is probed
+    assert m["knn_conv.trained_layer"] == m["knn_conv.random_layer"] == "conv5"  # the only conv layer probed
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
     declared = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in stage[key]]
     assert declared and all(d.startswith("data/eval/") for d in declared)
@@ -238,10 +245,44 @@ def test_the_report_gives_every_margin_over_the_random_networks_with_its_spread(
     out, m = tiny_eval
     report = (out / "report.md").read_text()
     n = m["random_inits"]
-    for measure in ("weighted kNN", "k-means ACC", "k-means NMI"):
+    for measure in ("weighted kNN, best conv layer,", "weighted kNN, fc,", "k-means ACC", "k-means NMI"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {measure} vs the {n} random inits"))
         cell = row.split("|")[2].strip()
         diff, spread = (float(x) for x in cell.split(" (")[0].split(" +- "))
         assert cell.endswith("(no difference)") == (abs(diff) <= spread)
-    knn_row = next(line for line in report.splitlines() if line.startswith(f"| weighted kNN vs the {n} random inits"))
+    knn_row = next(line for line in report.splitlines() if line.startswith(f"| weighted kNN, fc, vs the {n} random inits"))
     assert f"+- {100 * m['knn.random_inits_std']:.1f}" in knn_row
+    conv_row = next(line for line in report.splitlines() if line.startswith("| best conv layer |"))
+    assert f"{100 * m['knn_conv.trained']:.1f} ({m['knn_conv.trained_layer']})" in conv_row
+    assert f"+- {100 * m['knn_conv.random_inits_std']:.1f}" in conv_row
+
+
+def knn_case(informative_train: str, informative_test: str, n: int = 300, seed: int = 0):
+    """Three conv layers of random features; in one layer the training images' features carry their class, in
+    one (maybe another) the held-out images' features do."""
+    rng = np.random.default_rng(seed)
+    y_train, y_test = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    noise = lambda: rng.normal(size=(n, 8)).astype(np.float32)
+    classy = lambda y: (np.eye(3, 8)[y] * 4 + rng.normal(size=(n, 8)) * 0.3).astype(np.float32)
+    train = {layer: classy(y_train) if layer == informative_train else noise() for layer in ("conv1", "conv2", "conv3")}
+    test = {layer: classy(y_test) if layer == informative_test else noise() for layer in ("conv1", "conv2", "conv3")}
+    data = EvaluationData(None, None, np.arange(n), np.arange(n), y_train, y_test, True, 3, None)
+    return train, test, data
+
+
+def test_the_knn_layer_is_the_one_whose_neighbours_classify_held_out_training_images(small_params):
+    train, _, data = knn_case("conv2", "conv2")
+    cfg = apply_overrides(small_params, {"evaluate.knn_k": 5}).evaluate
+    layer, scores = choose_knn_layer(train, data.y_train, cfg, 3, seed=0)
+    assert layer == "conv2" and scores["conv2"] > 0.95 and max(scores["conv1"], scores["conv3"]) < 0.6
+    train["conv3"] = train["conv2"].copy()  # a tie keeps the earlier layer
+    assert choose_knn_layer(train, data.y_train, cfg, 3, seed=0)[0] == "conv2"
+
+
+def test_the_knn_layer_is_chosen_without_the_test_split(small_params):
+    # the training images' neighbours are informative in conv1 only, the test images' in conv3 only: the choice
+    # follows the training images, so the reported test kNN is that of conv1 (near chance), not conv3's
+    train, test, data = knn_case("conv1", "conv3")
+    acc, layer = conv_knn(train, test, data, small_params.evaluate, seed=0)
+    assert layer == "conv1" and acc < 0.6
+    assert conv_knn({"fc": train["conv1"]}, {"fc": test["conv1"]}, data, small_params.evaluate, seed=0) == (None, None)

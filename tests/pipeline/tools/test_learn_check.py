@@ -6,8 +6,8 @@ from pipeline.tools.learn_check import RESULT, judge, main, table
 from stages.core.errors import StageError
 
 
-def scores(knn, acc, nmi):
-    return {"knn": knn, "acc": acc, "nmi": nmi}
+def scores(knn, acc, nmi, knn_conv=None):
+    return {"knn": knn, "acc": acc, "nmi": nmi, "knn_conv": knn_conv}
 
 
 RANDOMS = [scores(0.78, 0.50, 0.48), scores(0.80, 0.54, 0.50), scores(0.79, 0.52, 0.49)]  # sd 0.0082, 0.0163, 0.0082
@@ -20,6 +20,14 @@ def test_a_margin_passes_only_above_the_random_networks_spread():
     assert rows["nmi"]["passed"]
     assert not rows["acc"]["passed"]  # +1 point over the mean, inside a 1.6-point spread: no difference
     assert not judge(scores(0.75, 0.60, 0.60), RANDOMS)[0]["passed"]  # under the random networks
+
+
+def test_the_best_conv_layers_knn_is_judged_first_when_it_was_scored():
+    randoms = [{**r, "knn_conv": v} for r, v in zip(RANDOMS, (0.82, 0.83, 0.84))]
+    rows = judge(scores(0.82, 0.53, 0.60, knn_conv=0.835), randoms)
+    assert [r["measure"] for r in rows] == ["knn_conv", "knn", "acc", "nmi"]
+    assert rows[0]["margin"] == pytest.approx(0.005) and not rows[0]["passed"]  # inside the 0.8-point spread
+    assert "| weighted kNN, best conv layer | 83.50 | 83.00 ± 0.82 |" in table(rows)
 
 
 def test_the_table_calls_a_margin_inside_the_spread_no_difference():
@@ -46,10 +54,10 @@ def test_the_check_trains_scores_three_random_networks_and_exits_by_its_verdict(
     result = json.loads((root / RESULT).read_text())
     assert code == (0 if result["passed"] else 1)
     assert result["random_seeds"] == [0, 1, 2] and result["epochs"] == 2
-    assert [r["measure"] for r in result["rows"]] == ["knn", "acc", "nmi"]
-    knn = result["rows"][0]
+    assert [r["measure"] for r in result["rows"]] == ["knn_conv", "knn", "acc", "nmi"]
+    knn = result["rows"][1]
     assert 0 < knn["trained"] <= 1 and knn["random_sd"] > 0  # three different random networks
-    assert "| weighted kNN on fc |" in out and "200 training images" in out
+    assert "| weighted kNN on fc |" in out and "| weighted kNN, best conv layer |" in out and "200 training images" in out
     # the subset is what was asked: 200 training and 60 held-out images of the source
     meta = json.loads((root / "dataset" / "dataset.json").read_text())
     assert meta["counts"] == {"train": 200, "test": 60}

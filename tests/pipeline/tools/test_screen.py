@@ -14,6 +14,7 @@ def test_screen_runs_the_flows_epochs_and_scores_the_chosen_ones(small_params, f
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
         assert 0 <= r["nmi"] <= 1 and 0 < r["acc"] <= 1 and 0 < r["knn"] <= 1 and r["acc_std"] >= 0
+        assert 0 < r["knn_conv"] <= 1 and r["knn_conv_layer"] in {f"conv{i}" for i in range(1, 6)}
     # the same stages and seeds as a run of the flow: epoch 1's network is the flow's epoch 1
     mine = torch.load(tmp_path / "same" / "checkpoints" / tiny_run.checkpoint(1).name, weights_only=True)["model"]
     flows = torch.load(tiny_run.checkpoint(1), weights_only=True)["model"]
@@ -43,7 +44,8 @@ def test_a_fixed_eval_seed_scores_runs_of_another_seed_alike(small_params, fashi
     shutil.copy(tmp_path / "seed0" / "checkpoints" / checkpoint_name(0), tmp_path / "swap" / "checkpoints")
     (swapped,) = screen("swap", other, [0], fashion_dataset, root=tmp_path, eval_seed=0)
     assert swapped["eval_seed"] == 0 and theirs["eval_seed"] == 1
-    assert {k: swapped[k] for k in ("knn", "acc", "nmi")} == {k: ours[k] for k in ("knn", "acc", "nmi")}
+    keys = ("knn", "knn_conv", "knn_conv_layer", "acc", "nmi")
+    assert {k: swapped[k] for k in keys} == {k: ours[k] for k in keys}
     # and a rescore under another eval seed is a new row, not the stored one
     (again,) = screen("swap", other, [0], fashion_dataset, root=tmp_path)
     assert again["eval_seed"] == 1 and len((tmp_path / "swap" / RESULTS).read_text().splitlines()) == 2

@@ -38,10 +38,12 @@ def test_screens_and_ablations_views_print_their_tools_tables_and_the_mlflow_poi
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "screen" / "wd").mkdir(parents=True)
     row = {"name": "wd", "epoch": 8, "eval_seed": 0, "knn": 0.81, "acc": 0.5, "acc_std": 0.01, "nmi": 0.5, "nmi_std": 0.01}
-    (tmp_path / "data" / "screen" / "wd" / "results.jsonl").write_text(json.dumps(row) + "\n")
+    later = {**row, "epoch": 16, "knn_conv": 0.85, "knn_conv_layer": "conv2"}  # scored since kNN on conv layers
+    (tmp_path / "data" / "screen" / "wd" / "results.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(later) + "\n")
     main(["--screens"])
     out = capsys.readouterr().out
-    assert "| wd | 8 | 0 | 81.00 | 50.0 ± 1.0 | 0.500 ± 0.010 |" in out
+    assert "| wd | 8 | 0 |  | 81.00 | 50.0 ± 1.0 | 0.500 ± 0.010 |" in out  # a row from before: no conv cell
+    assert "| wd | 16 | 0 | 85.00 (conv2) | 81.00 | 50.0 ± 1.0 | 0.500 ± 0.010 |" in out
     assert out.rstrip().endswith("--host 127.0.0.1") and "mlflow ui --backend-store-uri" in out
     main(["--ablations"])
     assert "no ablation under data/ablations" in capsys.readouterr().out

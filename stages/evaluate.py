@@ -162,7 +162,7 @@ def choose_knn_layer(features: dict[str, np.ndarray], labels: np.ndarray, cfg: E
     k = min(cfg.knn_k, len(fit))
     scores = {layer: knn_accuracy(x[fit], labels[fit], x[val], labels[val], k=k, temperature=cfg.knn_temperature,
                                   n_classes=n_classes) for layer, x in features.items()}
-    return max(scores, key=lambda layer: (scores[layer], -list(scores).index(layer))), scores
+    return max(scores, key=scores.get), scores  # max keeps the first of equals: the earlier layer
 
 
 def conv_knn(train: dict[str, np.ndarray], test: dict[str, np.ndarray], data: EvaluationData, cfg: Evaluate,
@@ -227,8 +227,7 @@ def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, pa
         if conv:
             metrics[f"probe.{name}.best"] = max(conv.values())
         with phases.phase(f"{title}: weighted kNN, k-means x{cfg.kmeans_runs}") as phase:
-            scores = feature_scores({layer: ftr.pooled[layer] for layer in needed},
-                                    {layer: fte.pooled[layer] for layer in needed}, data, params, seed, cfg.kmeans_runs)
+            scores = feature_scores(ftr.pooled, fte.pooled, data, params, seed, cfg.kmeans_runs)
             knn, knn_conv, conv_layer = scores.pop("knn"), scores.pop("knn_conv"), scores.pop("knn_conv_layer")
             phase.note = (f"kNN {knn:.1%}" + (f" (fc), {knn_conv:.1%} ({conv_layer})" if conv_layer else "")
                           + f", k-means NMI {scores['nmi']:.3f}")

@@ -39,7 +39,7 @@ from stages.core.runtime import Timer, autocast, peak_rss_mb, seed_for
 from stages.core.schema import Params, Train
 
 
-def draws_per_epoch(section, n_images: int) -> int:
+def draws_per_epoch(section: Train, n_images: int) -> int:
     """Images drawn per epoch: samples_per_epoch when set, else N but at least min_samples_per_epoch.
 
     The head is new each epoch, so an epoch of few SGD steps spends most of them re-learning it: one draw

@@ -377,7 +377,8 @@ def bench_images(n: int = 2000, workers: int | str = "auto", batch: int = 256, m
         model = model.to(device, memory_format=torch.channels_last)
         p = Train(lr=0.01, lr_schedule="constant", momentum=0.9, weight_decay=1e-5, batch_size=batch, crop_size=224,
                   crop_scale=[0.08, 1.0], hflip=True, intensity_jitter=0.0, sync_batchnorm=False, amp="auto",
-                  samples_per_epoch=None, min_samples_per_epoch=0, num_workers=w, decode="cpu", device="auto", keep_checkpoint_every=0)
+                  samples_per_epoch=None, min_samples_per_epoch=0, num_workers=w, decode="cpu", device="auto",
+                  keep_checkpoint_every=0)
         opt, top = body_optimizer(model, p, p.lr), head_optimizer(model, p, p.lr)
         rows = np.random.default_rng(0).permutation(len(images))
         targets = np.random.default_rng(1).integers(0, 100, len(images))

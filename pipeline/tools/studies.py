@@ -1,6 +1,7 @@
 """The paper's studies as DVC experiments on the workspace's data and params, and their comparison.
 
     deepcluster studies queue all --start   # `dvc exp run --queue` per row, then `dvc queue start`
+    deepcluster studies queue levers --seeds 0 1 2 --start  # each row once per training seed
     dvc queue status                        # progress (`dvc queue logs study-<row>` for one run)
     deepcluster studies report              # docs/studies/: table (markdown) + pictures
     deepcluster compare --study k           # one study's table, printed only
@@ -8,7 +9,9 @@
 Studies (each row a whole DeepCluster run with the final evaluation of `dvc repro`):
 - clustering: k-means (the defaults) vs Power Iteration Clustering (paper Table 4);
 - input: the fixed Sobel layer (the defaults) vs raw pixels (paper Table 3);
-- k: the number of k-means clusters from 10 to 1,000, the defaults' `k: auto` among them (paper Fig. 2c).
+- k: the number of k-means clusters from 10 to 1,000, the defaults' `k: auto` among them (paper Fig. 2c);
+- levers: width 32 instead of 16, and 40,000 draws per epoch instead of one per image (twice the default
+  data's 20,000), against the defaults.
 A row shared by several studies (the defaults) runs once. Experiments are named `study-<row>`; `report`
 reads `dvc exp show --json -A` (every baseline commit; the newest finished experiment of each name wins),
 and each experiment's committed evaluation files (data/eval, git-tracked) through `git show`. Without a
@@ -25,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.versioning import subprocess_env  # the queued runs' `python -m ...`: this environment's python
@@ -41,12 +45,16 @@ ROWS: dict[str, dict] = {  # row -> its params.yaml changes against the workspac
     "k30": {"cluster.k": 30},
     "k100": {"cluster.k": 100},
     "k1000": {"cluster.k": 1000},
+    "width32": {"model.width": 32},
+    "draws40k": {"train.samples_per_epoch": 40000},
 }
 STUDIES: dict[str, tuple[str, ...]] = {
     "clustering": ("defaults", "pic"),
     "input": ("defaults", "raw"),
     "k": ("k10", "k30", "k100", "defaults", "k1000"),
+    "levers": ("defaults", "width32", "draws40k"),
 }
+SEED = "-s"  # study-<row>-s<seed>: the row run with run.seed=<seed>
 
 
 def rows_of(studies: list[str]) -> list[str]:
@@ -57,22 +65,28 @@ def rows_of(studies: list[str]) -> list[str]:
     return list(dict.fromkeys(row for s in names for row in STUDIES[s]))
 
 
-def queue_command(row: str) -> list[str]:
-    args = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", PREFIX + row]
-    for key, value in ROWS[row].items():
+def experiment_name(row: str, seed: int | None = None) -> str:
+    return PREFIX + row + ("" if seed is None else f"{SEED}{seed}")
+
+
+def queue_command(row: str, seed: int | None = None) -> list[str]:
+    args = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", experiment_name(row, seed)]
+    changes = ROWS[row] | ({} if seed is None else {"run.seed": seed})
+    for key, value in changes.items():
         args += ["-S", f"{key}={json.dumps(value)}"]  # JSON scalars are YAML: false, 10, "pic"
     return args
 
 
-def queue(studies: list[str], start: bool) -> None:
+def queue(studies: list[str], start: bool, seeds: list[int] | None = None) -> None:
     known = experiments(states=("success", "queued", "running"))
     for row in rows_of(studies):
-        name = PREFIX + row
-        if name in known:
-            print(f"{name}: already {known[name]['state']} ({known[name]['rev'][:7]}); `dvc exp remove {name}` "
-                  f"(or `dvc queue remove {name}`) to run it again")
-            continue
-        subprocess.run(queue_command(row), check=True, env=subprocess_env())
+        for seed in seeds or [None]:
+            name = experiment_name(row, seed)
+            if name in known:
+                print(f"{name}: already {known[name]['state']} ({known[name]['rev'][:7]}); `dvc exp remove {name}` "
+                      f"(or `dvc queue remove {name}`) to run it again")
+                continue
+            subprocess.run(queue_command(row, seed), check=True, env=subprocess_env())
     if start:
         # one worker: two runs at once would share the machine's cores and each take more than twice as long
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], check=True, env=subprocess_env())
@@ -187,13 +201,76 @@ def rows_from_table(text: str) -> dict[str, dict]:
     """table()'s rows read back: row -> metrics, clusters and the experiment cell (its `source`), as printed."""
     by_change = {changes(params) or "defaults": row for row, params in ROWS.items()}
     rows = {}
-    for line in text.splitlines():
+    for line in text.split(SEEDS_HEADING)[0].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 9 and cells[0] in STUDIES and cells[2] in by_change:
             m = parse_figures(cells[5:]) | ({} if cells[4] == "–" else {"last_nmi_previous": float(cells[4])})
             rows[by_change[cells[2]]] = {"metrics": m, "curves": None, "sizes": None, "source": cells[1],
                                          "clusters": int(cells[3]) if cells[3].isdigit() else None}
     return rows
+
+
+# ------------------------------------------------------------------ over training seeds
+SEEDS_HEADING = "## Over training seeds"
+# (column, trained, random networks, the spreads combined as report.md's margins against the random inits do)
+MARGINS = (("kNN, best conv layer", "knn_conv.trained", "knn_conv.random_inits", ("knn_conv.random_inits_std",)),
+           ("kNN, fc", "knn.trained", "knn.random_inits", ("knn.random_inits_std",)),
+           ("k-means ACC", "cluster.trained.acc", "cluster.random_inits.acc",
+            ("cluster.trained.acc_std", "cluster.random_inits.acc_std")),
+           ("k-means NMI", "cluster.trained.nmi", "cluster.random_inits.nmi",
+            ("cluster.trained.nmi_std", "cluster.random_inits.nmi_std")),
+           ("best conv probe vs random init", "probe.trained.best", "probe.random.best", ()))
+
+
+def seeded_runs(done: dict[str, dict], row: str) -> dict[int, str]:
+    """seed -> rev of the row's finished `study-<row>-s<seed>` experiments."""
+    prefix = experiment_name(row) + SEED
+    return {int(name[len(prefix):]): found["rev"] for name, found in done.items()
+            if name.startswith(prefix) and name[len(prefix):].isdigit()}
+
+
+def seed_margins(runs: list[dict]) -> list[dict]:
+    """Per MARGINS column, over the runs (one per training seed) that recorded it: each run's margin of the
+    trained network over its random networks and that margin's spread, their mean and sd (n - 1) over the
+    runs, and how many runs put the margin above (below) its spread. No spread: the count is None."""
+    out = []
+    for column, trained, random, spreads in MARGINS:
+        have = [m for m in runs if m.get(trained) is not None and m.get(random) is not None]
+        margins = np.array([m[trained] - m[random] for m in have], dtype=float)
+        spread = np.array([np.hypot.reduce([m.get(k) or 0.0 for k in spreads]) for m in have], dtype=float)
+        out.append({"column": column, "nmi": trained.endswith(".nmi"), "n": len(have), "margins": margins.tolist(),
+                    "mean": float(margins.mean()) if len(have) else None,
+                    "sd": float(margins.std(ddof=1)) if len(have) > 1 else None,
+                    "above": int((margins > spread).sum()) if spreads else None,
+                    "below": int((margins < -spread).sum()) if spreads else None})
+    return out
+
+
+def _margin_cell(r: dict) -> str:
+    if r["n"] == 0:
+        return "–"
+    scale, fmt = (1, "+.3f") if r["nmi"] else (100, "+.1f")
+    text = f"{scale * r['mean']:{fmt}}" + ("" if r["sd"] is None else f" ± {scale * r['sd']:{fmt[1:]}}")
+    if r["above"] is not None:
+        text += f", {r['above']}/{r['n']} above" + (f", {r['below']} below" if r["below"] else "")
+    return text
+
+
+def seed_table(by_seed: dict[str, dict[int, dict]], studies: list[str] | None = None) -> str:
+    """Per (study, row) run with several training seeds: the margins over the random networks across seeds."""
+    lines = [SEEDS_HEADING, "", "Trained minus the mean of its random networks, per run; mean ± sd (n − 1) over the "
+             "training seeds, and in how many runs the margin is above (below) its spread: the random networks' "
+             "spread, and for k-means both sides' spread over k-means seeds. The probe has no spread: one probe "
+             "per network.", "",
+             f"| study | row | change | training seeds | {' | '.join(c for c, *_ in MARGINS)} |",
+             "|---|---|---|---|" + "---|" * len(MARGINS)]
+    for study in studies or STUDIES:
+        for name in (n for n in STUDIES[study] if n in by_seed):
+            runs = by_seed[name]
+            cells = " | ".join(_margin_cell(r) for r in seed_margins([runs[s] for s in sorted(runs)]))
+            lines.append(f"| {study} | {name} | {changes(ROWS[name]) or 'defaults'} | "
+                         f"{', '.join(map(str, sorted(runs)))} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ the scores' picture
@@ -221,6 +298,8 @@ def row_label(name: str, n_clusters: int | None) -> str:
     k = n_clusters if n_clusters is not None else change.get("cluster.k", "auto")
     parts = [f"PIC: {n_clusters or '?'} clusters" if change.get("cluster.method") == "pic" else f"k={k}"]
     parts += ["no Sobel"] if change.get("model.sobel") is False else []
+    parts += [f"width {change['model.width']}"] if "model.width" in change else []
+    parts += [f"{change['train.samples_per_epoch']:,} draws/epoch"] if "train.samples_per_epoch" in change else []
     return ", ".join(parts) + ("" if change else " (default)")
 
 
@@ -294,7 +373,9 @@ def draw_scores(rows: dict[str, dict]):
     """Per study a row of panels, one per headline figure, every value written on it (see _draw_panel)."""
     from stages.core.pictures import plt  # the Agg backend
 
-    studies = [s for s in STUDIES if any(n in rows for n in STUDIES[s])]
+    # a study whose only run is the shared defaults has nothing to compare: drawn only when no study has more
+    studies = ([s for s in STUDIES if any(n in rows for n in STUDIES[s] if n != "defaults")] or
+               [s for s in STUDIES if any(n in rows for n in STUDIES[s])])
     fig, axes = plt.subplots(len(studies), len(PANELS), figsize=(4.4 * len(PANELS), 3.4 * len(studies)),
                              squeeze=False)
     for ax_row, study in zip(axes, studies):
@@ -333,8 +414,6 @@ def plot_scores(rows: dict[str, dict], path: Path) -> None:
 
 def plot_curves_and_sizes(rows: dict[str, dict], path: Path) -> None:
     """NMI(t−1, t) per epoch overlaid for each study (paper Fig. 2b), and k-means vs PIC cluster sizes."""
-    import numpy as np
-
     from stages.core.pictures import plt, save_figure
 
     fig, axes = plt.subplots(1, len(STUDIES) + 1, figsize=(4.2 * (len(STUDIES) + 1), 3.4))
@@ -367,16 +446,29 @@ def report(out: Path | None, show: list | None = None, studies: list[str] = ("al
     names = rows_of(list(studies))
     if from_table is not None:
         rows = {n: row for n, row in rows_from_table(from_table.read_text()).items() if n in names}
+        by_seed = {}  # a table keeps the margins over seeds only as printed
     else:
         done = experiments(show)
-        rows = {name: load_row(done[PREFIX + name]["rev"]) for name in names if PREFIX + name in done}
+        seeded = {name: seeded_runs(done, name) for name in names}
+        rows = {}
+        for name in names:
+            if PREFIX + name in done:
+                rows[name] = load_row(done[PREFIX + name]["rev"])
+            elif seeded[name]:  # only run with seeds: the main table shows the lowest seed's run
+                seed = min(seeded[name])
+                rows[name] = {**load_row(seeded[name][seed]), "source": f"`{experiment_name(name, seed)}`"}
+        by_seed = {name: {seed: load_row(rev)["metrics"] for seed, rev in runs.items()}
+                   for name, runs in seeded.items() if runs}
     if "defaults" in names and "defaults" not in rows and committed_file("HEAD", f"{EVAL}/{METRICS}") is not None:
         # the committed `dvc repro` of the committed params is the defaults row, when it was not run as an experiment
         rows["defaults"] = {**load_row("HEAD"), "source": "`HEAD` (the committed run)"}
     if not rows:
         raise StageError(f"no finished experiment named {PREFIX}<row>: run `deepcluster studies queue all --start` "
                          "first (or `dvc exp pull origin -A --no-cache` to fetch published ones)")
-    text = table(rows, list(STUDIES) if "all" in studies else list(studies))
+    chosen = list(STUDIES) if "all" in studies else list(studies)
+    text = table(rows, chosen)
+    if from_table is None and by_seed:
+        text += "\n" + seed_table(by_seed, chosen)
     missing = [PREFIX + n for n in names if n not in rows]
     if missing:
         text += f"\nNot run yet: {', '.join(missing)}.\n"
@@ -396,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("queue", help="queue each study's experiments (`dvc exp run --queue`)")
     q.add_argument("studies", nargs="+", help=f"{', '.join(STUDIES)} or all")
     q.add_argument("--start", action="store_true", help="then start one queue worker (`dvc queue start -j 1`)")
+    q.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run each row once per training seed (run.seed), as study-<row>-s<seed>: a margin of a "
+                        "point or two over random networks needs several seeds to tell from noise")
     r = sub.add_parser("report", help="the studies' table and pictures from the finished experiments")
     r.add_argument("--out", default="docs/studies", help="directory for studies.md, studies.png, nmi_and_sizes.png")
     r.add_argument("--from-table", type=Path, help="an earlier report's studies.md instead of the experiments: "
@@ -403,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "queue":
-            queue(args.studies, args.start)
+            queue(args.studies, args.start, args.seeds)
         else:
             print(report(Path(args.out), from_table=args.from_table), end="")
     except StageError as e:

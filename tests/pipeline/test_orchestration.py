@@ -364,10 +364,12 @@ def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
     sh(["git", "commit", "-qm", "the tiny run"], p)
     run_now = [a for a in queue_command("pic") if a != "--queue"]  # the queued command, run in the foreground
     sh(run_now, p, served[1], timeout=600)
+    n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
+    metrics = read(p, "data/eval/metrics.json")  # the workspace holds the last experiment's results
+    sh([a for a in queue_command("pic", seed=1) if a != "--queue"], p, served[1], timeout=600)
+    seeded = read(p, "data/eval/metrics.json")
     out = sh([PY, "-m", "pipeline.tools.studies", "report", "--out", str(tmp_path / "studies")], p).stdout
     row = next(line for line in out.splitlines() if line.startswith(f"| clustering | `{PREFIX}pic`"))
-    n_clusters = int(pd_last(p / "data/eval/epochs.csv", "n_clusters"))
-    metrics = read(p, "data/eval/metrics.json")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "cluster.method=pic, cluster.k=auto" and int(cells[3]) == n_clusters != K
     assert cells[5].startswith(f"{100 * metrics['probe.trained.best']:.1f} / ")
@@ -376,6 +378,12 @@ def test_studies_report_the_experiments_dvc_ran(repro, served, tmp_path):
     head_row = next(line for line in out.splitlines() if line.startswith("| clustering | `HEAD` (the committed run)"))
     assert [c.strip() for c in head_row.strip("|").split("|")][2:4] == ["defaults", str(K)]
     assert f"Not run yet: {PREFIX}raw, {PREFIX}k10" in out
+    # the run with training seed 1 (study-pic-s1) in the seeds' table: its kNN margin over its random networks
+    seed_row = next(line for line in out.splitlines() if line.startswith("| clustering | pic |"))
+    cells = [c.strip() for c in seed_row.strip("|").split("|")]
+    knn, spread = 100 * (seeded["knn.trained"] - seeded["knn.random_inits"]), 100 * seeded["knn.random_inits_std"]
+    expected = f"{knn:+.1f}, {int(knn > spread)}/1 above" + (", 1 below" if knn < -spread else "")
+    assert cells[3] == "1" and cells[5] == expected
     for picture in ("studies.png", "nmi_and_sizes.png"):
         assert (tmp_path / "studies" / picture).read_bytes()[:4] == b"\x89PNG"
     # the same table through `deepcluster compare`: one study, printed only; and the experiment among all experiments

@@ -15,6 +15,9 @@ from pipeline.tools.studies import (
     draw_scores,
     experiments,
     queue_command,
+    seed_margins,
+    seed_table,
+    seeded_runs,
     report,
     row_label,
     rows_from_table,
@@ -32,7 +35,7 @@ def test_a_row_shared_by_several_studies_is_queued_once():
     rows = rows_of(["all"])
     assert sorted(rows) == sorted(ROWS) and len(rows) == len(set(rows))
     assert rows_of(["clustering", "input"]) == ["defaults", "pic", "raw"]
-    with pytest.raises(StageError, match="unknown study learning: choose from clustering, input, k or all"):
+    with pytest.raises(StageError, match="unknown study learning: choose from clustering, input, k, levers or all"):
         rows_of(["learning"])
 
 
@@ -49,6 +52,41 @@ def test_queue_command_sets_each_change_as_a_yaml_value():
     assert sets == ['cluster.method="pic"', 'cluster.k="auto"']
     assert [args[i + 1] for i, a in enumerate(args) if a == "-S"] and "--queue" in args
     assert [a for a in queue_command("raw") if a.startswith("model.")] == ["model.sobel=false"]
+
+
+def test_a_seeded_experiment_is_the_row_with_its_training_seed_and_named_after_both():
+    args = queue_command("width32", seed=2)
+    assert args[args.index("-n") + 1] == f"{PREFIX}width32-s2"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "-S"] == ["model.width=32", "run.seed=2"]
+    done = {f"{PREFIX}{name}": {"rev": name} for name in ("k10-s0", "k10-s3", "k100-s1", "k10", "k10-sx", "pic-s0")}
+    assert seeded_runs(done, "k10") == {0: "k10-s0", 3: "k10-s3"}  # not k100's, not the unseeded run
+
+
+def seed_run(knn: float, knn_sd: float, acc: float, acc_sd: float, probe: float) -> dict:
+    return {"knn.trained": knn, "knn.random_inits": 0.80, "knn.random_inits_std": knn_sd,
+            "cluster.trained.acc": acc, "cluster.trained.acc_std": acc_sd, "cluster.random_inits.acc": 0.50,
+            "cluster.random_inits.acc_std": acc_sd, "probe.trained.best": probe, "probe.random.best": 0.88}
+
+
+def test_margins_over_seeds_are_the_mean_and_sd_of_each_runs_margin_counted_against_its_own_spread():
+    runs = [seed_run(0.83, 0.01, 0.56, 0.03, 0.89), seed_run(0.81, 0.02, 0.44, 0.03, 0.885),
+            seed_run(0.82, 0.005, 0.51, 0.03, 0.88)]
+    by = {r["column"]: r for r in seed_margins(runs)}
+    knn, acc, probe = by["kNN, fc"], by["k-means ACC"], by["best conv probe vs random init"]
+    # kNN margins 3, 1, 2 points against spreads 1, 2, 0.5: above in the first and the last run only
+    assert knn["margins"] == pytest.approx([0.03, 0.01, 0.02]) and knn["mean"] == pytest.approx(0.02)
+    assert knn["sd"] == pytest.approx(0.01) and (knn["above"], knn["below"]) == (2, 0)
+    # ACC margins +6, -6, +1 against both sides' spreads combined: sqrt(2) x 3 = 4.24 points
+    assert acc["mean"] == pytest.approx(0.01 / 3) and (acc["above"], acc["below"]) == (1, 1)
+    assert probe["mean"] == pytest.approx(0.005) and probe["above"] is None  # one probe per network: no spread
+    assert by["k-means NMI"]["n"] == 0 and by["kNN, best conv layer"]["n"] == 0  # not recorded: not invented
+    text = seed_table({"width32": {0: runs[0], 1: runs[1], 2: runs[2]}})
+    row = next(line for line in text.splitlines() if line.startswith("| levers | width32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["model.width=32", "0, 1, 2", "–", "+2.0 ± 1.0, 2/3 above", "+0.3 ± 6.0, 1/3 above, 1 below",
+                         "–", "+0.5 ± 0.5"]
+    # the seeds' table under a report's table is not read back as the main table's rows
+    assert rows_from_table(table(study_rows()) + "\n" + text) == rows_from_table(table(study_rows()))
 
 
 def test_only_finished_experiments_are_reported_and_the_newest_of_a_name_wins():
@@ -77,7 +115,7 @@ def test_table_puts_each_row_under_its_studies_with_trained_random_and_pixel_fig
     row = {"metrics": m, "curves": pd.DataFrame({"epoch": [1, 2], "n_clusters": [300, 312]}), "sizes": None}
     text = table({"defaults": row})
     lines = [line for line in text.splitlines() if f"`{PREFIX}defaults`" in line]
-    assert [line.split(" | ")[0] for line in lines] == ["| clustering", "| input", "| k"]
+    assert [line.split(" | ")[0] for line in lines] == ["| clustering", "| input", "| k", "| levers"]
     assert "| 312 | 0.802 | 89.5 / 88.8 | 81.2 / 78.0 / 82.0 | 53.3 ± 5.8 / 54.8 / 50.6 | 0.518 ± 0.010 / – / – |" in lines[0]
 
 
@@ -112,8 +150,9 @@ def test_a_reports_table_reads_back_as_the_figures_it_printed():
     # the committed studies, whose experiments are gone, are redrawn from their table: it must read back whole
     committed = (REPO / "docs/ablations/ablations.md").read_text()
     rows = rows_from_table(committed)
-    assert sorted(rows) == sorted(ROWS) and rows["k30"]["source"] == "`abl-k30`"
-    assert table(rows) in committed
+    assert sorted(rows) == sorted(set(ROWS) - set(STUDIES["levers"]) | {"defaults"})  # run before the levers
+    assert rows["k30"]["source"] == "`abl-k30`"
+    assert table(rows, ["clustering", "input", "k"]) in committed
 
 
 def test_report_from_a_table_redraws_the_scores_without_the_experiments(tmp_path):
@@ -130,6 +169,8 @@ def test_the_reference_run_is_labelled_by_its_settings():
     assert row_label("k10", 10) == "k=10"
     assert row_label("pic", 1176) == "PIC: 1176 clusters"
     assert row_label("raw", 312) == "k=312, no Sobel"
+    assert row_label("width32", 312) == "k=312, width 32"
+    assert row_label("draws40k", 312) == "k=312, 40,000 draws/epoch"
 
 
 def test_score_points_carry_each_spread_and_lie_on_k_where_the_study_varies_k():

@@ -231,8 +231,9 @@ def seeded_runs(done: dict[str, dict], row: str) -> dict[int, str]:
 
 def seed_margins(runs: list[dict]) -> list[dict]:
     """Per MARGINS column, over the runs (one per training seed) that recorded it: each run's margin of the
-    trained network over its random networks and that margin's spread, their mean and sd (n - 1) over the
-    runs, and how many runs put the margin above (below) its spread. No spread: the count is None."""
+    trained network over its random networks and that margin's spread, their mean and population sd over the
+    runs (as the learn check and docs/results.md report seeds), and how many runs put the margin above (below)
+    its spread. No spread: the count is None."""
     out = []
     for column, trained, random, spreads in MARGINS:
         have = [m for m in runs if m.get(trained) is not None and m.get(random) is not None]
@@ -240,7 +241,7 @@ def seed_margins(runs: list[dict]) -> list[dict]:
         spread = np.array([np.hypot.reduce([m.get(k) or 0.0 for k in spreads]) for m in have], dtype=float)
         out.append({"column": column, "nmi": trained.endswith(".nmi"), "n": len(have), "margins": margins.tolist(),
                     "mean": float(margins.mean()) if len(have) else None,
-                    "sd": float(margins.std(ddof=1)) if len(have) > 1 else None,
+                    "sd": float(margins.std()) if len(have) > 1 else None,
                     "above": int((margins > spread).sum()) if spreads else None,
                     "below": int((margins < -spread).sum()) if spreads else None})
     return out
@@ -258,8 +259,8 @@ def _margin_cell(r: dict) -> str:
 
 def seed_table(by_seed: dict[str, dict[int, dict]], studies: list[str] | None = None) -> str:
     """Per (study, row) run with several training seeds: the margins over the random networks across seeds."""
-    lines = [SEEDS_HEADING, "", "Trained minus the mean of its random networks, per run; mean ± sd (n − 1) over the "
-             "training seeds, and in how many runs the margin is above (below) its spread: the random networks' "
+    lines = [SEEDS_HEADING, "", "Trained minus the mean of its random networks, per run; mean ± sd (population) "
+             "over the training seeds, and in how many runs the margin is above (below) its spread: the random networks' "
              "spread, and for k-means both sides' spread over k-means seeds. The probe has no spread: one probe "
              "per network.", "",
              f"| study | row | change | training seeds | {' | '.join(c for c, *_ in MARGINS)} |",

@@ -75,7 +75,7 @@ def test_margins_over_seeds_are_the_mean_and_sd_of_each_runs_margin_counted_agai
     knn, acc, probe = by["kNN, fc"], by["k-means ACC"], by["best conv probe vs random init"]
     # kNN margins 3, 1, 2 points against spreads 1, 2, 0.5: above in the first and the last run only
     assert knn["margins"] == pytest.approx([0.03, 0.01, 0.02]) and knn["mean"] == pytest.approx(0.02)
-    assert knn["sd"] == pytest.approx(0.01) and (knn["above"], knn["below"]) == (2, 0)
+    assert knn["sd"] == pytest.approx(0.01 * (2 / 3) ** 0.5) and (knn["above"], knn["below"]) == (2, 0)
     # ACC margins +6, -6, +1 against both sides' spreads combined: sqrt(2) x 3 = 4.24 points
     assert acc["mean"] == pytest.approx(0.01 / 3) and (acc["above"], acc["below"]) == (1, 1)
     assert probe["mean"] == pytest.approx(0.005) and probe["above"] is None  # one probe per network: no spread
@@ -83,8 +83,8 @@ def test_margins_over_seeds_are_the_mean_and_sd_of_each_runs_margin_counted_agai
     text = seed_table({"width32": {0: runs[0], 1: runs[1], 2: runs[2]}})
     row = next(line for line in text.splitlines() if line.startswith("| levers | width32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:] == ["model.width=32", "0, 1, 2", "–", "+2.0 ± 1.0, 2/3 above", "+0.3 ± 6.0, 1/3 above, 1 below",
-                         "–", "+0.5 ± 0.5"]
+    assert cells[2:] == ["model.width=32", "0, 1, 2", "–", "+2.0 ± 0.8, 2/3 above",
+                         "+0.3 ± 4.9, 1/3 above, 1 below", "–", "+0.5 ± 0.4"]
     # the seeds' table under a report's table is not read back as the main table's rows
     assert rows_from_table(table(study_rows()) + "\n" + text) == rows_from_table(table(study_rows()))
 

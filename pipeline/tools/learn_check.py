@@ -14,15 +14,23 @@ spread is no difference.
     python -m pipeline.tools.learn_check --images 5000      # the same
     python -m pipeline.tools.learn_check --set prepare.source=imagefolder --set prepare.path=/data/mnist5k \\
         --set prepare.image_size=28                          # another data set (its test split, or a held-out part)
+    python -m pipeline.tools.learn_check --seeds 0 1 2 --set model.width=32   # a lever, over three training seeds
 
 Each check starts afresh under data/learn-check/ (git-ignored; the prepared subset is kept). The table is
 also written to data/learn-check/learn-check.json.
+
+With --seeds, the check runs once per training seed s (run.seed = s: its own subset, training and random
+networks s, s + 1, s + 2, under data/learn-check/seed<s>/) and adds the table docs/results.md reports: each
+margin's mean and population sd over the seeds, the seeds' own margins, and on how many seeds the margin is
+above its spread. One seed says little where the margin's spread over seeds is as large as the margin. It
+exits 1 unless every margin is above its spread on every seed.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +98,7 @@ def learn_check(params: Params, images: int, test_images: int | None, root: Path
     dataset = subset(params, images, test_images, root)
     runs = root / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # a release check judges this code, never a resumed older run
-    seed, epochs = params.run.seed, params.run.epochs
+    seed, epochs, start = params.run.seed, params.run.epochs, time.monotonic()
     trained_rows = screen("trained", params, [0, epochs], dataset, root=runs, kmeans_runs=kmeans_runs)
     randoms = [trained_rows[0]]
     for i in range(1, params.evaluate.random_inits):
@@ -101,9 +109,49 @@ def learn_check(params: Params, images: int, test_images: int | None, root: Path
     result = {"images": images, "test_images": test_images, "epochs": epochs, "seed": seed,
               "random_seeds": [seed + i for i in range(params.evaluate.random_inits)],
               "source": params.prepare.source, "path": str(params.prepare.path), "rows": rows,
-              "passed": all(r["passed"] for r in rows)}
+              "passed": all(r["passed"] for r in rows), "wall_s": round(time.monotonic() - start, 1)}
     write_json(root / RESULT, result)
     return result
+
+
+def over_seeds(results: list[dict]) -> list[dict]:
+    """Per measure, over checks with different training seeds: the seeds' margins, their mean and population sd,
+    and on how many seeds the margin is above its random networks' spread."""
+    out = []
+    for key in MEASURES:
+        rows = [r for result in results for r in result["rows"] if r["measure"] == key]
+        if not rows:
+            continue
+        margins = np.array([r["margin"] for r in rows])
+        out.append({"measure": key, "seeds": [result["seed"] for result in results], "margins": margins.tolist(),
+                    "mean": float(margins.mean()), "sd": float(margins.std()),
+                    "above": sum(r["passed"] for r in rows), "n": len(rows)})
+    return out
+
+
+def seeds_table(summary: list[dict]) -> str:
+    lines = ["| measure | trained − random, mean ± sd over seeds | per seed | above the spread |", "|---|---|---|---|"]
+    for r in summary:
+        scale, fmt = (1, "+.3f") if r["measure"] == "nmi" else (100, "+.2f")
+        lines.append(f"| {MEASURES[r['measure']]} | {scale * r['mean']:{fmt}} ± {scale * r['sd']:{fmt[1:]}} | "
+                     f"{', '.join(f'{scale * m:{fmt}}' for m in r['margins'])} | {r['above']}/{r['n']} |")
+    return "\n".join(lines)
+
+
+def learn_check_seeds(params: Params, seeds: list[int], images: int, test_images: int | None, root: Path = ROOT,
+                      kmeans_runs: int = 5, report=print) -> dict:
+    """learn_check once per training seed, each under root/seed<s>; the margins over the seeds."""
+    results = []
+    for seed in seeds:
+        result = learn_check(apply_overrides(params, {"run.seed": seed}), images, test_images, root / f"seed{seed}",
+                             kmeans_runs)
+        report(f"seed {seed} ({result['wall_s']:.0f} s):\n{table(result['rows'])}")
+        results.append(result)
+    summary = {"images": images, "test_images": test_images, "epochs": params.run.epochs, "seeds": seeds,
+               "source": params.prepare.source, "path": str(params.prepare.path), "over_seeds": over_seeds(results),
+               "passed": all(r["passed"] for r in results), "runs": results}
+    write_json(root / RESULT, summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,12 +166,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out images scored (0 = all): every network is scored on the same ones, so the "
                              "margins are paired")
     parser.add_argument("--kmeans-runs", type=int, default=5, help="k-means seeds per score")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help="run the check once per training seed and report each margin's mean ± sd over them "
+                             "(default: run.seed once)")
     parser.add_argument("--root", default=str(ROOT))
     args = parser.parse_args(argv)
     with cli_errors("learn-check"):
         if args.images < 1 or args.test_images < 0:
             parser.error("--images must be 1 or more and --test-images 0 or more")
+        if args.seeds and len(set(args.seeds)) != len(args.seeds):
+            parser.error("--seeds must be different seeds")
         params = load_params(args.params, dict(parse_override(s) for s in args.set))
+        if args.seeds:
+            summary = learn_check_seeds(params, args.seeds, args.images, args.test_images or None, Path(args.root),
+                                        args.kmeans_runs)
+            print(f"learn check: {summary['images']:,} training images of {summary['source']} ({summary['path']}), "
+                  f"{summary['epochs']} epochs, training seeds {summary['seeds']}")
+            print(seeds_table(summary["over_seeds"]))
+            if not summary["passed"]:
+                print("learn check FAILED: on some seed a margin over the random networks is not above their spread",
+                      file=sys.stderr)
+                return 1
+            print("learn check passed: on every seed every margin is above the random networks' spread")
+            return 0
         result = learn_check(params, args.images, args.test_images or None, Path(args.root), args.kmeans_runs)
         print(f"learn check: {result['images']:,} training images of {result['source']} ({result['path']}), "
               f"{result['epochs']} epochs from seed {result['seed']}; random networks of seeds {result['random_seeds']}")

@@ -35,7 +35,7 @@ def test_a_row_shared_by_several_studies_is_queued_once():
     rows = rows_of(["all"])
     assert sorted(rows) == sorted(ROWS) and len(rows) == len(set(rows))
     assert rows_of(["clustering", "input"]) == ["defaults", "pic", "raw"]
-    with pytest.raises(StageError, match="unknown study learning: choose from clustering, input, k, levers or all"):
+    with pytest.raises(StageError, match="unknown study learning: choose from clustering, input, k, levers, k_rule or all"):
         rows_of(["learning"])
 
 
@@ -150,7 +150,7 @@ def test_a_reports_table_reads_back_as_the_figures_it_printed():
     # the committed studies, whose experiments are gone, are redrawn from their table: it must read back whole
     committed = (REPO / "docs/ablations/ablations.md").read_text()
     rows = rows_from_table(committed)
-    assert sorted(rows) == sorted(set(ROWS) - set(STUDIES["levers"]) | {"defaults"})  # run before the levers
+    assert sorted(rows) == sorted(set(ROWS) - set(STUDIES["levers"]) - set(STUDIES["k_rule"]) | {"defaults"})  # run before these
     assert rows["k30"]["source"] == "`abl-k30`"
     assert table(rows, ["clustering", "input", "k"]) in committed
 
@@ -171,6 +171,8 @@ def test_the_reference_run_is_labelled_by_its_settings():
     assert row_label("raw", 312) == "k=312, no Sobel"
     assert row_label("width32", 312) == "k=312, width 32"
     assert row_label("draws40k", 312) == "k=312, 40,000 draws/epoch"
+    assert row_label("n5k", 78) == "k=78, 5,000 images"
+    assert row_label("n5k_k156", None) == "k=156, 5,000 images"
 
 
 def test_score_points_carry_each_spread_and_lie_on_k_where_the_study_varies_k():

@@ -47,9 +47,9 @@ def run_cluster(params: Params, features: str | Path, out: str | Path, epoch: in
     out_dir = Path(out)
     with Timer() as t:
         plan = plan_for(section.device)
-        c = cluster_features(section, np.load(features), seed_for(params.run.seed, epoch, "cluster"), plan)
+        c, refilled = cluster_features(section, np.load(features), seed_for(params.run.seed, epoch, "cluster"), plan)
         save_clustering(out_dir / CLUSTERING, c)
-    stats = {"method": section.method, "k": c.k, "empty_clusters": c.n_empty(),
+    stats = {"method": section.method, "k": c.k, "empty_clusters": c.n_empty(), "refilled_clusters": refilled,
              "singleton_clusters": int((c.sizes() == 1).sum()),
              "objective": float(c.objective[-1]) if len(c.objective) else None, "seed": c.seed,
              "gpu": plan.gpus > 0, "backend": plan.backend, "gpus": plan.gpus, "seconds": t.seconds, "peak_rss_mb": peak_rss_mb()}
@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors("cluster"):
         stats = run_cluster(load_params(args.params), args.features, args.out, args.epoch, args.dataset)
     loss = "" if stats["objective"] is None else f", loss {stats['objective']:.4g}"
+    refilled = f", {stats['refilled_clusters']} small refilled" if stats["refilled_clusters"] else ""
     plan = ClusteringPlan(stats["backend"], stats["gpus"]).describe()
     print(f"cluster ({stats['method']}, {plan}): {stats['k']} clusters, {stats['empty_clusters']} empty, "
-          f"{stats['singleton_clusters']} singletons{loss}, {stats['seconds']:.1f}s")
+          f"{stats['singleton_clusters']} singletons{refilled}{loss}, {stats['seconds']:.1f}s")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,7 @@ def epoch_metrics(epoch_dir: str | Path, epoch: int) -> dict:
     lab, tr = reports["labels"], reports["train"]
     return {"epoch": epoch, "train_loss": tr["loss"], "pseudo_label_accuracy": tr["pseudo_label_accuracy"],
             "kmeans_loss": reports["cluster"].get("objective"),  # None with PIC: not logged
+            "refilled_clusters": reports["cluster"].get("refilled_clusters", 0),
             **{k: lab[k] for k in ("nmi_previous", "nmi_labels", "n_clusters", "empty_clusters", "singleton_clusters")},
             **{f"cluster_{k}": lab[k] for k in ("size_min", "size_median", "size_max", "size_cv")},
             "pca_explained_variance": reports["pca"]["explained_variance"],

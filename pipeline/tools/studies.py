@@ -10,8 +10,9 @@ Studies (each row a whole DeepCluster run with the final evaluation of `dvc repr
 - clustering: k-means (the defaults) vs Power Iteration Clustering (paper Table 4);
 - input: the fixed Sobel layer (the defaults) vs raw pixels (paper Table 3);
 - k: the number of k-means clusters from 10 to 1,000, the defaults' `k: auto` among them (paper Fig. 2c);
-- levers: width 32 instead of 16, and 40,000 draws per epoch instead of one per image (twice the default
-  data's 20,000), against the defaults;
+- levers: width 32 instead of 16, 40,000 draws per epoch instead of one per image (twice the default
+  data's 20,000), and clusters under a quarter of the mean size refilled (`cluster.refill_below`), against
+  the defaults;
 - k_rule: 5,000 images with the rules' k = N/64 (78) against k growing as √N (156: the default's 312 at 20k
   times √(5k/20k)), the lever "k growing less than linearly with N" at a size where the two rules differ.
 A row shared by several studies (the defaults) runs once. Experiments are named `study-<row>`; `report`
@@ -49,6 +50,7 @@ ROWS: dict[str, dict] = {  # row -> its params.yaml changes against the workspac
     "k1000": {"cluster.k": 1000},
     "width32": {"model.width": 32},
     "draws40k": {"train.samples_per_epoch": 40000},
+    "refill": {"cluster.refill_below": 0.25},  # the clusters that docs/results.md "Small clusters" counted
     "n5k": {"prepare.max_train_images": 5000},  # the rules' k = N/64 = 78
     "n5k_k156": {"prepare.max_train_images": 5000, "cluster.k": 156},  # k ∝ √N through the default's 312 at 20k
 }
@@ -56,7 +58,7 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "clustering": ("defaults", "pic"),
     "input": ("defaults", "raw"),
     "k": ("k10", "k30", "k100", "defaults", "k1000"),
-    "levers": ("defaults", "width32", "draws40k"),
+    "levers": ("defaults", "width32", "draws40k", "refill"),
     "k_rule": ("n5k", "n5k_k156"),
 }
 SEED = "-s"  # study-<row>-s<seed>: the row run with run.seed=<seed>
@@ -307,6 +309,8 @@ def row_label(name: str, n_clusters: int | None) -> str:
     parts += [f"width {change['model.width']}"] if "model.width" in change else []
     parts += [f"{change['train.samples_per_epoch']:,} draws/epoch"] if "train.samples_per_epoch" in change else []
     parts += [f"{change['prepare.max_train_images']:,} images"] if "prepare.max_train_images" in change else []
+    if "cluster.refill_below" in change:
+        parts.append(f"clusters under {change['cluster.refill_below']:g} x mean refilled")
     return ", ".join(parts) + ("" if change else " (default)")
 
 

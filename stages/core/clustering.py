@@ -377,10 +377,63 @@ def load_clustering(path: str | Path) -> Clustering:
         return Clustering(z["labels"], z["distances"], z["centroids"], z["objective"], int(z["seed"]))
 
 
-def cluster_features(section: Cluster, x: np.ndarray, seed: int, plan: ClusteringPlan | None = None) -> Clustering:
-    """The `cluster` section's method on features x (N x d), where `cluster.device` says (or `plan`)."""
+def bisect(x: np.ndarray, iterations: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Two centroids for the points x (m x d, m >= 2): x split at its mean across its first principal axis,
+    then `iterations` rounds of 2-means. Deterministic, so a refilled clustering depends only on its seed."""
+    x = x.astype(np.float64, copy=False)
+    centred = x - x.mean(0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    side = centred @ axis > 0
+    if side.all() or not side.any():  # every point the same: nothing to split, two equal halves of one place
+        return np.repeat(x[:1], 2, 0).astype(np.float32), np.arange(len(x)) % 2
+    for _ in range(iterations):
+        c = np.stack([x[~side].mean(0), x[side].mean(0)])
+        new = ((x - c[1]) ** 2).sum(1) < ((x - c[0]) ** 2).sum(1)
+        if (new == side).all() or new.all() or not new.any():
+            break
+        side = new
+    return np.stack([x[~side].mean(0), x[side].mean(0)]).astype(np.float32), side.astype(np.int64)
+
+
+def refill_small(x: np.ndarray, c: Clustering, below: float) -> tuple[Clustering, int]:
+    """The paper's rule for an empty cluster, applied to every cluster under `below` times the mean cluster
+    size (N / k): its centroid moves into the largest cluster, which is bisected (`bisect`), and every image
+    is assigned again to its nearest centroid, so the small cluster's images join their next nearest ones.
+    k stays; the uniform sampler would otherwise draw a few images of each small cluster as often as a whole
+    large one. Returns the new clustering (the k-means objective kept) and how many clusters were refilled."""
+    if below <= 0:
+        return c, 0
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    labels, centroids = c.labels.copy(), c.centroids.copy()
+    sizes = np.bincount(labels, minlength=c.k)
+    small = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] < below * len(x) / c.k]
+    if not small:
+        return c, 0
+    labels[np.isin(labels, small)] = -1  # their images are assigned again at the end, not bisected meanwhile
+    sizes[small] = 0
+    refilled = 0
+    for ci in small:
+        cj = int(sizes.argmax())
+        if sizes[cj] < 2:
+            break
+        members = np.flatnonzero(labels == cj)
+        halves, side = bisect(x[members])
+        centroids[cj], centroids[ci] = halves
+        labels[members[side == 1]] = ci
+        sizes[cj], sizes[ci] = (side == 0).sum(), (side == 1).sum()
+        refilled += 1
+    xt, ct = torch.from_numpy(x), torch.from_numpy(centroids)
+    labels_t, dist = _nearest(xt, ct, (ct * ct).sum(1)[None], _chunk_rows(c.k))
+    return Clustering(labels_t.numpy(), dist.numpy(), centroids, c.objective, c.seed), refilled
+
+
+def cluster_features(section: Cluster, x: np.ndarray, seed: int, plan: ClusteringPlan | None = None
+                     ) -> tuple[Clustering, int]:
+    """The `cluster` section's method on features x (N x d), where `cluster.device` says (or `plan`), and how
+    many small clusters were refilled (`cluster.refill_below`, k-means only)."""
     plan = plan or plan_for(section.device)
     if section.method == "pic":  # with k: auto, which the schema requires of PIC: it finds the number itself
         pic = section.pic
-        return run_pic(x, pic.neighbours, pic.sigma, pic.alpha, pic.iterations, plan, pic.graph)
-    return run_kmeans(x, number_of_clusters(section, len(x)), section.niter, seed, plan)
+        return run_pic(x, pic.neighbours, pic.sigma, pic.alpha, pic.iterations, plan, pic.graph), 0
+    c = run_kmeans(x, number_of_clusters(section, len(x)), section.niter, seed, plan)
+    return refill_small(x, c, section.refill_below)

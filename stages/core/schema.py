@@ -192,6 +192,10 @@ class Cluster(Section):
                                  "(paper Fig. 2c)")
     images_per_cluster: Int(1) = doc("with k: auto: 312 clusters of 20k images; the paper's ImageNet k = 10,000 is 128")
     niter: Int(1) = doc("k-means iterations (faiss's default, as in the paper's code)")
+    refill_below: Float(ge=0, lt=1) = doc(
+        "k-means only: a cluster under this share of the mean size N/k is refilled as the paper refills an empty "
+        "one (its centroid bisects the largest cluster, its images join their next nearest); 0 = off: small "
+        "clusters hold under 3 % of an epoch's draws (docs/results.md \"Small clusters\")")
     device: Choice("auto", "cpu", "gpu") = doc(
         "auto = faiss on every GPU it sees (sharded index), else torch k-means on one GPU where faiss has none, "
         "else faiss on the CPU; cpu forces the CPU; gpu refuses to run without a GPU")
@@ -409,6 +413,12 @@ def combination_problems(params: dict, source: str, overridden: dict, origin: st
             f"cluster.k: {cluster['k']!r} in {source}"
         out.append(f"{given} with cluster.method: pic is not allowed: PIC finds the number of clusters itself; "
                    "set cluster.k: auto (or use cluster.method: kmeans)")
+    if cluster["method"] == "pic" and cluster["refill_below"] > 0:
+        given = (f"{origin} cluster.refill_below={overridden['cluster.refill_below']!r}"
+                 if "cluster.refill_below" in overridden
+                 else f"cluster.refill_below: {cluster['refill_below']!r} in {source}")
+        out.append(f"{given} with cluster.method: pic is not allowed: PIC's clusters are the trees of its graph, "
+                   "not centroids to refill; set cluster.refill_below: 0 (or use cluster.method: kmeans)")
     return out
 
 

@@ -88,3 +88,17 @@ def test_run_cluster_with_pic_reports_clusters_and_singletons(tmp_path, small_pa
     assert stats["singleton_clusters"] == 0 and stats["empty_clusters"] == 0 and stats["objective"] is None
 
 
+
+
+def test_run_cluster_refills_the_clusters_under_its_share_of_the_mean_size(tmp_path, small_params):
+    x = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32)
+    np.save(tmp_path / "pca_features.npy", x)
+    plain = run_cluster(small_params, tmp_path / "pca_features.npy", tmp_path / "plain", epoch=1)
+    sizes = load_clustering(tmp_path / "plain" / "clusters.npz").sizes()
+    below = float(np.sort(sizes)[2] + 0.5) / (len(x) / len(sizes))  # the 3 smallest clusters are under it
+    refilled = run_cluster(apply_overrides(small_params, {"cluster.refill_below": below}),
+                           tmp_path / "pca_features.npy", tmp_path / "refilled", epoch=1)
+    assert plain["refilled_clusters"] == 0 and refilled["refilled_clusters"] == 3
+    new = load_clustering(tmp_path / "refilled" / "clusters.npz")
+    assert new.k == len(sizes) and normalized_mutual_info_score(new.labels, load_clustering(
+        tmp_path / "plain" / "clusters.npz").labels) < 0.999

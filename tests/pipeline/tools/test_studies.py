@@ -172,6 +172,7 @@ def test_the_reference_run_is_labelled_by_its_settings():
     assert row_label("width32", 312) == "k=312, width 32"
     assert row_label("draws40k", 312) == "k=312, 40,000 draws/epoch"
     assert row_label("n5k", 78) == "k=78, 5,000 images"
+    assert row_label("refill", 312) == "k=312, clusters under 0.25 x mean refilled"
     assert row_label("n5k_k156", None) == "k=156, 5,000 images"
 
 

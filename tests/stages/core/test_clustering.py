@@ -9,7 +9,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
 
 from stages.core.assignments import nmi
-from stages.core.clustering import (Clustering, absorb_singletons, cluster_means, knn_graph,
+from stages.core.clustering import (Clustering, absorb_singletons, bisect, cluster_means, knn_graph, refill_small,
                                     load_clustering, number_of_clusters, run_kmeans, run_pic, save_clustering)
 from stages.core.errors import StageError
 from stages.core.params import apply_overrides
@@ -268,3 +268,55 @@ def test_cluster_means_in_chunks_equal_the_means_of_the_members():
     expected = np.stack([x[labels == c].mean(axis=0) for c in range(7)])
     np.testing.assert_allclose(means, expected, atol=1e-6)
     np.testing.assert_allclose(distances, ((x - expected[labels]) ** 2).sum(axis=1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- refilling small clusters
+def _gauss(rng, centre, n, std=0.3) -> np.ndarray:
+    return (np.asarray(centre, dtype=np.float32) + std * rng.normal(size=(n, 2))).astype(np.float32)
+
+
+def test_bisect_splits_two_blobs_into_their_two_halves():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([_gauss(rng, (0, 0), 60), _gauss(rng, (0, 6), 40)])
+    centroids, side = bisect(x)
+    truth = np.r_[np.zeros(60), np.ones(40)].astype(bool)
+    assert (side.astype(bool) == truth).all() or (side.astype(bool) == ~truth).all()
+    for half in (0, 1):
+        np.testing.assert_allclose(centroids[half], x[side == half].mean(0), atol=1e-5)
+    same, side_same = bisect(np.ones((5, 2), dtype=np.float32))  # nothing to split: both halves hold points
+    assert (same == 1).all() and 0 < side_same.sum() < 5
+
+
+def _three_clusters(rng):
+    """A = two sub-blobs (200 points, label 0), B (100, label 1), and C: 5 points beside B (label 2)."""
+    x = np.concatenate([_gauss(rng, (0, 0), 100), _gauss(rng, (0, 6), 100), _gauss(rng, (10, 0), 100),
+                        _gauss(rng, (10, 2.5), 5, std=0.1)])
+    labels = np.r_[np.zeros(200), np.ones(100), np.full(5, 2)].astype(np.int64)
+    centroids = np.stack([x[labels == j].mean(0) for j in range(3)])
+    return x, Clustering(labels, ((x - centroids[labels]) ** 2).sum(1), centroids, np.array([7.0, 5.0]), seed=11)
+
+
+def test_a_small_cluster_bisects_the_largest_and_its_images_join_their_next_nearest():
+    x, c = _three_clusters(np.random.default_rng(0))
+    new, refilled = refill_small(x, c, below=0.25)  # mean size 101.7: C's 5 images are small, B's 100 are not
+    assert refilled == 1 and new.k == 3
+    assert (new.labels[300:] == 1).all()  # C's images joined B, the nearest remaining centroid
+    assert (new.labels[200:300] == 1).all()
+    a = new.labels[:200]  # A is split along its sub-blobs into its old label and C's
+    assert {int(a[:100].min()), int(a[:100].max())} in ({0}, {2}) and set(a[100:]) == {0, 2} - set(a[:100])
+    assert np.bincount(new.labels, minlength=3).min() >= 0.25 * len(x) / 3
+    np.testing.assert_allclose(new.distances, ((x - new.centroids[new.labels]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+    assert new.seed == 11 and list(new.objective) == [7.0, 5.0]
+
+
+def test_refilling_is_off_at_zero_and_leaves_clusterings_without_small_ones_as_they_are():
+    x, c = _three_clusters(np.random.default_rng(1))
+    assert refill_small(x, c, below=0.0) == (c, 0)
+    assert refill_small(x, c, below=0.04) == (c, 0)  # 5 images are not under 4 % of 101.7
+
+
+def test_empty_clusters_are_refilled_too():
+    x, c = _three_clusters(np.random.default_rng(2))
+    empty = Clustering(np.where(c.labels == 2, 1, c.labels), c.distances, c.centroids, c.objective, c.seed)
+    new, refilled = refill_small(x, empty, below=0.01)
+    assert refilled == 1 and (np.bincount(new.labels, minlength=3) >= 90).all()

@@ -46,6 +46,7 @@ NUMERIC = {
     "cluster.k": ([2, "auto"], [1, 0, 10.5, True]),
     "cluster.images_per_cluster": ([1], [0]),
     "cluster.niter": ([1], [0]),
+    "cluster.refill_below": ([0, 0.999], [-0.1, 1.0]),
     "cluster.pic.neighbours": ([1], [0]),
     "cluster.pic.sigma": ([1e-6], [0.0, -0.2]),
     "cluster.pic.alpha": ([1e-6, 0.999], [0.0, 1.0]),
@@ -224,6 +225,9 @@ BAD_FILES = {
                            ["--set cluster.k=10 with cluster.method: pic is not allowed", "set cluster.k: auto"]),
     "pic with a fixed k in the file": (_edit("  k: auto ", "  k: 10 "), ["--set", "cluster.method=pic"],
                                        ["cluster.k: 10 in {path} with cluster.method: pic is not allowed"]),
+    "pic with refilled clusters": (_edit("  method: kmeans ", "  method: pic "), ["--set", "cluster.refill_below=0.25"],
+                                   ["--set cluster.refill_below=0.25 with cluster.method: pic is not allowed",
+                                    "set cluster.refill_below: 0"]),
 }
 
 

@@ -404,8 +404,7 @@ def refill_small(x: np.ndarray, c: Clustering, below: float) -> tuple[Clustering
     if below <= 0:
         return c, 0
     x = np.ascontiguousarray(x, dtype=np.float32)
-    labels, centroids = c.labels.copy(), c.centroids.copy()
-    sizes = np.bincount(labels, minlength=c.k)
+    labels, centroids, sizes = c.labels.copy(), c.centroids.copy(), c.sizes()
     small = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] < below * len(x) / c.k]
     if not small:
         return c, 0

@@ -408,17 +408,19 @@ def combination_problems(params: dict, source: str, overridden: dict, origin: st
     """Values each allowed alone but not together."""
     out = []
     cluster = params["cluster"]
+
+    def given(key: str) -> str:
+        name = key.split(".", 1)[1]
+        return (f"{origin} {key}={overridden[key]!r}" if key in overridden
+                else f"{key}: {cluster[name]!r} in {source}")
+
     if cluster["method"] == "pic" and cluster["k"] != "auto":
-        given = f"{origin} cluster.k={overridden['cluster.k']!r}" if "cluster.k" in overridden else \
-            f"cluster.k: {cluster['k']!r} in {source}"
-        out.append(f"{given} with cluster.method: pic is not allowed: PIC finds the number of clusters itself; "
-                   "set cluster.k: auto (or use cluster.method: kmeans)")
+        out.append(f"{given('cluster.k')} with cluster.method: pic is not allowed: PIC finds the number of clusters "
+                   "itself; set cluster.k: auto (or use cluster.method: kmeans)")
     if cluster["method"] == "pic" and cluster["refill_below"] > 0:
-        given = (f"{origin} cluster.refill_below={overridden['cluster.refill_below']!r}"
-                 if "cluster.refill_below" in overridden
-                 else f"cluster.refill_below: {cluster['refill_below']!r} in {source}")
-        out.append(f"{given} with cluster.method: pic is not allowed: PIC's clusters are the trees of its graph, "
-                   "not centroids to refill; set cluster.refill_below: 0 (or use cluster.method: kmeans)")
+        out.append(f"{given('cluster.refill_below')} with cluster.method: pic is not allowed: PIC's clusters are the "
+                   "trees of its graph, not centroids to refill; set cluster.refill_below: 0 (or use "
+                   "cluster.method: kmeans)")
     return out
 
 

@@ -252,9 +252,35 @@ def knn_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     _check_xy(x_test, y_test, "kNN test")
     n_classes = int(n_classes or max(y_train.max(), y_test.max()) + 1)
     sims, idx = cosine_neighbours(x_train, x_test, k)
-    votes = np.zeros((len(x_test), n_classes), dtype=np.float64)
-    np.add.at(votes, (np.arange(len(x_test))[:, None], np.asarray(y_train)[idx]), np.exp(sims / temperature))
-    return float((votes.argmax(1) == np.asarray(y_test)).mean())
+    return _weighted_vote_accuracy(sims, np.asarray(y_train)[idx], np.asarray(y_test), temperature, n_classes)
+
+
+def knn_leave_one_out_accuracy(x: np.ndarray, y: np.ndarray, *, k: int = 20, temperature: float = 0.07,
+                               n_classes: int | None = None) -> float:
+    """Weighted kNN of every image against all the others: each image is classified by its k nearest
+    neighbours among the rest of x, itself left out. Every image is a query, so on n images the accuracy has
+    the sampling error of n held-out images, not of a held-out share of them."""
+    _check_xy(x, y, "kNN leave-one-out")
+    if k >= len(x):
+        raise StageError(f"kNN: k={k} needs more than {k} images to leave one out, got {len(x)}; lower evaluate.knn_k")
+    y = np.asarray(y)
+    n_classes = int(n_classes or y.max() + 1)
+    sims, idx = cosine_neighbours(x, x, k + 1)
+    own = idx == np.arange(len(x))[:, None]
+    # each image finds itself (cosine 1); where exact duplicates tie with it and push it out of the k + 1, the
+    # farthest neighbour goes instead, so every image keeps k neighbours that are not itself
+    drop = np.where(own.any(1), own.argmax(1), k)
+    keep = np.ones(idx.shape, dtype=bool)
+    keep[np.arange(len(x)), drop] = False
+    sims, idx = sims[keep].reshape(len(x), k), idx[keep].reshape(len(x), k)
+    return _weighted_vote_accuracy(sims, y[idx], y, temperature, n_classes)
+
+
+def _weighted_vote_accuracy(sims: np.ndarray, neighbour_labels: np.ndarray, y: np.ndarray, temperature: float,
+                            n_classes: int) -> float:
+    votes = np.zeros((len(y), n_classes), dtype=np.float64)
+    np.add.at(votes, (np.arange(len(y))[:, None], neighbour_labels), np.exp(sims / temperature))
+    return float((votes.argmax(1) == y).mean())
 
 
 # ---------------------------------------------------------------- clustering quality

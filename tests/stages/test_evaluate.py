@@ -16,6 +16,7 @@ from stages.core.checkpoints import init_checkpoint, load_checkpoint
 from stages.core.errors import StageError
 from stages.core.layout import RunLayout, checkpoint_name
 from stages.core.params import apply_overrides
+from stages.core.probes import knn_leave_one_out_accuracy
 from stages.core.schema import Evaluate, Params
 from stages.evaluate import (EvaluationData, choose_knn_layer, conv_knn, main, margin, random_init_network,
                              run_final_evaluation, score_tables)
@@ -270,19 +271,29 @@ def knn_case(informative_train: str, informative_test: str, n: int = 300, seed: 
     return train, test, data
 
 
-def test_the_knn_layer_is_the_one_whose_neighbours_classify_held_out_training_images(small_params):
+def test_the_knn_layer_is_the_one_whose_neighbours_classify_the_training_images_left_out(small_params):
     train, _, data = knn_case("conv2", "conv2")
     cfg = apply_overrides(small_params, {"evaluate.knn_k": 5}).evaluate
-    layer, scores = choose_knn_layer(train, data.y_train, cfg, 3, seed=0)
+    layer, scores = choose_knn_layer(train, data.y_train, cfg, 3)
     assert layer == "conv2" and scores["conv2"] > 0.95 and max(scores["conv1"], scores["conv3"]) < 0.6
     train["conv3"] = train["conv2"].copy()  # a tie keeps the earlier layer
-    assert choose_knn_layer(train, data.y_train, cfg, 3, seed=0)[0] == "conv2"
+    assert choose_knn_layer(train, data.y_train, cfg, 3)[0] == "conv2"
+
+
+def test_the_knn_layer_is_judged_on_every_training_image(small_params):
+    # each layer's score is the leave-one-out kNN over all the probe-train images, not over a held-out share
+    train, _, data = knn_case("conv2", "conv2")
+    cfg = apply_overrides(small_params, {"evaluate.knn_k": 5}).evaluate
+    _, scores = choose_knn_layer(train, data.y_train, cfg, 3)
+    for layer, x in train.items():
+        assert scores[layer] == knn_leave_one_out_accuracy(x, data.y_train, k=5, temperature=cfg.knn_temperature,
+                                                           n_classes=3)
 
 
 def test_the_knn_layer_is_chosen_without_the_test_split(small_params):
     # the training images' neighbours are informative in conv1 only, the test images' in conv3 only: the choice
     # follows the training images, so the reported test kNN is that of conv1 (near chance), not conv3's
     train, test, data = knn_case("conv1", "conv3")
-    acc, layer = conv_knn(train, test, data, small_params.evaluate, seed=0)
+    acc, layer = conv_knn(train, test, data, small_params.evaluate)
     assert layer == "conv1" and acc < 0.6
-    assert conv_knn({"fc": train["conv1"]}, {"fc": test["conv1"]}, data, small_params.evaluate, seed=0) == (None, None)
+    assert conv_knn({"fc": train["conv1"]}, {"fc": test["conv1"]}, data, small_params.evaluate) == (None, None)

@@ -14,7 +14,8 @@ from stages.core.errors import StageError
 from stages.core.models import build_model
 from stages.core.params import apply_overrides
 from stages.core.probes import (clustering_scores, conv_layer_names, extract_layer_features, fit_logistic,
-                                hungarian_accuracy, kmeans_quality, knn_accuracy, linear_probe, pixel_features,
+                                hungarian_accuracy, kmeans_quality, knn_accuracy, knn_leave_one_out_accuracy, linear_probe,
+                                pixel_features,
                                 pool_grid, principal_basis)
 from stages.prepare import prepare
 
@@ -111,6 +112,50 @@ def test_knn_with_k_larger_than_the_bank_is_refused(digits_split):
     xtr, ytr, xte, yte = digits_split
     with pytest.raises(StageError, match="knn_k"):
         knn_accuracy(xtr[:5], ytr[:5], xte, yte, k=10)
+
+
+def brute_force_leave_one_out(x, y, k, temperature, n_classes):
+    """The same weighted kNN written out: full cosine matrix, self masked, top k by sorting."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    correct = 0
+    for i in range(len(x)):
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        votes = np.zeros(n_classes)
+        np.add.at(votes, y[top], np.exp(sims[i, top] / temperature))
+        correct += votes.argmax() == y[i]
+    return correct / len(x)
+
+
+def test_leave_one_out_knn_on_digits_matches_the_written_out_vote(digits_split):
+    x, y = digits_split[0][:400], digits_split[1][:400]
+    acc = knn_leave_one_out_accuracy(x, y, k=10, temperature=0.07, n_classes=10)
+    assert acc == pytest.approx(brute_force_leave_one_out(x, y, 10, 0.07, 10), abs=1 / 400)
+    assert 0.9 < acc < 1.0
+
+
+def test_leave_one_out_knn_never_lets_an_image_vote_for_itself():
+    # random labels on random points: with itself among its neighbours (cosine 1, the heaviest vote) every
+    # image would be right; left out, its neighbours know nothing of its label
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(600, 16)).astype(np.float32), rng.integers(0, 3, 600)
+    assert knn_leave_one_out_accuracy(x, y, k=5, n_classes=3) < 0.45
+    assert knn_accuracy(x, y, x, y, k=5, n_classes=3) == 1.0  # the search itself does find each image
+
+
+def test_leave_one_out_knn_with_exact_duplicates_keeps_k_neighbours():
+    # five copies of each of 3 class prototypes: ties at cosine 1 may push an image out of its own k + 1
+    # neighbours; each image still gets k neighbours, all copies of its class
+    proto = np.eye(3, 8, dtype=np.float32)
+    x, y = np.repeat(proto, 5, axis=0), np.repeat(np.arange(3), 5)
+    assert knn_leave_one_out_accuracy(x, y, k=3, n_classes=3) == 1.0
+
+
+def test_leave_one_out_knn_needs_more_images_than_k(digits_split):
+    xtr, ytr = digits_split[0][:10], digits_split[1][:10]
+    with pytest.raises(StageError, match="knn_k"):
+        knn_leave_one_out_accuracy(xtr, ytr, k=10)
 
 
 # ---------------------------------------------------------------- clustering scores

@@ -418,10 +418,10 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
                   f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
                   f"## Weighted kNN (k = {cfg.knn_k}, T = {cfg.knn_temperature}, cosine), %", "",
-                  "Each network's best conv layer leads, chosen by leave-one-out kNN over the probe-train images (each "
-                  "classified by its neighbours among the others; never on the test split): the paper judges a network by its conv features, and fc, the layer DeepCluster "
-                  "clusters, is trained to predict the last clustering's pseudo-labels, so its neighbourhoods follow "
-                  "those clusters.", "",
+                  "Each network's best conv layer leads, chosen by leave-one-out kNN over the probe-train images "
+                  "(each classified by its neighbours among the others; never on the test split): the paper judges a "
+                  "network by its conv features, and fc, the layer DeepCluster clusters, is trained to predict the "
+                  "last clustering's pseudo-labels, so its neighbourhoods follow those clusters.", "",
                   f"| features | trained | random init | {n_inits} random inits (mean +- sd) | raw pixels |",
                   "|---|---:|---:|---:|---:|"]
         if metrics.get("knn_conv.trained") is not None:

@@ -14,9 +14,8 @@ from stages.core.errors import StageError
 from stages.core.models import build_model
 from stages.core.params import apply_overrides
 from stages.core.probes import (clustering_scores, conv_layer_names, extract_layer_features, fit_logistic,
-                                hungarian_accuracy, kmeans_quality, knn_accuracy, knn_leave_one_out_accuracy, linear_probe,
-                                pixel_features,
-                                pool_grid, principal_basis)
+                                hungarian_accuracy, kmeans_quality, knn_accuracy, knn_leave_one_out_accuracy,
+                                linear_probe, pixel_features, pool_grid, principal_basis)
 from stages.prepare import prepare
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -43,7 +43,8 @@ NETWORKS = ("trained", "random")
 TITLES = {"trained": "trained network", "random": "random init"}  # in the progress lines
 # The figures `dvc metrics show` and `dvc exp show` list (data/eval/headline.json): the paper's claim in
 # one screen, trained vs random init vs raw pixels. Every figure stays in metrics.json.
-HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels",
+HEADLINE = ("probe.trained.best", "probe.random.best", "probe.pixels", "probe.random_inits.best",
+            "probe.random_inits.best_std",
             "knn_conv.trained", "knn_conv.random", "knn_conv.random_inits", "knn_conv.random_inits_std",
             "knn.trained", "knn.random", "knn.pixels",
             *(f"cluster.{s}.{m}" for s in ("trained", "random", "pixels") for m in ("acc", "nmi")),
@@ -182,15 +183,33 @@ def feature_scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], da
     return {"knn": knn, "knn_conv": knn_conv, "knn_conv_layer": layer, **q}
 
 
-def network_scores(model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device, seed: int,
-                   kmeans_runs: int) -> dict:
-    """feature_scores of one network: its features (probe layers and fc) of the probe-train and held-out images."""
+def network_features(model: torch.nn.Module, data: EvaluationData, params: Params,
+                     device: torch.device) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One network's pooled features (probe layers and fc) of the probe-train and of the held-out images."""
     layers = probe_layers(params.evaluate, model)
     needed = layers if "fc" in layers else layers + ["fc"]
     kw = extraction_options(params, device)
-    train = extract_layer_features(model, data.train, data.train_rows, needed, **kw).pooled
-    test = extract_layer_features(model, data.test, data.test_rows, needed, **kw).pooled
-    return feature_scores(train, test, data, params, seed, kmeans_runs)
+    return (extract_layer_features(model, data.train, data.train_rows, needed, **kw).pooled,
+            extract_layer_features(model, data.test, data.test_rows, needed, **kw).pooled)
+
+
+def network_scores(model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device, seed: int,
+                   kmeans_runs: int) -> dict:
+    """feature_scores of one network, from its features of the probe-train and held-out images."""
+    return feature_scores(*network_features(model, data, params, device), data, params, seed, kmeans_runs)
+
+
+def best_conv_probe(train: dict[str, np.ndarray], test: dict[str, np.ndarray], data: EvaluationData, cfg: Evaluate,
+                    seed: int) -> tuple[float | None, str | None]:
+    """The best conv layer's linear probe and the layer, picked as evaluate_network picks a network's best conv
+    probe (the highest held-out accuracy over its conv layers); (None, None) when no conv layer was extracted."""
+    scores = {layer: linear_probe(x, data.y_train, test[layer], data.y_test, n_classes=data.n_classes, seed=seed,
+                                  **probe_options(cfg))["accuracy"]
+              for layer, x in train.items() if layer.startswith("conv")}
+    if not scores:
+        return None, None
+    layer = max(scores, key=scores.get)
+    return scores[layer], layer
 
 
 def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, params: Params, device: torch.device,
@@ -237,29 +256,39 @@ def evaluate_network(name: str, model: torch.nn.Module, data: EvaluationData, pa
 
 def evaluate_random_inits(params: Params, dataset: str | Path, trained: dict, data: EvaluationData, first: dict,
                           device: torch.device, seed: int, phases: Phases) -> dict:
-    """kNN (fc and best conv layer) and k-means of `random_inits` random networks: mean and standard deviation
-    over the networks.
+    """Best conv probe, kNN (fc and best conv layer) and k-means of `random_inits` random networks: mean and
+    standard deviation over the networks.
 
     The first is the run's epoch 0 (its scores `first`, already computed); the others are the networks runs
-    of seed run.seed + 1, + 2, ... start from, scored on the same images with the same k-means seeds. Each
-    network's conv kNN is on its own best conv layer, as each network's best conv probe is.
+    of seed run.seed + 1, + 2, ... start from, scored on the same images with the same probe and k-means seeds.
+    Each network's conv kNN and conv probe are on its own best conv layer. The probes are here too because one
+    random network's best conv probe moves by tenths of a point: a probe margin needs the same spread as kNN's.
     """
     scores = [{"knn": first["knn.random"], "knn_conv": first.get("knn_conv.random"),
                "knn_conv_layer": first.get("knn_conv.random_layer"), "acc": first["cluster.random.acc"],
-               "nmi": first["cluster.random.nmi"]}]
+               "nmi": first["cluster.random.nmi"], "probe": first.get("probe.random.best"),
+               "probe_layer": best_conv_layer(first, [k.split(".")[2] for k in first if k.startswith("probe.random.")],
+                                              "random")}]
     more = params.evaluate.random_inits - 1
     for i in phases.progress(range(1, more + 1), more, "random network", name=lambda i: f"run.seed + {i}"):
         ckpt = seeded_init_network(params, dataset, trained, params.run.seed + i, device)
         model = model_from_checkpoint(ckpt, device).to(memory_format=torch.channels_last)
-        scores.append(network_scores(model, data, params, device, seed, params.evaluate.kmeans_runs))
+        train, test = network_features(model, data, params, device)
+        s = feature_scores(train, test, data, params, seed, params.evaluate.kmeans_runs)
+        s["probe"], s["probe_layer"] = best_conv_probe(train, test, data, params.evaluate, seed)
+        scores.append(s)
     out = {"random_inits": params.evaluate.random_inits}
     for key, prefix in (("knn", "knn.random_inits"), ("knn_conv", "knn_conv.random_inits"),
-                        ("acc", "cluster.random_inits.acc"), ("nmi", "cluster.random_inits.nmi")):
+                        ("acc", "cluster.random_inits.acc"), ("nmi", "cluster.random_inits.nmi"),
+                        ("probe", "probe.random_inits.best")):
         values = [s[key] for s in scores]
         if None not in values:
             out.update({prefix: float(np.mean(values)), f"{prefix}_std": float(np.std(values))})
-    if scores[0]["knn_conv_layer"]:  # a string, as the other layer names: metrics.json stays flat
-        out["knn_conv.random_inits_layers"] = ", ".join(s["knn_conv_layer"] for s in scores)
+    # the layers as one string each, as the other layer names: metrics.json stays flat
+    for key, name in (("knn_conv_layer", "knn_conv.random_inits_layers"),
+                      ("probe_layer", "probe.random_inits.best_layers")):
+        if None not in (layers := [s[key] for s in scores]):
+            out[name] = ", ".join(layers)
     return out
 
 
@@ -414,8 +443,13 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
         px = info.probes.get("pixels", {}).get("pixels") or {}
         lines.append(f"| raw pixels | {px.get('dim', '')} | {probe_cell('pixels', 'pixels')} | |")
         best_t, best_r = (best_conv_layer(metrics, info.layers, network) for network in NETWORKS)
+        inits = ""
+        if metrics.get("probe.random_inits.best") is not None:
+            inits = (f"{n_inits} random inits {pct(metrics['probe.random_inits.best'])} +- "
+                     f"{pct(metrics.get('probe.random_inits.best_std'))} % "
+                     f"({metrics.get('probe.random_inits.best_layers')}), ")
         lines += ["", f"Best conv layer: trained {pct(metrics.get('probe.trained.best'))} % ({best_t}), "
-                  f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), raw pixels "
+                  f"random init {pct(metrics.get('probe.random.best'))} % ({best_r}), {inits}raw pixels "
                   f"{pct(metrics.get('probe.pixels'))} %.", "",
                   f"## Weighted kNN (k = {cfg.knn_k}, T = {cfg.knn_temperature}, cosine), %", "",
                   "Each network's best conv layer leads, chosen by leave-one-out kNN over the probe-train images "
@@ -455,6 +489,8 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
             lines.append(f"| {title} | {margin(metrics, t, r, seeds('trained', 'random', spread) if spread else ())} | "
                          f"{margin(metrics, t, p, seeds('trained', 'pixels', spread) if spread else ())} |")
         for title, t, r, spreads in (
+                (f"best conv probe vs the {n_inits} random inits, points", "probe.trained.best",
+                 "probe.random_inits.best", ("probe.random_inits.best_std",)),
                 (f"weighted kNN, best conv layer, vs the {n_inits} random inits, points", "knn_conv.trained",
                  "knn_conv.random_inits", ("knn_conv.random_inits_std",)),
                 (f"weighted kNN, fc, vs the {n_inits} random inits, points", "knn.trained", "knn.random_inits",
@@ -468,7 +504,7 @@ def write_report(path: Path, metrics: dict, info: ReportInputs) -> None:
                   f"{n_inits} random inits (the run's epoch 0 and the networks of run.seed + 1, ...), the spread over "
                   f"those networks (kNN +- {pct(metrics.get('knn.random_inits_std'))}: one random network moves kNN by "
                   "points) combined with the trained side's. A margin within its spread is \"no difference\". "
-                  "Margins without a spread (the probes, kNN against one network) come from one network per side: "
+                  "Margins without a spread (probes and kNN against random init) come from one network per side: "
                   "read them against the spread over random networks."]
     else:
         lines += ["No labelled held-out split: probes, kNN and clustering scores need labels; pictures only."]
@@ -572,7 +608,8 @@ def run_final_evaluation(params: Params, dataset: str | Path, epochs_root: str |
             probes[name] = extras[name]["probes"]
             seconds[f"{name} network"] = tn.seconds
         if data.labelled:
-            with phases.phase(f"weighted kNN, k-means of {cfg.random_inits - 1} more random networks") as tr:
+            with phases.phase(f"conv probes, weighted kNN, k-means of {cfg.random_inits - 1} more random "
+                              "networks") as tr:
                 summary.update(evaluate_random_inits(params, dataset, trained, data, summary, device, seed, phases))
             seconds["more random networks"] = tr.seconds
             with phases.phase("raw pixels: linear probe, weighted kNN, k-means") as tp:

@@ -226,6 +226,7 @@ MARGINS = (("kNN, best conv layer", "knn_conv.trained", "knn_conv.random_inits",
             ("cluster.trained.acc_std", "cluster.random_inits.acc_std")),
            ("k-means NMI", "cluster.trained.nmi", "cluster.random_inits.nmi",
             ("cluster.trained.nmi_std", "cluster.random_inits.nmi_std")),
+           ("best conv probe", "probe.trained.best", "probe.random_inits.best", ("probe.random_inits.best_std",)),
            ("best conv probe vs random init", "probe.trained.best", "probe.random.best", ()))
 
 
@@ -268,8 +269,8 @@ def seed_table(by_seed: dict[str, dict[int, dict]], studies: list[str] | None = 
     """Per (study, row) run with several training seeds: the margins over the random networks across seeds."""
     lines = [SEEDS_HEADING, "", "Trained minus the mean of its random networks, per run; mean ± sd (population) "
              "over the training seeds, and in how many runs the margin is above (below) its spread: the random networks' "
-             "spread, and for k-means both sides' spread over k-means seeds. The probe has no spread: one probe "
-             "per network.", "",
+             "spread, and for k-means both sides' spread over k-means seeds. The probe against random init has no "
+             "spread: one probe per network.", "",
              f"| study | row | change | training seeds | {' | '.join(c for c, *_ in MARGINS)} |",
              "|---|---|---|---|" + "---|" * len(MARGINS)]
     for study in studies or STUDIES:
@@ -289,8 +290,8 @@ PANELS = (("weighted kNN (%)", "knn.trained", ("knn.random_inits", "knn.random")
            "error bars and bands: ± sd over k-means seeds"),
           ("k-means NMI", "cluster.trained.nmi", ("cluster.random.nmi",), "cluster.pixels.nmi", 1,
            "error bars and bands: ± sd over k-means seeds"),
-          ("best conv probe (%)", "probe.trained.best", ("probe.random.best",), "probe.pixels", 100,
-           "one probe per network: no spread"))
+          ("best conv probe (%)", "probe.trained.best", ("probe.random_inits.best", "probe.random.best"),
+           "probe.pixels", 100, "trained: one run, no bar; band: ± sd over random nets"))
 NUMERIC = {"k": "k (clusters in the last epoch, log scale)"}  # studies whose rows lie on a numeric axis
 REFERENCES = (("random", "tab:red", "--", "random init"), ("pixels", "dimgray", ":", "raw pixels"))
 

@@ -246,9 +246,9 @@ class Evaluate(Section):
     knn_temperature: Float(gt=0) = doc("the T of the kNN votes (Wu et al. 2018)")
     kmeans_runs: Int(1) = doc("k-means (k = classes) on the held-out features, averaged over this many seeds (one "
                               "run's ACC moves by points)")
-    random_inits: Int(1) = doc("random networks (run.seed, run.seed + 1, ...) whose kNN and k-means are averaged: "
-                               "the random network alone moves kNN by about 2 points; the first, the run's own "
-                               "epoch 0, is also probed and pictured")
+    random_inits: Int(1) = doc("random networks (run.seed, run.seed + 1, ...) whose best conv probe, kNN and "
+                               "k-means are averaged: the random network alone moves kNN by about 2 points; the "
+                               "first, the run's own epoch 0, also has every layer probed and is pictured")
     pictures: Bool = doc("draw the filter, neighbour and cluster pictures")
     picture_layers: Layers = doc("layers whose filters get a synthetic image and their top-9 images")
     picture_filters: Int(1) = doc("filters shown per layer (the most selective ones)")

@@ -78,7 +78,8 @@ def test_final_evaluation_prints_a_line_as_each_phase_starts_and_ends(tiny_eval,
         f"loading {tiny_run.last_checkpoint} and its random init",
         f"trained network: {images}", "trained network: linear probes conv1..fc", f"trained network: {kmeans}",
         f"random init: {images}", "random init: linear probes conv1..fc", f"random init: {kmeans}",
-        "weighted kNN, k-means of 2 more random networks", "raw pixels: linear probe, weighted kNN, k-means",
+        "conv probes, weighted kNN, k-means of 2 more random networks",
+        "raw pixels: linear probe, weighted kNN, k-means",
         f"pictures into {out / 'pictures'}", f"writing the metrics and report.md into {out}"]
     assert item_lines(stdout, "probe") == LAYERS * 2
     assert item_lines(stdout, "random network") == ["run.seed + 1", "run.seed + 2"]
@@ -221,7 +222,7 @@ def test_the_last_clusterings_sizes_are_kept_with_the_evaluation(tiny_eval, tiny
 @pytest.mark.slow  # two evaluations of a two-epoch run
 def test_random_inits_average_the_run_s_own_and_the_next_seeds_networks(tiny_run, small_params, tmp_path):
     params = apply_overrides(small_params, {"evaluate.random_inits": 2, "evaluate.pictures": False,
-                                            "evaluate.probe_layers": ["fc"]})
+                                            "evaluate.probe_layers": ["conv1", "conv3", "fc"]})
     two = run_final_evaluation(params, tiny_run.dataset, tiny_run.epochs_root, tiny_run.last_checkpoint, tmp_path / "a")
     # the network a run of run.seed + 1 starts from, judged as the random init of the same trained network
     ckpts = tmp_path / "checkpoints"
@@ -237,20 +238,38 @@ def test_random_inits_average_the_run_s_own_and_the_next_seeds_networks(tiny_run
     for m in ("acc", "nmi"):
         assert two[f"cluster.random_inits.{m}"] == pytest.approx((two[f"cluster.random.{m}"] + nxt[f"cluster.random.{m}"]) / 2)
     assert nxt["knn.random_inits"] == nxt["knn.random"] and nxt["knn.random_inits_std"] == 0  # one network: itself
+    # the best conv probe too: each network on its own best conv layer, probed as the run's random init is
+    assert any(nxt[f"probe.random.{layer}"] != two[f"probe.random.{layer}"] for layer in ("conv1", "conv3"))
+    best = lambda m: max(("conv1", "conv3"), key=lambda layer: m[f"probe.random.{layer}"])
+    for m in (two, nxt):
+        assert m["probe.random.best"] == m[f"probe.random.{best(m)}"]
+    assert two["probe.random_inits.best"] == pytest.approx((two["probe.random.best"] + nxt["probe.random.best"]) / 2)
+    spread = abs(two["probe.random.best"] - nxt["probe.random.best"]) / 2
+    assert two["probe.random_inits.best_std"] == pytest.approx(spread)
+    assert two["probe.random_inits.best_layers"] == f"{best(two)}, {best(nxt)}"
     headline = json.loads((tmp_path / "a" / "headline.json").read_text())
     assert headline["knn.random_inits"] == two["knn.random_inits"]
-    assert "2 random inits fc" in (tmp_path / "a" / "report.md").read_text()
+    assert headline["probe.random_inits.best"] == two["probe.random_inits.best"]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "2 random inits fc" in report
+    assert (f"2 random inits {100 * two['probe.random_inits.best']:.1f} +- "
+            f"{100 * two['probe.random_inits.best_std']:.1f} % ({two['probe.random_inits.best_layers']})") in report
 
 
 def test_the_report_gives_every_margin_over_the_random_networks_with_its_spread(tiny_eval):
     out, m = tiny_eval
     report = (out / "report.md").read_text()
     n = m["random_inits"]
-    for measure in ("weighted kNN, best conv layer,", "weighted kNN, fc,", "k-means ACC", "k-means NMI"):
+    for measure in ("best conv probe", "weighted kNN, best conv layer,", "weighted kNN, fc,", "k-means ACC",
+                    "k-means NMI"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {measure} vs the {n} random inits"))
         cell = row.split("|")[2].strip()
         diff, spread = (float(x) for x in cell.split(" (")[0].split(" +- "))
         assert cell.endswith("(no difference)") == (abs(diff) <= spread)
+    probe_row = next(line for line in report.splitlines()
+                     if line.startswith(f"| best conv probe vs the {n} random inits"))
+    assert f"{100 * (m['probe.trained.best'] - m['probe.random_inits.best']):+.1f} +- " \
+           f"{100 * m['probe.random_inits.best_std']:.1f}" in probe_row
     knn_row = next(line for line in report.splitlines() if line.startswith(f"| weighted kNN, fc, vs the {n} random inits"))
     assert f"+- {100 * m['knn.random_inits_std']:.1f}" in knn_row
     conv_row = next(line for line in report.splitlines() if line.startswith("| best conv layer |"))

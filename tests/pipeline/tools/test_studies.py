@@ -80,13 +80,24 @@ def test_margins_over_seeds_are_the_mean_and_sd_of_each_runs_margin_counted_agai
     assert acc["mean"] == pytest.approx(0.01 / 3) and (acc["above"], acc["below"]) == (1, 1)
     assert probe["mean"] == pytest.approx(0.005) and probe["above"] is None  # one probe per network: no spread
     assert by["k-means NMI"]["n"] == 0 and by["kNN, best conv layer"]["n"] == 0  # not recorded: not invented
+    assert by["best conv probe"]["n"] == 0  # runs before the random networks were probed: no spread invented
     text = seed_table({"width32": {0: runs[0], 1: runs[1], 2: runs[2]}})
     row = next(line for line in text.splitlines() if line.startswith("| levers | width32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:] == ["model.width=32", "0, 1, 2", "–", "+2.0 ± 0.8, 2/3 above",
-                         "+0.3 ± 4.9, 1/3 above, 1 below", "–", "+0.5 ± 0.4"]
+                         "+0.3 ± 4.9, 1/3 above, 1 below", "–", "–", "+0.5 ± 0.4"]
     # the seeds' table under a report's table is not read back as the main table's rows
     assert rows_from_table(table(study_rows()) + "\n" + text) == rows_from_table(table(study_rows()))
+
+
+def test_the_best_conv_probe_margin_is_over_the_random_networks_mean_against_their_spread():
+    runs = [seed_run(0.83, 0.01, 0.56, 0.03, probe) | {"probe.random_inits.best": 0.88,
+                                                       "probe.random_inits.best_std": sd}
+            for probe, sd in ((0.89, 0.003), (0.885, 0.006), (0.878, 0.001))]
+    probe = next(r for r in seed_margins(runs) if r["column"] == "best conv probe")
+    # margins +1.0, +0.5, -0.2 points against spreads 0.3, 0.6, 0.1: above in the first, below in the last
+    assert probe["margins"] == pytest.approx([0.01, 0.005, -0.002]) and probe["n"] == 3
+    assert (probe["above"], probe["below"]) == (1, 1)
 
 
 def test_only_finished_experiments_are_reported_and_the_newest_of_a_name_wins():

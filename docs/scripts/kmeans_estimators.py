@@ -36,7 +36,8 @@ for name, ckpt in nets.items():
                             data.n_classes)[0]
     row = {"network": name, "conv_layer": conv}
     for layer in ("fc", conv):
-        x = fit_pca_whitening(test[layer], min(params.pca.dim, test[layer].shape[1]), params.pca.eps).transform(test[layer])
+        whitening = fit_pca_whitening(test[layer], min(params.pca.dim, test[layer].shape[1]), params.pca.eps)
+        x = whitening.transform(test[layer])
         runs = [run_kmeans(x, data.n_classes, params.cluster.niter, eval_seed + j) for j in range(50)]
         acc = np.array([clustering_scores(data.y_test, c.labels)["acc"] for c in runs])
         objective = np.array([c.objective[-1] for c in runs])

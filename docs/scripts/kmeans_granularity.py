@@ -3,9 +3,12 @@ cluster counted as its majority class) and NMI against the labels, and ACC at k 
 for a trained network and the random networks of run seeds RUN_SEED, + 1, + 2 (as evaluate builds them).
 docs/results.md, "Where the clusters gain". Run from the repository root:
     python docs/scripts/kmeans_granularity.py PARAMS DATASET TRAINED.pt RUN_SEED EVAL_SEED"""
-import json, sys
+import json
+import sys
+
 import numpy as np
 import torch
+
 from stages.core.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.core.clustering import run_kmeans
 from stages.core.params import load_params
@@ -22,7 +25,8 @@ nets = {"trained": trained} | {f"random{run_seed + i}": seeded_init_network(para
 purity = lambda c: sum(np.bincount(y[c == j]).max() for j in np.unique(c)) / len(y)
 for name, ckpt in nets.items():
     model = model_from_checkpoint(ckpt, dev)
-    fc = extract_layer_features(model, data.test, data.test_rows, ["fc"], **extraction_options(params, dev)).pooled["fc"]
+    kw = extraction_options(params, dev)
+    fc = extract_layer_features(model, data.test, data.test_rows, ["fc"], **kw).pooled["fc"]
     x = fit_pca_whitening(fc, params.pca.dim, params.pca.eps).transform(fc)
     row = {"network": name}
     for k in (10, 20, 40, 80, 160, 320):

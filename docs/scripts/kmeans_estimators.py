@@ -16,9 +16,9 @@ import torch
 from stages.core.checkpoints import load_checkpoint, model_from_checkpoint
 from stages.core.clustering import run_kmeans
 from stages.core.params import load_params
-from stages.core.probes import clustering_scores, extract_layer_features
+from stages.core.probes import clustering_scores
 from stages.core.whitening import fit_pca_whitening
-from stages.evaluate import choose_knn_layer, evaluation_data, extraction_options, probe_layers, seeded_init_network
+from stages.evaluate import choose_knn_layer, evaluation_data, network_features, seeded_init_network
 
 params_file, dataset, trained_file, run_seed, eval_seed = sys.argv[1:]
 params, run_seed, eval_seed, dev = load_params(params_file), int(run_seed), int(eval_seed), torch.device("cpu")
@@ -26,12 +26,8 @@ data = evaluation_data(params.evaluate, dataset, eval_seed)
 trained = load_checkpoint(trained_file, dev)
 nets = {"trained": trained} | {f"random{run_seed + i}": seeded_init_network(params, dataset, trained, run_seed + i, dev)
                                for i in range(3)}
-kw = extraction_options(params, dev)
 for name, ckpt in nets.items():
-    model = model_from_checkpoint(ckpt, dev)
-    layers = probe_layers(params.evaluate, model)
-    train = extract_layer_features(model, data.train, data.train_rows, layers, **kw).pooled
-    test = extract_layer_features(model, data.test, data.test_rows, layers, **kw).pooled
+    train, test = network_features(model_from_checkpoint(ckpt, dev), data, params, dev)  # as evaluate extracts
     conv = choose_knn_layer({k: v for k, v in train.items() if k.startswith("conv")}, data.y_train, params.evaluate,
                             data.n_classes)[0]
     row = {"network": name, "conv_layer": conv}
